@@ -1,0 +1,60 @@
+"""The `digit` command. Each subcommand lives in its own module with ``register(subparsers)``.
+
+Modules import heavy libraries (torch, timm, faiss) inside their run functions so that ``digit --help`` stays instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import sys
+
+from digit import __version__
+from digit.errors import DigitError
+
+# Order = order in `digit --help`.
+COMMAND_MODULES = [
+    "demo",
+    "tokenizer",
+    "tokenize",
+    "stability",
+    "train",
+    "sample",
+    "vq",
+    "generate",
+    "eval",
+    "probe",
+    "encoder",
+    "convert",
+    "recipe",
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="digit",
+        description="Autoregressive image generation and understanding over a stable, discriminative latent space.",
+    )
+    parser.add_argument("--version", action="version", version=f"digit {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name in COMMAND_MODULES:
+        mod_name = f"digit.cli.{name}"
+        if importlib.util.find_spec(mod_name) is None:
+            continue
+        importlib.import_module(mod_name).register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        result = args.func(args)
+    except DigitError as e:
+        print(f"digit {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"digit {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return int(result or 0)
