@@ -1,0 +1,67 @@
+"""`digit tokenize`: an image collection -> a token directory (tokens.npy, labels.npy, meta.json)."""
+
+from __future__ import annotations
+
+import argparse
+
+from digit.cli.common import add_device_arg, existing_dir, non_negative_int, positive_int
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "tokenize",
+        help="turn images into token grids with a tokenizer directory",
+        description="Tokenize a folder or archive of images into a token directory. Under torchrun, "
+        "each rank tokenizes its shard and rank 0 merges.",
+    )
+    p.add_argument("--tokenizer", type=existing_dir, required=True, help="tokenizer directory (discriminative or VQ)")
+    p.add_argument("--data", required=True, help="image folder (ImageFolder or flat) or .tar/.tar.gz")
+    p.add_argument("--layout", choices=["auto", "imagefolder", "flat"], default="auto")
+    p.add_argument("--flip", action="store_true", help="add the tokens of horizontally flipped images as a second view")
+    p.add_argument("--batch-size", type=positive_int, default=64)
+    p.add_argument("--workers", type=non_negative_int, default=2, help="DataLoader decoding workers (default 2)")
+    p.add_argument("--limit", type=positive_int, help="only the first N images")
+    p.add_argument("--strict", action="store_true", help="stop at the first undecodable file")
+    add_device_arg(p)
+    p.add_argument("--out", required=True, help="output token directory")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from digit.cli.common import resolve_device
+    from digit.data.sources import open_image_source
+    from digit.tokenizers import load_tokenizer
+    from digit.tokenizers.apply import tokenize_to_dir
+    from digit.utils.distributed import init_distributed
+
+    dist = init_distributed()
+    device = (
+        resolve_device(args.device)
+        if args.device or not torch.cuda.is_available()
+        else torch.device(f"cuda:{dist.local_rank}")
+    )
+    source = open_image_source(args.data, args.layout)
+    tok = load_tokenizer(args.tokenizer, device=device)
+    if dist.is_main:
+        print(
+            f"source: {source.describe()}; tokenizer K={tok.vocab_size} grid {tok.grid_size} ({dist.world_size} process(es))"
+        )
+    report = tokenize_to_dir(
+        tok,
+        source,
+        args.out,
+        batch_size=args.batch_size,
+        workers=args.workers,
+        flip=args.flip,
+        strict=args.strict,
+        limit=args.limit,
+        extra_meta={"tokenizer_dir": str(args.tokenizer.resolve())},
+    )
+    if dist.is_main and report is not None:
+        print(report.summary())
+        print(f"wrote {args.out}")
+    if dist.enabled:
+        torch.distributed.destroy_process_group()
+    return 0

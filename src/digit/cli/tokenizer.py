@@ -1,0 +1,138 @@
+"""`digit tokenizer fit|from-centroids`: build a discriminative tokenizer directory."""
+
+from __future__ import annotations
+
+import argparse
+
+from digit.cli.common import (
+    add_device_arg,
+    existing_path,
+    json_object,
+    non_negative_int,
+    positive_int,
+    resolve_device,
+    unit_fraction,
+)
+
+
+def add_encoder_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("encoder")
+    g.add_argument(
+        "--encoder", required=True, help="timm ViT name (e.g. vit_base_patch14_reg4_dinov2) or an encoder DIR"
+    )
+    g.add_argument("--encoder-kwargs", type=json_object, default={}, help="JSON passed to timm, e.g. '{\"depth\": 2}'")
+    w = g.add_mutually_exclusive_group()
+    w.add_argument("--encoder-weights", type=existing_path, help="local timm/safetensors file or original DINOv2 .pth")
+    w.add_argument("--pretrained", action="store_true", help="timm/HF hub weights (needs internet or a warm cache)")
+    w.add_argument("--random-init", action="store_true", help="random weights: tests and demos only")
+    g.add_argument("--image-size", type=positive_int, help="encoder input size (default: the encoder's own)")
+    g.add_argument(
+        "--layer", type=positive_int, default=3, help="features after block L-N, then the final norm (default 3)"
+    )
+    g.add_argument("--encoder-seed", type=int, default=0, help="seed for --random-init weights")
+
+
+def build_encoder_from_args(args: argparse.Namespace, device):
+    from digit.tokenizers.encoder import build_encoder
+
+    enc = build_encoder(
+        args.encoder,
+        args.encoder_kwargs,
+        weights=args.encoder_weights,
+        random_init=args.random_init,
+        pretrained=args.pretrained,
+        image_size=args.image_size,
+        layer=args.layer,
+        seed=args.encoder_seed,
+    )
+    return enc.to(device)
+
+
+def add_data_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--data", type=existing_path, required=True, help="image folder (ImageFolder or flat) or .tar/.tar.gz"
+    )
+    p.add_argument(
+        "--layout", choices=["auto", "imagefolder", "flat"], default="auto", help="source layout (default auto)"
+    )
+    p.add_argument("--strict", action="store_true", help="stop at the first undecodable file instead of skipping it")
+    p.add_argument("--workers", type=non_negative_int, default=2, help="DataLoader decoding workers (default 2)")
+
+
+def register(sub) -> None:
+    p = sub.add_parser("tokenizer", help="build a discriminative tokenizer (encoder + K-means codebook)")
+    tsub = p.add_subparsers(dest="tokenizer_command", metavar="SUBCOMMAND", required=True)
+
+    f = tsub.add_parser(
+        "fit",
+        help="fit a K-means codebook on encoder patch features",
+        description="Stream images through a frozen ViT, sample patch features, fit faiss K-means, "
+        "write a tokenizer directory (tokenizer.json + centroids.npy).",
+    )
+    add_encoder_args(f)
+    add_data_args(f)
+    f.add_argument("--clusters", type=positive_int, required=True, help="codebook size K")
+    f.add_argument(
+        "--sample-frac", type=unit_fraction, default=0.1, help="fraction of each image's patches kept (default 0.1)"
+    )
+    f.add_argument("--max-points", type=positive_int, help="feature reservoir size (default K*256, faiss's cap)")
+    f.add_argument("--niter", type=positive_int, default=20, help="K-means iterations (default 20)")
+    f.add_argument("--no-augment", action="store_true", help="center crops instead of random crop + flip")
+    f.add_argument("--limit", type=positive_int, help="use only the first N images")
+    f.add_argument("--batch-size", type=positive_int, default=64)
+    f.add_argument("--seed", type=int, default=0)
+    add_device_arg(f)
+    f.add_argument("--out", required=True, help="output tokenizer directory")
+    f.set_defaults(func=run_fit)
+
+    c = tsub.add_parser("from-centroids", help="wrap an existing codebook (e.g. DiGIT's km_8k.npy) as a tokenizer")
+    add_encoder_args(c)
+    c.add_argument("--centroids", type=existing_path, required=True, help=".npy float [K, D] codebook")
+    add_device_arg(c)
+    c.add_argument("--out", required=True, help="output tokenizer directory")
+    c.set_defaults(func=run_from_centroids)
+
+
+def run_fit(args: argparse.Namespace) -> int:
+    from digit.data.sources import open_image_source
+    from digit.tokenizers.fit import fit_tokenizer
+
+    device = resolve_device(args.device)
+    source = open_image_source(args.data, args.layout)
+    encoder = build_encoder_from_args(args, device)
+    print(
+        f"source: {source.describe()}; encoder {args.encoder} layer {args.layer}, grid {encoder.grid_size}, dim {encoder.embed_dim}"
+    )
+    tok, report = fit_tokenizer(
+        encoder,
+        source,
+        clusters=args.clusters,
+        sample_frac=args.sample_frac,
+        max_points=args.max_points,
+        niter=args.niter,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        workers=args.workers,
+        strict=args.strict,
+        augment=not args.no_augment,
+        limit=args.limit,
+    )
+    tok.save(args.out)
+    print(f"{report.skipped.summary()}")
+    print(
+        f"fitted K={args.clusters} on {report.n_features_used} of {report.n_features_seen} patch features "
+        f"from {report.n_images} images -> {args.out}"
+    )
+    return 0
+
+
+def run_from_centroids(args: argparse.Namespace) -> int:
+    from digit.tokenizers.discriminative import DiscriminativeTokenizer, load_centroids
+
+    device = resolve_device(args.device)
+    centroids = load_centroids(args.centroids)
+    encoder = build_encoder_from_args(args, device)
+    tok = DiscriminativeTokenizer(encoder, centroids, extra={"centroids_source": str(args.centroids)})
+    tok.save(args.out)
+    print(f"tokenizer K={tok.vocab_size} D={tok.dim} grid {tok.grid_size} -> {args.out}")
+    return 0

@@ -1,0 +1,1 @@
+"""Image sources, robust decoding, preprocessing, datasets, and the token-directory format."""

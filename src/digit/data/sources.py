@@ -1,0 +1,202 @@
+"""Image sources: a folder or a .tar / .tar.gz archive, in ImageFolder layout (``<root>/<class>/<image>``) or flat.
+
+A source is a sorted list of entries (relative path, label) plus byte access. The same images give the same order and
+labels from a folder or from an archive of it: entries are sorted by relative path within sorted class names, and a
+single top-level folder is unwrapped in both (the CIFAR-10 archive holds ``train/<class>/<image>.jpg``).
+
+Which files are images is decided by decoding, not by extension, so a stray ``README.txt`` is skipped and counted like
+a truncated JPEG. Hidden files and folders (``.DS_Store``, ``__MACOSX``) are ignored outright.
+"""
+
+from __future__ import annotations
+
+import os
+import tarfile
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+
+import numpy as np
+
+from digit.errors import DigitError
+
+LAYOUTS = ("auto", "imagefolder", "flat")
+
+
+@dataclass(frozen=True)
+class Entry:
+    key: str  # relative POSIX path inside the source, after unwrapping
+    label: int  # -1 when unlabeled
+
+
+def _hidden(parts: tuple[str, ...]) -> bool:
+    return any(p.startswith(".") or p == "__MACOSX" for p in parts)
+
+
+def _unwrap(paths: list[PurePosixPath]) -> tuple[str, list[PurePosixPath]]:
+    """Strip single top-level folders ('train/...') until the root has more than one entry or holds files."""
+    prefix = ""
+    while paths and all(len(p.parts) > 1 for p in paths) and len({p.parts[0] for p in paths}) == 1:
+        top = paths[0].parts[0]
+        prefix += top + "/"
+        paths = [PurePosixPath(*p.parts[1:]) for p in paths]
+    return prefix, paths
+
+
+def _index(paths: list[PurePosixPath], layout: str) -> tuple[list[Entry], list[str], list[str]]:
+    """-> (entries, class names, keys outside any class folder)."""
+    has_dirs = any(len(p.parts) > 1 for p in paths)
+    if layout == "auto":
+        layout = "imagefolder" if has_dirs else "flat"
+    if layout == "flat":
+        return [Entry(str(p), -1) for p in sorted(paths, key=str)], [], []
+    classes = sorted({p.parts[0] for p in paths if len(p.parts) > 1})
+    cls_idx = {c: i for i, c in enumerate(classes)}
+    loose = sorted(str(p) for p in paths if len(p.parts) == 1)
+    entries = sorted(
+        (Entry(str(p), cls_idx[p.parts[0]]) for p in paths if len(p.parts) > 1), key=lambda e: (e.label, e.key)
+    )
+    return entries, classes, loose
+
+
+@dataclass
+class ImageSource:
+    """Entries of an image collection and access to their bytes. Subclasses implement byte access."""
+
+    path: Path
+    entries: list[Entry]
+    class_names: list[str]
+    loose_files: list[str] = field(default_factory=list)  # files beside class folders: reported as skipped
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    @property
+    def labels(self) -> np.ndarray:
+        return np.array([e.label for e in self.entries], dtype=np.int64)
+
+    @property
+    def labeled(self) -> bool:
+        return bool(self.class_names)
+
+    def read_bytes(self, index: int) -> bytes:
+        raise NotImplementedError
+
+    def iter_bytes(self, select: Callable[[int], bool] = lambda i: True) -> Iterator[tuple[int, bytes]]:
+        """(index, bytes) for the selected entries, in whatever order reads the storage fastest."""
+        for i in range(len(self.entries)):
+            if select(i):
+                yield i, self.read_bytes(i)
+
+    def describe(self) -> str:
+        kind = f"labeled, {len(self.class_names)} classes" if self.labeled else "unlabeled"
+        return f"{self.path} ({len(self)} files, {kind})"
+
+
+class FolderSource(ImageSource):
+    def __init__(self, root: Path, layout: str):
+        files: list[PurePosixPath] = []
+        for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+            rel = Path(dirpath).relative_to(root)
+            dirnames[:] = [d for d in dirnames if not _hidden((d,))]
+            for fn in filenames:
+                p = PurePosixPath(*rel.parts, fn)
+                if not _hidden(p.parts):
+                    files.append(p)
+        prefix, rel_paths = _unwrap(files)
+        entries, classes, loose = _index(rel_paths, layout)
+        super().__init__(Path(root), entries, classes, loose)
+        self._prefix = prefix
+
+    def read_bytes(self, index: int) -> bytes:
+        return (self.path / (self._prefix + self.entries[index].key)).read_bytes()
+
+
+class TarSource(ImageSource):
+    """Reads members in place. Plain .tar: random access by offset. .tar.gz: sequential streaming for `iter_bytes`;
+    random access (``read_bytes``) loads the compressed members' bytes into memory once (fine for CIFAR-sized
+    archives; use an uncompressed .tar for ImageNet-sized ones)."""
+
+    def __init__(self, path: Path, layout: str):
+        try:
+            with tarfile.open(path, "r:*") as tf:
+                members = [m for m in tf.getmembers() if m.isfile()]
+        except (tarfile.TarError, OSError, EOFError) as e:
+            raise DigitError(f"cannot read archive {path}: {e}") from e
+        members = [m for m in members if not _hidden(PurePosixPath(m.name).parts)]
+        prefix, rel_paths = _unwrap([PurePosixPath(m.name) for m in members])
+        entries, classes, loose = _index(rel_paths, layout)
+        super().__init__(Path(path), entries, classes, loose)
+        by_key = {prefix + str(p): m for p, m in zip(rel_paths, members)}
+        by_key = {str(PurePosixPath(k)): v for k, v in by_key.items()}
+        self._members = [by_key[str(PurePosixPath(prefix + e.key))] for e in entries]
+        self._compressed = not _is_plain_tar(path)
+        self._lock = threading.Lock()
+        self._handle: tuple[int, object] | None = None  # (pid, file) so forked DataLoader workers reopen
+        self._cache: list[bytes] | None = None
+
+    def _file(self):
+        if self._handle is None or self._handle[0] != os.getpid():
+            self._handle = (os.getpid(), open(self.path, "rb"))
+        return self._handle[1]
+
+    def read_bytes(self, index: int) -> bytes:
+        if self._compressed:
+            if self._cache is None:
+                with self._lock:
+                    if self._cache is None:
+                        cache: list[bytes] = [b""] * len(self.entries)
+                        for i, data in self.iter_bytes():
+                            cache[i] = data
+                        self._cache = cache
+            return self._cache[index]
+        m = self._members[index]
+        f = self._file()
+        f.seek(m.offset_data)
+        return f.read(m.size)
+
+    def iter_bytes(self, select: Callable[[int], bool] = lambda i: True) -> Iterator[tuple[int, bytes]]:
+        if not self._compressed:
+            yield from super().iter_bytes(select)
+            return
+        pos = {m.name: i for i, m in enumerate(self._members)}
+        with tarfile.open(self.path, "r:*") as tf:
+            for m in tf:
+                i = pos.get(m.name)
+                if i is not None and select(i):
+                    yield i, tf.extractfile(m).read()
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_handle"] = None
+        state["_lock"] = None
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
+
+def _is_plain_tar(path: Path) -> bool:
+    with open(path, "rb") as f:
+        magic = f.read(3)
+    return magic[:2] != b"\x1f\x8b" and magic != b"BZh" and magic[:3] != b"\xfd7z"
+
+
+def open_image_source(path: str | os.PathLike, layout: str = "auto") -> ImageSource:
+    """Open a folder or a .tar/.tar.gz archive. An empty source is an error."""
+    if layout not in LAYOUTS:
+        raise DigitError(f"unknown layout {layout!r} (choose from {', '.join(LAYOUTS)})")
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise DigitError(f"data path does not exist: {p}")
+    if p.is_dir():
+        src: ImageSource = FolderSource(p, layout)
+    elif tarfile.is_tarfile(p):
+        src = TarSource(p, layout)
+    else:
+        raise DigitError(f"{p} is neither a folder nor a .tar/.tar.gz archive")
+    if len(src) == 0:
+        raise DigitError(f"no files found in {p}")
+    return src

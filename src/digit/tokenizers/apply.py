@@ -1,0 +1,141 @@
+"""Tokenizing an image source into a token directory, in one process or sharded under torchrun (rank 0 merges)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from digit.data.datasets import SkipReport, StreamingImageDataset, image_loader
+from digit.data.sources import ImageSource
+from digit.data.tokens import token_dtype, write_token_dir
+from digit.utils.distributed import barrier, get_dist_info
+from digit.utils.io import atomic_write_json, read_json
+
+
+def tokenize_shard(
+    tokenizer,
+    source: ImageSource,
+    *,
+    batch_size: int = 64,
+    workers: int = 0,
+    flip: bool = False,
+    strict: bool = False,
+    limit: int | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """This rank's share: {"indices" [n], "tokens" [V, n, h, w], "failures" [(index, reason)]}."""
+    ds = StreamingImageDataset(source, tokenizer.image_size, train=False, limit=limit)
+    loader = image_loader(ds, batch_size, workers)
+    report = SkipReport(source, strict=strict)
+    report.skipped.clear()  # loose files are reported once, by the merge
+    dist = get_dist_info()
+    indices, views, failures = [], [[] for _ in range(2 if flip else 1)], []
+    total = (len(ds) + dist.world_size - 1 - dist.rank) // dist.world_size
+    with tqdm(total=total, desc="tokenize", unit="img", disable=not (progress and dist.is_main)) as bar:
+        for batch in loader:
+            report.add(batch["failures"])  # raises at once under --strict
+            failures.extend(batch["failures"])
+            bar.update(len(batch["indices"]) + len(batch["failures"]))
+            if not len(batch["indices"]):
+                continue
+            x = tokenizer.normalize(batch["images"])
+            views[0].append(tokenizer.encode_normalized(x).cpu())
+            if flip:
+                # the flipped view is the flip of the same crop (LlamaGen's augmentation)
+                views[1].append(tokenizer.encode_normalized(torch.flip(x, dims=[-1])).cpu())
+            indices.append(batch["indices"])
+    h, w = tokenizer.grid_size
+    dtype = token_dtype(tokenizer.vocab_size)
+    return {
+        "indices": torch.cat(indices).numpy() if indices else np.zeros(0, np.int64),
+        "tokens": np.stack([torch.cat(v).numpy().astype(dtype) if v else np.zeros((0, h, w), dtype) for v in views]),
+        "failures": failures,
+    }
+
+
+def _merge(parts: list[dict[str, Any]], source: ImageSource, n_views: int) -> tuple[np.ndarray, np.ndarray, list]:
+    indices = np.concatenate([p["indices"] for p in parts])
+    tokens = np.concatenate([p["tokens"] for p in parts], axis=1)  # [V, n, h, w]
+    order = np.argsort(indices, kind="stable")
+    indices, tokens = indices[order], tokens[:, order]
+    failures = sorted((f for p in parts for f in p["failures"]), key=lambda f: f[0])
+    tokens = tokens.reshape(n_views * len(indices), *tokens.shape[2:])
+    labels = np.tile(source.labels[indices], n_views)
+    return tokens, labels, failures
+
+
+def tokenize_to_dir(
+    tokenizer,
+    source: ImageSource,
+    out: str | os.PathLike,
+    *,
+    batch_size: int = 64,
+    workers: int = 0,
+    flip: bool = False,
+    strict: bool = False,
+    limit: int | None = None,
+    progress: bool = True,
+    extra_meta: dict[str, Any] | None = None,
+) -> SkipReport | None:
+    """Write the token directory (rank 0). Under torchrun every rank tokenizes its shard and rank 0 merges them."""
+    dist = get_dist_info()
+    part = tokenize_shard(
+        tokenizer,
+        source,
+        batch_size=batch_size,
+        workers=workers,
+        flip=flip,
+        strict=strict,
+        limit=limit,
+        progress=progress,
+    )
+    out = Path(out)
+    if dist.enabled:
+        shard_dir = out.with_name(f".{out.name}.shards")
+        shard_dir.mkdir(parents=True, exist_ok=True)
+        np.savez(shard_dir / f"rank{dist.rank}.npz", indices=part["indices"], tokens=part["tokens"])
+        atomic_write_json(shard_dir / f"rank{dist.rank}.json", part["failures"])
+        barrier()
+        if not dist.is_main:
+            barrier()
+            return None
+        parts = []
+        for r in range(dist.world_size):
+            with np.load(shard_dir / f"rank{r}.npz") as z:
+                parts.append(
+                    {"indices": z["indices"], "tokens": z["tokens"], "failures": read_json(shard_dir / f"rank{r}.json")}
+                )
+    else:
+        parts = [part]
+    n_views = 2 if flip else 1
+    tokens, labels, failures = _merge(parts, source, n_views)
+    report = SkipReport(source, strict=strict)
+    report.add(failures)
+    meta = {
+        "tokenizer": tokenizer.config(),
+        "source": {
+            "path": str(Path(source.path).resolve()),
+            "n_files": len(source) if limit is None else min(limit, len(source)),
+            **report.to_json(),
+        },
+        **(extra_meta or {}),
+    }
+    write_token_dir(
+        out,
+        tokens,
+        labels if source.labeled else None,
+        vocab_size=tokenizer.vocab_size,
+        class_names=source.class_names,
+        views=["orig", "flip"][:n_views],
+        extra_meta=meta,
+    )
+    if dist.enabled:
+        shutil.rmtree(out.with_name(f".{out.name}.shards"), ignore_errors=True)
+        barrier()
+    return report

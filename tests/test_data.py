@@ -1,0 +1,187 @@
+"""Data layer: sources (folder / flat / tar / tar.gz), robust decoding of every odd case, preprocessing."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import tar_folder, write_image_folder
+from digit.data import decode as decode_mod
+from digit.data.datasets import ImageDataset, SkipReport, StreamingImageDataset, image_loader
+from digit.data.decode import BadImage, decode_image
+from digit.data.sources import open_image_source
+from digit.data.transforms import item_rng, preprocess
+from digit.errors import DigitError
+
+
+def _png(img: Image.Image, **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG", **kw)
+    return buf.getvalue()
+
+
+def test_imagefolder_order_and_labels(tmp_path):
+    root = write_image_folder(tmp_path / "d", classes=("zebra", "ant", "mole"), n_per_class=3)
+    src = open_image_source(root)
+    assert src.class_names == ["ant", "mole", "zebra"]
+    assert src.labels.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    assert [e.key for e in src.entries][:3] == ["ant/img_000.png", "ant/img_001.png", "ant/img_002.png"]
+    assert src.read_bytes(0) == (root / "ant" / "img_000.png").read_bytes()
+
+
+def test_flat_folder_is_unlabeled_and_hidden_files_ignored(tmp_path):
+    root = tmp_path / "flat"
+    write_image_folder(tmp_path / "tmp", classes=("x",), n_per_class=3)
+    root.mkdir()
+    for p in (tmp_path / "tmp" / "x").iterdir():
+        p.rename(root / p.name)
+    (root / ".DS_Store").write_bytes(b"junk")
+    src = open_image_source(root)
+    assert not src.labeled and src.labels.tolist() == [-1, -1, -1]
+    assert len(src) == 3
+
+
+@pytest.mark.parametrize("suffix", [".tar", ".tar.gz"])
+def test_archive_equals_folder(tmp_path, suffix):
+    root = write_image_folder(tmp_path / "d", classes=("b", "a"), n_per_class=3)
+    arc = tar_folder(root, tmp_path / f"data{suffix}", top="train")  # single top folder is unwrapped
+    f_src, t_src = open_image_source(root), open_image_source(arc)
+    assert [e.key for e in t_src.entries] == [e.key for e in f_src.entries]
+    assert t_src.class_names == f_src.class_names == ["a", "b"]
+    assert np.array_equal(t_src.labels, f_src.labels)
+    for i in range(len(f_src)):
+        assert t_src.read_bytes(i) == f_src.read_bytes(i)
+    streamed = dict(t_src.iter_bytes())
+    assert sorted(streamed) == list(range(len(f_src)))
+    assert all(streamed[i] == f_src.read_bytes(i) for i in streamed)
+
+
+def test_folder_with_single_top_dir_is_unwrapped(tmp_path):
+    write_image_folder(tmp_path / "outer" / "train", classes=("a", "b"), n_per_class=2)
+    src = open_image_source(tmp_path / "outer")
+    assert src.class_names == ["a", "b"]
+
+
+def test_empty_and_missing_sources_are_clear_errors(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DigitError, match="no files"):
+        open_image_source(tmp_path / "empty")
+    with pytest.raises(DigitError, match="does not exist"):
+        open_image_source(tmp_path / "nope")
+    (tmp_path / "file.txt").write_text("hello")
+    with pytest.raises(DigitError, match="neither a folder nor"):
+        open_image_source(tmp_path / "file.txt")
+
+
+@pytest.mark.parametrize(
+    "mode,value,expected",
+    [
+        ("L", 77, (77, 77, 77)),
+        ("CMYK", (0, 255, 255, 0), (255, 0, 0)),
+        ("I;16", 65535, (255, 255, 255)),
+        ("I;16", 257 * 10, (10, 10, 10)),
+    ],
+)
+def test_modes_become_rgb(mode, value, expected):
+    img = Image.new(mode, (6, 5), value)
+    fmt = "TIFF" if mode == "CMYK" else "PNG"
+    buf = io.BytesIO()
+    img.save(buf, format=fmt)
+    out = decode_image(buf.getvalue())
+    assert out.mode == "RGB" and out.size == (6, 5)
+    assert np.asarray(out)[2, 3].tolist() == list(expected)
+
+
+def test_alpha_and_palette_composite_on_white():
+    rgba = Image.new("RGBA", (4, 4), (10, 20, 30, 0))  # fully transparent
+    rgba.putpixel((0, 0), (10, 20, 30, 255))
+    out = np.asarray(decode_image(_png(rgba)))
+    assert out[0, 0].tolist() == [10, 20, 30] and out[3, 3].tolist() == [255, 255, 255]
+    la = Image.new("LA", (3, 3), (50, 255))
+    assert np.asarray(decode_image(_png(la)))[1, 1].tolist() == [50, 50, 50]
+    p = Image.new("P", (3, 3), 1)
+    p.putpalette([0, 0, 0, 9, 99, 199] + [0] * 762)
+    assert np.asarray(decode_image(_png(p)))[0, 0].tolist() == [9, 99, 199]
+    p.info["transparency"] = 1
+    assert np.asarray(decode_image(_png(p, transparency=1)))[0, 0].tolist() == [255, 255, 255]
+
+
+def test_exif_orientation_applied():
+    img = Image.new("RGB", (20, 10), (255, 0, 0))
+    img.paste((0, 0, 255), (10, 0, 20, 10))  # right half blue
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise for display
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", exif=exif.tobytes(), quality=95)
+    out = decode_image(buf.getvalue())
+    assert out.size == (10, 20)
+    a = np.asarray(out).astype(int)
+    assert a[2, 5, 0] > 200 and a[17, 5, 2] > 200  # red on top, blue at the bottom after rotation
+
+
+def test_bad_bytes_raise_badimage(monkeypatch):
+    good = io.BytesIO()
+    Image.new("RGB", (64, 64), (1, 2, 3)).save(good, format="JPEG")
+    with pytest.raises(BadImage, match="undecodable"):
+        decode_image(good.getvalue()[: len(good.getvalue()) // 2])  # truncated
+    with pytest.raises(BadImage, match="not an image"):
+        decode_image(b"just some text")
+    monkeypatch.setattr(decode_mod, "MAX_PIXELS", 100)
+    with pytest.raises(BadImage, match="decompression bomb"):
+        decode_image(_png(Image.new("RGB", (20, 20))))
+
+
+def test_skipped_files_counted_once_and_strict_names_file(tmp_path):
+    root = write_image_folder(tmp_path / "d", classes=("a", "b"), n_per_class=2)
+    (root / "a" / "notes.txt").write_text("not an image")
+    (root / "b" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0" + b"\x00" * 10)
+    (root / "README").write_text("loose file")
+    src = open_image_source(root)
+    ds = ImageDataset(src, 32)
+    report = SkipReport(src)
+    n_good = 0
+    for b in image_loader(ds, batch_size=3):
+        report.add(b["failures"])
+        n_good += len(b["indices"])
+    assert n_good == 4 and len(report) == 3
+    assert {k for k, _ in report.skipped} == {"a/notes.txt", "b/broken.jpg", "README"}
+    assert "skipped 3 file(s)" in report.summary()
+    with pytest.raises(DigitError, match="README"):
+        SkipReport(src, strict=True)
+
+
+def test_preprocess_center_and_seeded_random_crop():
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (30, 60, 3), dtype=np.uint8))
+    t = preprocess(img, 16)
+    assert t.shape == (3, 16, 16) and t.dtype == torch.uint8
+    a = preprocess(img, 16, train=True, rng=item_rng(1, 0, 5))
+    b = preprocess(img, 16, train=True, rng=item_rng(1, 0, 5))
+    assert torch.equal(a, b)
+    crops = {preprocess(img, 16, train=True, rng=item_rng(s, 0, 5)).sum().item() for s in range(8)}
+    assert len(crops) > 1
+
+
+def test_streaming_covers_each_index_once_with_workers(tmp_path):
+    root = write_image_folder(tmp_path / "d", classes=("a", "b", "c"), n_per_class=3)
+    arc = tar_folder(root, tmp_path / "d.tar.gz")
+    src = open_image_source(arc)
+    seen = []
+    for b in image_loader(StreamingImageDataset(src, 24), batch_size=2, workers=2):
+        seen.extend(b["indices"].tolist())
+    assert sorted(seen) == list(range(9))
+    direct = ImageDataset(open_image_source(root), 24)[4][0]
+    streamed = next(x for x in StreamingImageDataset(src, 24) if x[2] == 4)[0]
+    assert torch.equal(direct, streamed)
+
+
+def test_dataset_survives_missing_file(tmp_path):
+    root = write_image_folder(tmp_path / "d", classes=("a",), n_per_class=2)
+    src = open_image_source(root)
+    Path(root / "a" / "img_001.png").unlink()
+    img, label, idx, err = ImageDataset(src, 16)[1]
+    assert img is None and idx == 1 and "unreadable" in err
