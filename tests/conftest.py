@@ -8,9 +8,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # belt and braces: nothing in the suite may reach a hub
+
+# Tiny models run many small ops: on 2 cores, one intra-op thread is several times faster than two (and
+# torchrun tests start their own processes next to this one).
+torch.set_num_threads(1)
 
 TINY_VIT = "vit_small_patch14_reg4_dinov2"
 TINY_VIT_KWARGS = {"depth": 2, "embed_dim": 64, "num_heads": 2}

@@ -185,3 +185,15 @@ def test_dataset_survives_missing_file(tmp_path):
     Path(root / "a" / "img_001.png").unlink()
     img, label, idx, err = ImageDataset(src, 16)[1]
     assert img is None and idx == 1 and "unreadable" in err
+
+
+def test_synthetic_shapes_dataset_is_seeded_imagefolder(tmp_path):
+    from digit.data.synthetic import write_shapes_dataset
+
+    a = write_shapes_dataset(tmp_path / "a", n_classes=6, per_class=2, size=24, seed=3)
+    b = write_shapes_dataset(tmp_path / "b", n_classes=6, per_class=2, size=24, seed=3)
+    src = open_image_source(a)
+    assert len(src) == 12 and len(src.class_names) == 6 and sorted(set(src.labels.tolist())) == list(range(6))
+    assert all(src.read_bytes(i) == open_image_source(b).read_bytes(i) for i in range(12))
+    img = decode_image(src.read_bytes(0))
+    assert img.size == (24, 24) and np.asarray(img).std() > 10

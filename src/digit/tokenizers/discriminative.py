@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 from typing import Any
@@ -114,8 +115,13 @@ class DiscriminativeTokenizer(torch.nn.Module):
             "grid": list(self.grid_size),
             "vocab_size": self.vocab_size,
             "dim": self.dim,
+            "codebook_fingerprint": self.codebook_fingerprint(),
             **self.extra,
         }
+
+    def codebook_fingerprint(self) -> str:
+        """A short hash of the centroids: tells two fits with identical settings apart (stage-2 pairing checks)."""
+        return hashlib.sha256(self.centroids.detach().cpu().numpy().tobytes()).hexdigest()[:16]
 
     def save(self, directory: str | os.PathLike) -> Path:
         out = Path(directory)
@@ -136,7 +142,7 @@ class DiscriminativeTokenizer(torch.nn.Module):
         extra = {
             k: v
             for k, v in cfg.items()
-            if k not in {"type", "encoder", "layer", "image_size", "grid", "vocab_size", "dim"}
+            if k not in {"type", "encoder", "layer", "image_size", "grid", "vocab_size", "dim", "codebook_fingerprint"}
         }
         tok = cls(encoder, load_centroids(directory / CENTROIDS), extra=extra)
         return tok.to(device).eval()

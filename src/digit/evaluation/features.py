@@ -1,0 +1,257 @@
+"""Feature extractors for the metrics: torch-fidelity's InceptionV3, or the encoder of one of this project's directories.
+
+Inception weights never download implicitly: they come from ``--inception-weights FILE`` or torch-fidelity's usual cache
+file (``$TORCH_HOME/hub/checkpoints/weights-inception-2015-12-05-6726825d.pth``, where ``torch.hub`` puts it); when that
+is absent the error names the file, and ``allow_download=True`` (``--download``) takes the normal download path.
+torch-fidelity itself loads the file with ``weights_only=False``, so the file is first checked with ``weights_only=True``.
+
+``--features DIR`` measures in the space of an encoder of this project (a tokenizer or encoder directory): per image, the
+mean over patch positions of the encoder's patch features (its chosen layer, final norm applied). With a DINOv2 encoder
+that is FD-DINOv2 (Stein et al. 2023), computed here on mean-pooled patches rather than the CLS token.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from digit.errors import DigitError
+
+INCEPTION_NAME = "inception-v3-compat"  # torch-fidelity's TF-compatible FID Inception
+INCEPTION_LAYERS = ("64", "192", "768", "2048")  # 2048 = pool3, the standard; smaller ones as pytorch-fid's --dims
+INCEPTION_LOGITS = "logits_unbiased"  # torch-fidelity's IS input
+
+
+def inception_url() -> str:
+    from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
+
+    return URL_INCEPTION_V3
+
+
+def default_inception_path() -> Path:
+    """Where ``torch.hub.load_state_dict_from_url`` (torch-fidelity's download path) caches the weights."""
+    import torch.hub
+
+    return Path(torch.hub.get_dir()) / "checkpoints" / inception_url().rsplit("/", 1)[-1]
+
+
+def resolve_inception_weights(path: str | Path | None, allow_download: bool = False) -> Path:
+    if path is not None:
+        p = Path(path).expanduser()
+        if not p.is_file():
+            raise DigitError(f"Inception weights not found: {p}")
+        return p
+    p = default_inception_path()
+    if p.is_file():
+        return p
+    if not allow_download:
+        raise DigitError(
+            f"Inception weights not found: expected {p} (pass --inception-weights FILE, or --download to fetch "
+            f"{inception_url()})"
+        )
+    import torch.hub
+
+    torch.hub.load_state_dict_from_url(inception_url(), progress=True)  # writes p
+    return p
+
+
+def _sha256(path: Path) -> str:
+    from digit.evaluation.stats import sha256_file
+
+    return sha256_file(path)
+
+
+class InceptionExtractor:
+    """torch-fidelity's FeatureExtractorInceptionV3 (uint8 in, bilinear resize to 299 inside, like TF FID)."""
+
+    fd_name = "fid"
+
+    def __init__(self, weights: Path, device: Any, layer: str = "2048", logits: bool = True) -> None:
+        import torch
+        from torch_fidelity.utils import create_feature_extractor
+
+        from digit.utils.safe_pickle import load_weights
+
+        if layer not in INCEPTION_LAYERS:
+            raise DigitError(f"Inception feature layer must be one of {', '.join(INCEPTION_LAYERS)}, got {layer!r}")
+        self.layer, self.logits = layer, logits
+        self.weights = Path(weights)
+        self.sha256 = _sha256(self.weights)
+        with tempfile.TemporaryDirectory() as tmp:
+            if self.weights.suffix == ".safetensors":
+                from safetensors.torch import load_file
+
+                state = load_file(str(self.weights))
+                path = Path(tmp) / "inception.pth"
+                torch.save(state, path)
+            else:
+                load_weights(self.weights)  # refuses anything but plain tensors before torch-fidelity unpickles it
+                path = self.weights
+            try:
+                self.model = create_feature_extractor(
+                    INCEPTION_NAME,
+                    [layer, INCEPTION_LOGITS] if logits else [layer],
+                    cuda=False,
+                    feature_extractor_weights_path=str(path),
+                    verbose=False,
+                )
+            except RuntimeError as e:
+                first = str(e).strip().splitlines()[0]
+                raise DigitError(f"{self.weights} does not fit torch-fidelity's InceptionV3 ({first})") from e
+        self.model.to(device)
+        self.device = device
+
+    def __call__(self, images, logits: bool = True):  # uint8 [B, 3, H, W] -> {"pool": [B, D], "logits": [B, 1008]}
+        """``logits=False`` stops torch-fidelity's network at the feature layer (reference sets need no IS logits)."""
+        want = self.logits and logits
+        self.model.features_list = [self.layer, INCEPTION_LOGITS] if want else [self.layer]
+        out = self.model(images.to(self.device))
+        return {"pool": out[0], "logits": out[1]} if want else {"pool": out[0]}
+
+    def describe(self) -> dict[str, Any]:
+        import torch_fidelity
+
+        return {
+            "name": INCEPTION_NAME,
+            "library": f"torch-fidelity {torch_fidelity.__version__}",
+            "layers": {"fid/kid/prc": self.layer, "is": INCEPTION_LOGITS if self.logits else None},
+            "input": "uint8, bilinear to 299 (TF-1.x compatible resize)",
+            "weights": str(self.weights),
+            "weights_sha256": self.sha256,
+        }
+
+
+def _dir_sha256(directory: Path) -> str:
+    """One hash over every weights/config file of a directory (name + content), in sorted order."""
+    h = hashlib.sha256()
+    for f in sorted(p for p in directory.iterdir() if p.is_file() and p.suffix in (".json", ".safetensors", ".npy")):
+        h.update(f.name.encode())
+        h.update(_sha256(f).encode())
+    return h.hexdigest()
+
+
+class EncoderExtractor:
+    """Mean-pooled patch features of a tokenizer's or encoder directory's encoder."""
+
+    def __init__(self, directory: Path, device: Any) -> None:
+        directory = Path(directory)
+        if (directory / "tokenizer.json").is_file():
+            from digit.tokenizers import load_tokenizer
+
+            tok = load_tokenizer(directory, device=device)
+            enc = getattr(tok, "encoder", None)
+            if enc is None:
+                raise DigitError(f"{directory}: this tokenizer has no image encoder to take features from")
+            config_file = directory / "tokenizer.json"
+        elif (directory / "encoder.json").is_file():
+            from digit.tokenizers.encoder import load_encoder_dir
+
+            # the encoder's output (last block + final norm), as FD-DINOv2 uses the final layer
+            enc = load_encoder_dir(directory, layer=1)
+            config_file = directory / "encoder.json"
+        else:
+            raise DigitError(
+                f"--features {directory}: not a tokenizer or encoder directory (no tokenizer.json/encoder.json)"
+            )
+        self.encoder = enc.to(device).eval() if hasattr(enc, "to") else enc
+        self.directory = directory
+        self.device = device
+        self.config = json.loads(config_file.read_text())
+        self.is_dinov2 = "dinov2" in json.dumps(self.config).lower()
+        self.fd_name = "fd_dinov2" if self.is_dinov2 else "fd"
+        self.sha256 = _dir_sha256(directory)
+        self.layer = f"encoder block -{enc.layer} (final norm)"
+
+    def __call__(self, images, logits: bool = False):  # no classifier: ``logits`` is accepted and ignored
+        import torch.nn.functional as F
+
+        from digit.tokenizers.protocol import to_unit_float
+
+        s = int(self.encoder.image_size)
+        x = to_unit_float(images, self.device)
+        if x.shape[-2:] != (s, s):
+            x = F.interpolate(x, size=(s, s), mode="bicubic", antialias=True, align_corners=False).clamp_(0, 1)
+        feats = self.encoder(self.encoder.normalize(x))  # [B, h*w, D]
+        return {"pool": feats.float().mean(dim=1)}
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "name": "FD-DINOv2" if self.is_dinov2 else "encoder-fd",
+            "directory": str(self.directory),
+            "layers": {"fid/kid/prc": self.layer},
+            "encoder": self.encoder.config(),
+            "weights_sha256": self.sha256,
+            "pooling": "mean over patch features",
+            "image_size": int(self.encoder.image_size),
+            "resize": "bicubic (antialias) to the encoder size",
+            "config": self.config,
+        }
+
+
+def build_extractor(
+    features: str,
+    device: Any,
+    inception_weights: str | Path | None = None,
+    allow_download: bool = False,
+    inception_layer: str = "2048",
+    logits: bool = False,
+) -> InceptionExtractor | EncoderExtractor:
+    """``logits``: also return Inception logits (the inception score needs them; FID alone can stop at the layer)."""
+    if features == "inception":
+        weights = resolve_inception_weights(inception_weights, allow_download)
+        return InceptionExtractor(weights, device, layer=inception_layer, logits=logits)
+    p = Path(features)
+    if not p.is_dir():
+        raise DigitError(f"--features must be 'inception' or a tokenizer/encoder directory, got {features!r}")
+    return EncoderExtractor(p, device)
+
+
+def _collate(items: list) -> list:
+    return items
+
+
+def extract_features(
+    image_set: Any,
+    extractor: Any,
+    batch_size: int = 50,
+    workers: int = 0,
+    desc: str = "features",
+    logits: bool = True,
+) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """Run ``extractor`` over an ImageSet once: features (float32) and what was read (count, resolution, pixel hash).
+
+    ``logits=False``: skip the classifier output (only the generated set needs it, for the inception score)."""
+    import torch
+    from torch.utils.data import DataLoader
+    from tqdm import tqdm
+
+    if len(image_set) == 0:
+        raise DigitError(f"{image_set.path}: no images")
+    loader = DataLoader(
+        image_set.dataset, batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=_collate
+    )
+    out: dict[str, list[np.ndarray]] = {}
+    h = hashlib.sha256()  # over the decoded pixels in order: the same images give the same hash in any container
+    resolution = None
+    with torch.inference_mode():
+        for items in tqdm(loader, desc=desc, unit="batch", leave=False):
+            for im in items:
+                if resolution is None:
+                    resolution = tuple(im.shape[1:])
+                if tuple(im.shape[1:]) != resolution or im.dtype != torch.uint8:
+                    raise DigitError(
+                        f"{image_set.path}: images must share one size (found {tuple(im.shape[1:])} and {resolution}); "
+                        "pass --image-size to resize + center crop"
+                    )
+            batch = torch.stack(items)
+            h.update(batch.numpy().tobytes())
+            for k, v in extractor(batch, logits=logits).items():
+                out.setdefault(k, []).append(v.float().cpu().numpy())
+    feats = {k: np.concatenate(v) for k, v in out.items()}
+    info = {"count": len(image_set), "resolution": list(resolution), "images_sha256": h.hexdigest()}
+    return feats, info

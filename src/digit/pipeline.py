@@ -1,0 +1,312 @@
+"""From a class label to pixels: stage 1 (GPT) -> stage 2 (prefix-conditioned AR or MaskGIT decoder) -> VQ decode.
+
+Two paths share this module (``digit generate`` and ``benchmarks/generate.py``):
+
+- DiGIT: stage 1 samples discriminative tokens; a decoder GPT conditioned on them as a prefix predicts VQ tokens
+  (autoregressively with the KV cache, or MaskGIT-style when ``causal=False``); the VQGAN renders them.
+- LlamaGen (no decoder): stage 1's tokens are VQ tokens and are decoded directly.
+
+:func:`check_pipeline` compares the recorded configurations of the three pieces and refuses mismatches (with a
+one-line reason) before any weights are loaded or any sampling starts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from digit.errors import DigitError
+from digit.utils.io import read_json
+
+# ----------------------------------------------------------------------------------------------- compatibility
+
+
+def _read_config(path: Path, what: str) -> dict[str, Any]:
+    if not path.is_file():
+        raise DigitError(f"{path.parent} is not a {what} (no {path.name})")
+    cfg = read_json(path)
+    if not isinstance(cfg, dict):
+        raise DigitError(f"{path} is not a JSON object")
+    return cfg
+
+
+def _tok_meta(run_cfg: dict[str, Any], key: str) -> dict[str, Any] | None:
+    meta = (run_cfg.get("data") or {}).get(key) or {}
+    tok = meta.get("tokenizer")
+    return tok if isinstance(tok, dict) else None
+
+
+def _same_tokenizer(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Two tokenizer configs name the same codebook (the codebook fingerprint when both have one)."""
+    fa, fb = a.get("codebook_fingerprint"), b.get("codebook_fingerprint")
+    if fa is not None and fb is not None:
+        return fa == fb
+    return json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
+
+
+def _grid(x: Any) -> tuple[int, int] | None:
+    return None if x is None else (int(x[0]), int(x[1]))
+
+
+def check_pipeline(stage1: dict[str, Any], vq: dict[str, Any], decoder: dict[str, Any] | None = None) -> str:
+    """Raise DigitError unless the pieces fit together. ``stage1`` / ``decoder``: run ``config.json`` dicts; ``vq``:
+    the VQ ``tokenizer.json``. Returns the path name: ``"digit-ar"``, ``"digit-nar"`` or ``"llamagen"``."""
+    if vq.get("type") != "vq":
+        raise DigitError(f"--vq holds a {vq.get('type')!r} tokenizer, not a VQ tokenizer")
+    s1 = stage1["model"]
+    vq_grid, vq_vocab = _grid(vq["grid"]), int(vq["vocab_size"])
+    if s1.get("cond") == "prefix":
+        raise DigitError("--stage1 is a prefix-conditioned decoder, not a stage-1 model")
+    s1_tok = _tok_meta(stage1, "meta")
+    if decoder is None:
+        if s1_tok is not None and s1_tok.get("type") != "vq":
+            raise DigitError(
+                f"--stage1 was trained on {s1_tok.get('type')} tokens: pass a --decoder to turn them into VQ tokens"
+            )
+        if _grid(s1["grid"]) != vq_grid:
+            raise DigitError(f"--stage1 samples a {tuple(s1['grid'])} grid but the VQ decodes {vq_grid}")
+        if int(s1["vocab_size"]) != vq_vocab:
+            raise DigitError(f"--stage1 has {s1['vocab_size']} token ids but the VQ codebook has {vq_vocab}")
+        if s1_tok is not None and not _same_tokenizer(s1_tok, vq):
+            raise DigitError("--stage1 was trained on tokens of another VQ codebook than --vq")
+        return "llamagen"
+    d = decoder["model"]
+    if d.get("cond") != "prefix":
+        raise DigitError(
+            f"--decoder is not prefix-conditioned (cond={d.get('cond')!r}); it cannot decode stage-1 tokens"
+        )
+    if int(d.get("prefix_vocab_size") or 0) != int(s1["vocab_size"]) or _grid(d.get("prefix_grid")) != _grid(
+        s1["grid"]
+    ):
+        raise DigitError(
+            f"--decoder is conditioned on {d.get('prefix_vocab_size')} ids x {d.get('prefix_grid')} grid, "
+            f"stage 1 samples {s1['vocab_size']} ids x {list(s1['grid'])}: not the stage-1 codebook"
+        )
+    prefix_tok = _tok_meta(decoder, "prefix_meta")
+    if prefix_tok is not None and s1_tok is not None and not _same_tokenizer(prefix_tok, s1_tok):
+        raise DigitError("--decoder was trained on prefix tokens of another tokenizer than stage 1's codebook")
+    if _grid(d["grid"]) != vq_grid:
+        raise DigitError(f"--vq has a {vq_grid} grid but the decoder predicts {tuple(d['grid'])}")
+    if int(d["vocab_size"]) != vq_vocab:
+        raise DigitError(f"--decoder predicts {d['vocab_size']} ids but the VQ codebook has {vq_vocab}")
+    target_tok = _tok_meta(decoder, "meta")
+    if target_tok is not None and (target_tok.get("type") != "vq" or not _same_tokenizer(target_tok, vq)):
+        raise DigitError("--decoder was trained on another VQ codebook than --vq")
+    return "digit-ar" if d.get("causal", True) else "digit-nar"
+
+
+# ----------------------------------------------------------------------------------------------- the pipeline
+
+
+@dataclass
+class Pipeline:
+    stage1: Any  # GPT
+    stage1_config: dict[str, Any]
+    vq: Any  # VQModel
+    decoder: Any | None = None
+    decoder_config: dict[str, Any] | None = None
+    kind: str = "llamagen"
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.stage1.parameters()).device
+
+    @property
+    def num_classes(self) -> int:
+        m = self.stage1.config
+        return int(m.num_classes) if m.cond == "class" else 0
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(((self.stage1_config.get("data") or {}).get("meta") or {}).get("class_names") or [])
+
+
+def load_pipeline(
+    stage1: str | os.PathLike, vq: str | os.PathLike, decoder: str | os.PathLike | None = None, device: Any = "cpu"
+) -> Pipeline:
+    """Check the three pieces from their configs, then load them (models in eval mode)."""
+    from digit.models import load_gpt_run
+    from digit.tokenizers.vq import VQModel
+
+    s1_dir, vq_dir = Path(stage1), Path(vq)
+    s1_cfg = _read_config(s1_dir / "config.json", "run directory")
+    vq_cfg = _read_config(vq_dir / "tokenizer.json", "tokenizer directory")
+    dec_cfg = _read_config(Path(decoder) / "config.json", "run directory") if decoder is not None else None
+    for name, c in (("--stage1", s1_cfg), ("--decoder", dec_cfg)):
+        if c is not None and not isinstance(c.get("model"), dict):
+            raise DigitError(f"{name} run has no 'model' section in config.json")
+    kind = check_pipeline(s1_cfg, vq_cfg, dec_cfg)
+    s1_model, s1_cfg = load_gpt_run(s1_dir, device=device)
+    vq_model = VQModel.load(vq_dir, device=device)
+    if vq_model.codebook_fingerprint() != vq_cfg.get("codebook_fingerprint", vq_model.codebook_fingerprint()):
+        raise DigitError(f"{vq_dir}: model.safetensors does not match tokenizer.json (codebook fingerprint differs)")
+    dec_model = None
+    if decoder is not None:
+        dec_model, dec_cfg = load_gpt_run(decoder, device=device)
+    return Pipeline(s1_model, s1_cfg, vq_model, dec_model, dec_cfg, kind)
+
+
+@dataclass(kw_only=True)
+class SamplingConfig:
+    cfg_scale: float = 1.0
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    decoder_temperature: float = 1.0
+    decoder_top_k: int = 0
+    decoder_top_p: float | None = None  # None: 0.8 for an AR decoder (DiGIT), 1.0 for MaskGIT
+    decoder_steps: int = 8
+
+
+@dataclass
+class GenerationResult:
+    images: np.ndarray  # uint8 [N, H, W, 3]
+    labels: np.ndarray  # int64 [N], -1 unconditional
+    tokens: np.ndarray  # stage-1 tokens [N, h, w]
+    seconds: dict[str, float] = field(default_factory=dict)  # per stage: stage1, stage2, vq
+
+
+def resolve_labels(pipe: Pipeline, n: int | None, classes: list[str] | None) -> np.ndarray:
+    """-n N (class-balanced cycle over all classes for a class-conditional model) or --classes C ... -> labels."""
+    k = pipe.num_classes
+    if classes:
+        if not k:
+            raise DigitError("--classes given but the stage-1 model is unconditional")
+        names = pipe.class_names
+        out = []
+        for c in classes:
+            if c.lstrip("-").isdigit():
+                v = int(c)
+            elif c in names:
+                v = names.index(c)
+            else:
+                raise DigitError(f"unknown class {c!r} (give an index in [0, {k}) or a class name)")
+            if not 0 <= v < k:
+                raise DigitError(f"class {v} outside [0, {k})")
+            out.append(v)
+        return np.asarray(out, dtype=np.int64)
+    if n is None or n < 1:
+        raise DigitError("give -n N or --classes C ...")
+    return (np.arange(n) % k).astype(np.int64) if k else np.full(n, -1, dtype=np.int64)
+
+
+def to_uint8(images01: torch.Tensor) -> np.ndarray:
+    """[B, 3, H, W] in [0, 1] -> uint8 [B, H, W, 3] by truncation, as DiGIT saves samples (clip(x*255).astype)."""
+    return (images01.float() * 255.0).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def generate_images(
+    pipe: Pipeline,
+    labels: np.ndarray,
+    sampling: SamplingConfig | None = None,
+    *,
+    batch_size: int = 16,
+    seed: int = 0,
+    progress: bool = False,
+) -> GenerationResult:
+    """Run the whole pipeline over ``labels`` in batches. Batch ``b`` uses a generator seeded with (seed, b)."""
+    from tqdm import tqdm
+
+    from digit.sampling.maskgit import maskgit_decode
+
+    s = sampling or SamplingConfig()
+    dev = pipe.device
+    n = len(labels)
+    images, tokens = [], []
+    secs = {"stage1": 0.0, "stage2": 0.0, "vq": 0.0}
+    dec_top_p = s.decoder_top_p if s.decoder_top_p is not None else (0.8 if pipe.kind == "digit-ar" else 1.0)
+    bar = tqdm(total=n, desc="generate", unit="img", disable=not progress)
+    for b, start in enumerate(range(0, n, batch_size)):
+        lab = labels[start : start + batch_size]
+        g = torch.Generator(device=dev).manual_seed(int(seed) * 1_000_003 + b)
+        cond = torch.as_tensor(lab, device=dev) if pipe.num_classes else None
+        t0 = time.perf_counter()
+        ids = pipe.stage1.generate(
+            cond=cond,
+            n=len(lab),
+            temperature=s.temperature,
+            top_k=s.top_k,
+            top_p=s.top_p,
+            cfg_scale=s.cfg_scale,
+            generator=g,
+        )
+        _sync(dev)
+        t1 = time.perf_counter()
+        vq_ids = ids
+        if pipe.decoder is not None:
+            prefix = ids.reshape(len(lab), -1)
+            if pipe.kind == "digit-nar":
+                vq_ids = maskgit_decode(
+                    pipe.decoder,
+                    prefix,
+                    steps=s.decoder_steps,
+                    temperature=s.decoder_temperature,
+                    top_k=s.decoder_top_k,
+                    top_p=dec_top_p,
+                    generator=g,
+                )
+            else:
+                vq_ids = pipe.decoder.generate(
+                    cond=prefix, temperature=s.decoder_temperature, top_k=s.decoder_top_k, top_p=dec_top_p, generator=g
+                )
+        _sync(dev)
+        t2 = time.perf_counter()
+        images.append(to_uint8(pipe.vq.decode(vq_ids)))
+        _sync(dev)
+        t3 = time.perf_counter()
+        secs["stage1"] += t1 - t0
+        secs["stage2"] += t2 - t1
+        secs["vq"] += t3 - t2
+        tokens.append(ids.cpu().numpy())
+        bar.update(len(lab))
+    bar.close()
+    for m in (pipe.stage1, pipe.decoder):
+        if m is not None and hasattr(m, "clear_cache"):
+            m.clear_cache()
+    return GenerationResult(np.concatenate(images), np.asarray(labels, dtype=np.int64), np.concatenate(tokens), secs)
+
+
+# ----------------------------------------------------------------------------------------------- image files
+
+
+def image_grid(
+    images: np.ndarray, captions: list[str] | None = None, ncols: int | None = None, pad: int = 2
+) -> np.ndarray:
+    """uint8 [N, H, W, 3] -> one uint8 [rows*(H+cap+pad)+pad, cols*(W+pad)+pad, 3] grid, captions drawn above."""
+    from PIL import Image, ImageDraw
+
+    n, h, w, _ = images.shape
+    ncols = ncols or int(np.ceil(np.sqrt(n)))
+    nrows = int(np.ceil(n / ncols))
+    cap_h = 12 if captions else 0
+    cell_h, cell_w = h + cap_h + pad, w + pad
+    canvas = Image.new("RGB", (ncols * cell_w + pad, nrows * cell_h + pad), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    for i in range(n):
+        r, c = divmod(i, ncols)
+        x, y = pad + c * cell_w, pad + r * cell_h
+        if captions:
+            draw.text((x, y), captions[i][: max(1, w // 6)], fill=(0, 0, 0))
+        canvas.paste(Image.fromarray(images[i]), (x, y + cap_h))
+    return np.asarray(canvas)
+
+
+def save_png(path: str | os.PathLike, image: np.ndarray) -> Path:
+    """Write a uint8 [H, W, 3] array as PNG, atomically."""
+    from PIL import Image
+
+    from digit.utils.io import atomic_write
+
+    return atomic_write(path, lambda p: Image.fromarray(image).save(p, format="PNG"))

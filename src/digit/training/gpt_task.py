@@ -1,0 +1,239 @@
+"""The GPT as a training ``Task``: token directories in, next-token (or MaskGIT) cross-entropy out.
+
+- Autoregressive (``causal=True``): mean cross-entropy over all ``h*w`` positions (LlamaGen ``train_c2i.py``; DiGIT's
+  fairseq criterion, label smoothing 0.1 there), ``logits[:, t]`` predicting ``tokens[:, t]``.
+- MaskGIT (``causal=False``, ``digit train --nar``), per DiGIT section 4 / MaskGIT: for each sample draw u ~ U(0, 1),
+  mask ``floor(T * cos(u * pi / 2) + 1)`` random positions with the mask token and score the masked positions only.
+  fairseq divides the summed loss by the number of masked tokens in the whole (multi-GPU) batch; we divide by
+  ``B * E[masked count]`` instead, the same token weighting but linear in the samples, so the loss and its gradient are
+  identical whatever the split into ranks and micro-batches. The mask of a sample is a pure function of
+  (seed, step, sample index), so it too does not depend on the layout (or on resuming).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from digit.data.tokens import TokenDirectory
+from digit.errors import DigitError
+from digit.training.optim import make_schedule
+from digit.training.task import OptimizerSpec, TaskBase
+
+
+def expected_mask_count(T: int) -> float:
+    """E[floor(T cos(u pi/2) + 1)], u ~ U(0,1): sum over m of P(count >= m) = (2/pi) arccos((m-1)/T), m = 1..T."""
+    return sum(2 / math.pi * math.acos((m - 1) / T) for m in range(1, T + 1))
+
+
+def nar_mask(T: int, seed: int, step: int, index: int) -> torch.Tensor:
+    """Bool [T]: the positions MaskGIT masks for sample ``index`` at ``step`` (count floor(T cos(u pi/2) + 1))."""
+    key = hashlib.sha256(f"nar:{seed}:{step}:{index}".encode()).digest()
+    g = torch.Generator().manual_seed(int.from_bytes(key[:8], "little") & ((1 << 63) - 1))
+    u = torch.rand((), generator=g, dtype=torch.float64).item()
+    n = min(T, int(math.floor(T * math.cos(u * math.pi / 2) + 1)))
+    mask = torch.zeros(T, dtype=torch.bool)
+    mask[torch.randperm(T, generator=g)[:n]] = True
+    return mask
+
+
+class TokenDataset:
+    """Rows of a token directory (and the aligned prefix directory) as ``{"tokens", "label", "prefix", "index"}``."""
+
+    def __init__(self, tokens: TokenDirectory, prefix: TokenDirectory | None = None) -> None:
+        self.tokens, self.prefix = tokens, prefix
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        item = {
+            "tokens": torch.from_numpy(np.asarray(self.tokens.tokens[i], dtype=np.int64).reshape(-1)),
+            "label": torch.tensor(int(self.tokens.labels[i])),
+            "index": torch.tensor(int(i)),
+        }
+        if self.prefix is not None:
+            item["prefix"] = torch.from_numpy(np.asarray(self.prefix.tokens[i], dtype=np.int64).reshape(-1))
+        return item
+
+
+def _max_id(arr: np.ndarray, chunk: int = 65536) -> int:
+    return max((int(arr[i : i + chunk].max()) for i in range(0, len(arr), chunk)), default=-1)
+
+
+def check_alignment(target: TokenDirectory, prefix: TokenDirectory) -> None:
+    """Refuse a prefix directory that does not come from the same images in the same order."""
+    t, p = target.meta, prefix.meta
+    for key in ("n_rows", "n_images", "views"):
+        if t.get(key) != p.get(key):
+            raise DigitError(
+                f"prefix tokens {prefix.path} are not aligned with {target.path}: {key} {p.get(key)} != {t.get(key)}"
+            )
+    ts, ps = t.get("source") or {}, p.get("source") or {}
+    for key in ("path", "n_files", "n_skipped"):
+        if ts.get(key) != ps.get(key):
+            raise DigitError(
+                f"prefix tokens {prefix.path} come from another source than {target.path}: "
+                f"source {key} {ps.get(key)!r} != {ts.get(key)!r}"
+            )
+    skipped = [[s.get("file") for s in d.get("skipped", [])] for d in (ts, ps)]
+    if skipped[0] != skipped[1]:
+        raise DigitError(f"prefix tokens {prefix.path} skipped other images than {target.path}")
+
+
+def validate_tokens(
+    model_cfg: Any, tokens: TokenDirectory, prefix: TokenDirectory | None, what: str = "tokens"
+) -> None:
+    """Every refusal happens here, before any training: vocabulary, grid, labels, prefix alignment."""
+    if tuple(tokens.grid) != tuple(model_cfg.grid):
+        raise DigitError(
+            f"{what} grid {tokens.grid} ({tokens.grid[0] * tokens.grid[1]} tokens) does not match the "
+            f"model's grid {tuple(model_cfg.grid)} ({model_cfg.seq_len} tokens)"
+        )
+    hi = _max_id(tokens.tokens)
+    if hi >= model_cfg.vocab_size:
+        raise DigitError(f"{what} hold id {hi}, outside the model's vocabulary of {model_cfg.vocab_size}")
+    if model_cfg.cond == "class":
+        if len(tokens.labels) == 0 or (tokens.labels < 0).any():
+            raise DigitError(f"{what} in {tokens.path} lack class labels, needed by a class-conditional model")
+        if int(tokens.labels.max()) >= model_cfg.num_classes:
+            raise DigitError(f"{what} hold class {int(tokens.labels.max())}, the model has {model_cfg.num_classes}")
+    if model_cfg.cond == "prefix":
+        if prefix is None:
+            raise DigitError("a prefix-conditioned model needs --prefix-tokens")
+        check_alignment(tokens, prefix)
+        if tuple(prefix.grid) != tuple(model_cfg.prefix_grid):
+            raise DigitError(f"prefix grid {prefix.grid} does not match the model's {tuple(model_cfg.prefix_grid)}")
+        phi = _max_id(prefix.tokens)
+        if phi >= model_cfg.prefix_vocab_size:
+            raise DigitError(
+                f"prefix tokens hold id {phi}, outside the prefix vocabulary of {model_cfg.prefix_vocab_size}"
+            )
+    elif prefix is not None:
+        raise DigitError("--prefix-tokens given but the model is not prefix-conditioned")
+
+
+class GPTTask(TaskBase):
+    name = "gpt"
+    unit = "tokens"
+
+    def __init__(
+        self,
+        model_cfg: Any,
+        tokens: TokenDirectory,
+        *,
+        prefix: TokenDirectory | None = None,
+        val: TokenDirectory | None = None,
+        val_prefix: TokenDirectory | None = None,
+        optim: dict[str, Any],
+        label_smoothing: float = 0.0,
+        total_steps: int,
+        seed: int = 0,
+        eval_batch_size: int = 64,
+    ) -> None:
+        from digit.models.gpt import GPT
+
+        validate_tokens(model_cfg, tokens, prefix)
+        if val is not None:
+            validate_tokens(model_cfg, val, val_prefix, what="validation tokens")
+        self.cfg, self.optim, self.label_smoothing, self.seed = model_cfg, dict(optim), label_smoothing, seed
+        self.total_steps, self.eval_batch_size = total_steps, eval_batch_size
+        self.dataset = TokenDataset(tokens, prefix)
+        self.val = TokenDataset(val, val_prefix) if val is not None else None
+        self._data_cfg = {
+            "tokens": str(Path(tokens.path).resolve()),
+            "prefix_tokens": str(Path(prefix.path).resolve()) if prefix is not None else None,
+            "meta": tokens.meta,
+            "prefix_meta": prefix.meta if prefix is not None else None,
+            "val_tokens": str(Path(val.path).resolve()) if val is not None else None,
+        }
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)  # the initial weights are a function of the seed alone
+            self.model = GPT(model_cfg)
+        self._mask_norm = expected_mask_count(model_cfg.seq_len)
+
+    # ---- Task protocol
+    def modules(self) -> dict[str, nn.Module]:
+        return {"model": self.model}
+
+    def optimizers(self) -> list[OptimizerSpec]:
+        o = self.optim
+        init = o.get("warmup_init_lr", 0.0) / o["lr"] if o["lr"] > 0 else 0.0
+        schedule = make_schedule(
+            o["schedule"],
+            warmup=o["warmup"],
+            total=self.total_steps,
+            min_ratio=o.get("min_lr_ratio", 0.0),
+            warmup_init=init,
+        )
+        extra = {"no_decay": lambda name, p: False} if o.get("wd_all_params") else {}
+        return [
+            OptimizerSpec(
+                modules=["model"],
+                lr=o["lr"],
+                betas=tuple(o["betas"]),
+                eps=o["eps"],
+                weight_decay=o["weight_decay"],
+                clip=o["clip"] or None,
+                schedule=schedule,
+                **extra,
+            )
+        ]
+
+    def config(self) -> dict[str, Any]:
+        return {
+            "model": self.cfg.to_dict(),
+            "data": self._data_cfg,
+            "train": {**self.optim, "label_smoothing": self.label_smoothing, "nar": not self.cfg.causal},
+        }
+
+    def _cond(self, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        if self.cfg.cond == "class":
+            return batch["label"]
+        if self.cfg.cond == "prefix":
+            return batch["prefix"]
+        return None
+
+    def compute_loss(self, batch: dict[str, torch.Tensor], step: int, phase: str = "main"):
+        return self.loss(batch, step)
+
+    def loss(self, batch: dict[str, torch.Tensor], step: int) -> tuple[torch.Tensor, dict[str, Any]]:
+        x = batch["tokens"]  # [B, T]
+        if self.cfg.causal:
+            logits = self.model(x, self._cond(batch))  # [B, T, V] fp32
+            loss = F.cross_entropy(logits.flatten(0, 1), x.flatten(), label_smoothing=self.label_smoothing)
+            return loss, {}
+        B, T = x.shape
+        mask = torch.stack([nar_mask(T, self.seed, step, int(i)) for i in batch["index"].tolist()]).to(x.device)
+        inp = x.masked_fill(mask, self.model.mask_token_id)
+        logits = self.model(inp, self._cond(batch))  # [B, T, V]
+        ce = F.cross_entropy(
+            logits.flatten(0, 1), x.flatten(), label_smoothing=self.label_smoothing, reduction="none"
+        ).view(B, T)
+        loss = (ce * mask).sum() / (B * self._mask_norm)
+        return loss, {"masked_frac": mask.float().mean()}
+
+    def count(self, batch: dict[str, torch.Tensor]) -> int:
+        return int(batch["tokens"].numel())
+
+    @torch.no_grad()
+    def evaluate(self, step: int) -> dict[str, float]:
+        """Validation loss over the whole held-out split (every rank computes it; NAR masks fixed by ``step=-1``)."""
+        if self.val is None:
+            return {}
+        device = next(self.model.parameters()).device
+        total, n = 0.0, 0
+        for s in range(0, len(self.val), self.eval_batch_size):
+            items = [self.val[i] for i in range(s, min(len(self.val), s + self.eval_batch_size))]
+            batch = {k: v.to(device) for k, v in self.collate(items).items()}
+            loss, _ = self.loss(batch, -1)
+            total += float(loss) * len(items)
+            n += len(items)
+        return {"val_loss": total / n}
