@@ -508,3 +508,24 @@ def test_cli_writes_directories_the_pipeline_accepts(tmp_path, capsys):
     assert pipe.kind == "digit-nar" and pipe.num_classes == C
     assert main(argv) == 2 and "exists and is not empty" in capsys.readouterr().err
     assert main(["convert", "digit", "--stage1", str(tmp_path / "km.npy"), "--out", str(tmp_path / "x")]) == 2
+
+
+def test_generate_official_sampling_flag(tmp_path, capsys):
+    from digit.cli import main
+
+    torch.save(mage_state(), tmp_path / "vqgan.ckpt")
+    s1 = _save(tmp_path, "s1.pt", fairseq_ckpt("stlm", classes=C))
+    s2 = _save(tmp_path, "s2.pt", fairseq_ckpt("st2vtlm"))
+    s2n = _save(tmp_path, "s2n.pt", fairseq_ckpt("st2vtlm_nar"))
+    for name, stage2 in (("ar", s2), ("nar", s2n)):
+        argv = ["convert", "digit", "--stage1", s1, "--stage2", stage2, "--vqgan", str(tmp_path / "vqgan.ckpt"),
+                "--grid", "2", "2", "--image-size", "28", "--out", str(tmp_path / name)]  # fmt: skip
+        assert main(argv) == 0
+    gen = ["generate", "--stage1", str(tmp_path / "ar" / "stage1"), "--vq", str(tmp_path / "ar" / "vqgan"),
+           "-n", "3", "--top-k", "3", "--decoder-top-p", "0.8", "--official-sampling", "--seed", "1"]  # fmt: skip
+    assert main([*gen, "--decoder", str(tmp_path / "ar" / "stage2"), "--out", str(tmp_path / "g")]) == 0
+    with np.load(tmp_path / "g" / "samples.npz") as z:
+        assert z[z.files[0]].shape[0] == 3
+    capsys.readouterr()
+    assert main([*gen, "--decoder", str(tmp_path / "nar" / "stage2"), "--out", str(tmp_path / "g2")]) == 2
+    assert "--official-sampling needs an AR --decoder" in capsys.readouterr().err

@@ -388,3 +388,15 @@ def test_fit_refuses_k_larger_than_samples(tmp_path, capsys):
                 str(tmp_path / "tok"),
             ]
         )
+
+
+def test_precision_option_bf16_close_to_fp32_and_validated():
+    enc = tiny_encoder(depth=2, layer=1)
+    x = enc.normalize(torch.rand(4, 3, TINY_IMAGE_SIZE, TINY_IMAGE_SIZE, generator=torch.Generator().manual_seed(0)))
+    exact = enc(x)
+    assert enc.precision == "auto" and torch.equal(enc.set_precision("fp32")(x), exact)  # auto on CPU = fp32
+    approx = enc.set_precision("bf16")(x)
+    assert approx.dtype == torch.float32 and not torch.equal(approx, exact)
+    assert ((approx - exact).norm() / exact.norm()).item() < 0.02
+    with pytest.raises(DigitError, match="unknown precision"):
+        enc.set_precision("fp8")

@@ -113,6 +113,7 @@ class Pipeline:
     decoder: Any | None = None
     decoder_config: dict[str, Any] | None = None
     kind: str = "llamagen"
+    decoder_special_rows: torch.Tensor | None = None  # fairseq special-symbol head rows of a converted DiGIT decoder
 
     @property
     def device(self) -> torch.device:
@@ -148,9 +149,14 @@ def load_pipeline(
     if vq_model.codebook_fingerprint() != vq_cfg.get("codebook_fingerprint", vq_model.codebook_fingerprint()):
         raise DigitError(f"{vq_dir}: model.safetensors does not match tokenizer.json (codebook fingerprint differs)")
     dec_model = None
+    special = None
     if decoder is not None:
         dec_model, dec_cfg = load_gpt_run(decoder, device=device)
-    return Pipeline(s1_model, s1_cfg, vq_model, dec_model, dec_cfg, kind)
+        if (Path(decoder) / "official_head.safetensors").is_file():
+            from digit.sampling.official import load_special_rows
+
+            special = load_special_rows(decoder).to(device)
+    return Pipeline(s1_model, s1_cfg, vq_model, dec_model, dec_cfg, kind, special)
 
 
 @dataclass(kw_only=True)
@@ -163,6 +169,9 @@ class SamplingConfig:
     decoder_top_k: int = 0
     decoder_top_p: float | None = None  # None: 0.8 for an AR decoder (DiGIT), 1.0 for MaskGIT
     decoder_steps: int = 8
+    # fairseq's rules for a converted DiGIT AR decoder (digit.sampling.official): specials banned after normalising,
+    # top-p on probabilities that are not renormalised. Needs the run's official_head.safetensors.
+    decoder_official: bool = False
 
 
 @dataclass
@@ -252,6 +261,20 @@ def generate_images(
                     pipe.decoder,
                     prefix,
                     steps=s.decoder_steps,
+                    temperature=s.decoder_temperature,
+                    top_k=s.decoder_top_k,
+                    top_p=dec_top_p,
+                    generator=g,
+                )
+            elif s.decoder_official:
+                from digit.sampling.official import generate_official
+
+                if pipe.decoder_special_rows is None:
+                    raise DigitError("official sampling needs a converted DiGIT decoder (official_head.safetensors)")
+                vq_ids = generate_official(
+                    pipe.decoder,
+                    pipe.decoder_special_rows,
+                    cond=prefix,
                     temperature=s.decoder_temperature,
                     top_k=s.decoder_top_k,
                     top_p=dec_top_p,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 from digit.cli.common import existing_path, json_object, non_negative_int, positive_int, unit_fraction
@@ -86,7 +87,9 @@ def register(subparsers) -> None:
     q.add_argument(
         "--no-cache", action="store_true", help="decode on every access (default: decode once if it fits in 4 GiB)"
     )
-    q.add_argument("--num-workers", type=non_negative_int, default=4, help="DataLoader workers")
+    q.add_argument(
+        "--num-workers", type=non_negative_int, default=min(4, os.cpu_count() or 1), help="DataLoader workers"
+    )
     q.add_argument("--save-every", type=non_negative_int, default=0, help="checkpoint period in steps (0: each epoch)")
     q.add_argument("--parallel", choices=("none", "ddp", "fsdp"), default="ddp", help="under torchrun")
     q.add_argument("--compile", action="store_true", help="torch.compile the transformer blocks")

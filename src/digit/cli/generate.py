@@ -27,6 +27,11 @@ def register(sub) -> None:
     p.add_argument("--top-k", type=non_negative_int, default=0, help="stage-1 top-k (0 = off)")
     p.add_argument("--top-p", type=unit_fraction, default=1.0, help="stage-1 top-p (1 = off)")
     p.add_argument("--decoder-top-k", type=non_negative_int, default=0)
+    p.add_argument(
+        "--official-sampling",
+        action="store_true",
+        help="fairseq's decoder sampling for converted DiGIT runs (top-p on un-renormalised probabilities)",
+    )
     p.add_argument("--decoder-top-p", type=unit_fraction, help="decoder top-p (default 0.8 AR as DiGIT, 1.0 MaskGIT)")
     p.add_argument("--decoder-steps", type=positive_int, default=8, help="MaskGIT decoding steps (NAR decoder)")
     p.add_argument("--seed", type=int, default=0)
@@ -55,6 +60,10 @@ def run(args: argparse.Namespace) -> int:
     labels = resolve_labels(pipe, args.n, args.classes)
     if pipe.decoder is None and (args.decoder_top_p is not None or args.decoder_top_k):
         raise DigitError("--decoder-top-p/--decoder-top-k need a --decoder")
+    if args.official_sampling and (pipe.kind != "digit-ar" or pipe.decoder_special_rows is None):
+        raise DigitError(
+            "--official-sampling needs an AR --decoder converted from DiGIT (with official_head.safetensors)"
+        )
     sampling = SamplingConfig(
         cfg_scale=args.cfg_scale,
         temperature=args.temperature,
@@ -63,6 +72,7 @@ def run(args: argparse.Namespace) -> int:
         decoder_top_k=args.decoder_top_k,
         decoder_top_p=args.decoder_top_p,
         decoder_steps=args.decoder_steps,
+        decoder_official=args.official_sampling,
     )
     print(f"{pipe.kind}: {len(labels)} images, VQ {pipe.vq.image_size}px, on {device}")
     res = generate_images(pipe, labels, sampling, batch_size=args.batch_size, seed=args.seed, progress=True)

@@ -17,6 +17,12 @@ def register(sub) -> None:
     p.add_argument("--batch-size", type=positive_int, default=64)
     p.add_argument("--workers", type=non_negative_int, default=2)
     p.add_argument("--seed", type=int, default=0, help="noise seed")
+    p.add_argument(
+        "--precision",
+        choices=["auto", "fp32", "bf16"],
+        default="auto",
+        help="encoder precision: auto = bf16 on CUDA, fp32 on CPU (bf16 on CPU is faster, ids may flip at ties)",
+    )
     add_device_arg(p)
     p.add_argument("--out", help="write the result JSON here")
     p.set_defaults(func=run)
@@ -38,6 +44,10 @@ def run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     source = open_image_source(args.data, args.layout)
     tok = load_tokenizer(args.tokenizer, device=device)
+    if hasattr(tok, "set_precision"):
+        tok.set_precision(args.precision)
+    elif args.precision != "auto":
+        raise DigitError("--precision applies to discriminative tokenizers")
     ds = ImageDataset(source, tok.image_size)
     if args.limit:
         ds = Subset(ds, range(min(args.limit, len(ds))))

@@ -22,6 +22,12 @@ def register(sub) -> None:
     p.add_argument("--workers", type=non_negative_int, default=2, help="DataLoader decoding workers (default 2)")
     p.add_argument("--limit", type=positive_int, help="only the first N images")
     p.add_argument("--strict", action="store_true", help="stop at the first undecodable file")
+    p.add_argument(
+        "--precision",
+        choices=["auto", "fp32", "bf16"],
+        default="auto",
+        help="encoder precision: auto = bf16 on CUDA, fp32 on CPU (bf16 on CPU is faster, ids may flip at ties)",
+    )
     add_device_arg(p)
     p.add_argument("--out", required=True, help="output token directory")
     p.set_defaults(func=run)
@@ -32,6 +38,7 @@ def run(args: argparse.Namespace) -> int:
 
     from digit.cli.common import resolve_device
     from digit.data.sources import open_image_source
+    from digit.errors import DigitError
     from digit.tokenizers import load_tokenizer
     from digit.tokenizers.apply import tokenize_to_dir
     from digit.utils.distributed import init_distributed
@@ -44,6 +51,10 @@ def run(args: argparse.Namespace) -> int:
     )
     source = open_image_source(args.data, args.layout)
     tok = load_tokenizer(args.tokenizer, device=device)
+    if hasattr(tok, "set_precision"):
+        tok.set_precision(args.precision)
+    elif args.precision != "auto":
+        raise DigitError("--precision applies to discriminative tokenizers")
     if dist.is_main:
         print(
             f"source: {source.describe()}; tokenizer K={tok.vocab_size} grid {tok.grid_size} ({dist.world_size} process(es))"
@@ -57,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
         flip=args.flip,
         strict=args.strict,
         limit=args.limit,
-        extra_meta={"tokenizer_dir": str(args.tokenizer.resolve())},
+        extra_meta={"tokenizer_dir": str(args.tokenizer.resolve()), "precision": args.precision},
     )
     if dist.is_main and report is not None:
         print(report.summary())

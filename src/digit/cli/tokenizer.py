@@ -30,6 +30,12 @@ def add_encoder_args(p: argparse.ArgumentParser) -> None:
         "--layer", type=positive_int, default=3, help="features after block L-N, then the final norm (default 3)"
     )
     g.add_argument("--encoder-seed", type=int, default=0, help="seed for --random-init weights")
+    g.add_argument(
+        "--precision",
+        choices=["auto", "fp32", "bf16"],
+        default="auto",
+        help="encoder precision: auto = bf16 on CUDA, fp32 on CPU",
+    )
 
 
 def build_encoder_from_args(args: argparse.Namespace, device):
@@ -45,7 +51,7 @@ def build_encoder_from_args(args: argparse.Namespace, device):
         layer=args.layer,
         seed=args.encoder_seed,
     )
-    return enc.to(device)
+    return enc.to(device).set_precision(args.precision)
 
 
 def add_data_args(p: argparse.ArgumentParser) -> None:

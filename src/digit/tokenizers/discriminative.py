@@ -86,6 +86,11 @@ class DiscriminativeTokenizer(torch.nn.Module):
     def device(self) -> torch.device:
         return self.centroids.device
 
+    def set_precision(self, precision: str) -> DiscriminativeTokenizer:
+        """auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16: the encoder's autocast; the codebook lookup stays fp32."""
+        self.encoder.set_precision(precision)
+        return self
+
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         return self.encoder.normalize(images)
 

@@ -27,6 +27,7 @@ from digit.utils.io import atomic_save_safetensors, atomic_write_json, read_json
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
+PRECISIONS = ("auto", "fp32", "bf16")
 ENCODER_JSON = "encoder.json"
 ENCODER_WEIGHTS = "encoder.safetensors"
 
@@ -61,6 +62,15 @@ class Encoder(nn.Module):
         self.embed_dim = int(model.embed_dim)
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        # "auto": bf16 autocast on CUDA, exact fp32 on CPU. "bf16" on a CPU with avx512_bf16/AMX roughly doubles
+        # throughput at ~0.3% feature error (DiGIT itself tokenized under fp16); ids can flip at near-ties.
+        self.precision = "auto"
+
+    def set_precision(self, precision: str) -> Encoder:
+        if precision not in PRECISIONS:
+            raise DigitError(f"unknown precision {precision!r} (choose from {', '.join(PRECISIONS)})")
+        self.precision = precision
+        return self
 
     @property
     def depth(self) -> int:
@@ -77,7 +87,8 @@ class Encoder(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Normalised images [B, 3, S, S] -> patch features [B, h*w, D] (cls and registers dropped)."""
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=x.is_cuda):
+        bf16 = self.precision == "bf16" or (self.precision == "auto" and x.is_cuda)
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
             (feats,) = self.model.forward_intermediates(
                 x, indices=[self.block_index], norm=True, stop_early=True, output_fmt="NLC", intermediates_only=True
             )
