@@ -42,6 +42,27 @@ def non_negative_int(value: str) -> int:
     return v
 
 
+def _float(value: str) -> float:
+    try:
+        return float(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"not a number: {value}") from e
+
+
+def positive_float(value: str) -> float:
+    v = _float(value)
+    if not v > 0:  # also rejects nan
+        raise argparse.ArgumentTypeError(f"must be > 0: {value}")
+    return v
+
+
+def non_negative_float(value: str) -> float:
+    v = _float(value)
+    if not v >= 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0: {value}")
+    return v
+
+
 def unit_fraction(value: str) -> float:
     """A float in (0, 1]."""
     try:

@@ -7,28 +7,16 @@ import json
 import os
 from pathlib import Path
 
-from digit.cli.common import existing_path, json_object, non_negative_int, positive_int, unit_fraction
+from digit.cli.common import (
+    existing_path,
+    json_object,
+    non_negative_float,
+    non_negative_int,
+    positive_float,
+    positive_int,
+    unit_fraction,
+)
 from digit.errors import DigitError
-
-
-def _positive_float(value: str) -> float:
-    try:
-        v = float(value)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(f"not a number: {value}") from e
-    if not v > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0: {value}")
-    return v
-
-
-def _non_negative_float(value: str) -> float:
-    try:
-        v = float(value)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(f"not a number: {value}") from e
-    if not v >= 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0: {value}")
-    return v
 
 
 def register(subparsers) -> None:
@@ -45,7 +33,7 @@ def register(subparsers) -> None:
     q.add_argument("--data", type=existing_path, required=True, help="image folder or .tar/.tar.gz archive")
     q.add_argument("--encoder", required=True, help="timm ViT name, e.g. vit_tiny_patch16_224")
     q.add_argument("--encoder-kwargs", type=json_object, default={}, help='JSON passed to timm, e.g. {"patch_size": 4}')
-    q.add_argument("--epochs", type=_positive_float, required=True, help="epochs (fractions allowed)")
+    q.add_argument("--epochs", type=positive_float, required=True, help="epochs (fractions allowed)")
     q.add_argument("--batch-size", type=positive_int, default=256, help="global batch size")
     q.add_argument("--seed", type=int, default=0)
     val = q.add_mutually_exclusive_group()
@@ -62,24 +50,24 @@ def register(subparsers) -> None:
     q.add_argument("--out-dim", type=positive_int, default=65536, help="prototype count of the DINO head")
     q.add_argument("--hidden-dim", type=positive_int, default=2048, help="head MLP width")
     q.add_argument("--bottleneck-dim", type=positive_int, default=256, help="head bottleneck width")
-    q.add_argument("--lr", type=_positive_float, default=5e-4, help="peak lr for a batch of 256 (scaled linearly)")
-    q.add_argument("--min-lr", type=_non_negative_float, default=1e-6)
-    q.add_argument("--warmup-epochs", type=_non_negative_float, default=None, help="lr warm-up (default: 10%%, <= 10)")
-    q.add_argument("--weight-decay", type=_non_negative_float, default=0.04, help="start of the cosine wd schedule")
-    q.add_argument("--weight-decay-end", type=_non_negative_float, default=0.4)
+    q.add_argument("--lr", type=positive_float, default=5e-4, help="peak lr for a batch of 256 (scaled linearly)")
+    q.add_argument("--min-lr", type=non_negative_float, default=1e-6)
+    q.add_argument("--warmup-epochs", type=non_negative_float, default=None, help="lr warm-up (default: 10%%, <= 10)")
+    q.add_argument("--weight-decay", type=non_negative_float, default=0.04, help="start of the cosine wd schedule")
+    q.add_argument("--weight-decay-end", type=non_negative_float, default=0.4)
     q.add_argument("--momentum-teacher", type=float, default=0.996, help="start of the cosine schedule to 1")
-    q.add_argument("--teacher-temp", type=_positive_float, default=0.07, help="teacher temperature after warm-up")
-    q.add_argument("--warmup-teacher-temp", type=_positive_float, default=0.04, help="teacher temperature at step 0")
-    q.add_argument("--warmup-teacher-temp-epochs", type=_non_negative_float, default=None, help="default: 30%%, <= 30")
+    q.add_argument("--teacher-temp", type=positive_float, default=0.07, help="teacher temperature after warm-up")
+    q.add_argument("--warmup-teacher-temp", type=positive_float, default=0.04, help="teacher temperature at step 0")
+    q.add_argument("--warmup-teacher-temp-epochs", type=non_negative_float, default=None, help="default: 30%%, <= 30")
     q.add_argument(
         "--freeze-last-layer-epochs",
-        type=_non_negative_float,
+        type=non_negative_float,
         default=None,
         help="prototypes fixed (default: 1%%, <= 1)",
     )
-    q.add_argument("--clip", type=_positive_float, default=3.0, help="max gradient norm")
-    q.add_argument("--ibot-weight", type=_non_negative_float, default=0.0, help="iBOT masked-patch loss (DINOv2: 1)")
-    q.add_argument("--koleo-weight", type=_non_negative_float, default=0.0, help="KoLeo regulariser (DINOv2: 0.1)")
+    q.add_argument("--clip", type=positive_float, default=3.0, help="max gradient norm")
+    q.add_argument("--ibot-weight", type=non_negative_float, default=0.0, help="iBOT masked-patch loss (DINOv2: 1)")
+    q.add_argument("--koleo-weight", type=non_negative_float, default=0.0, help="KoLeo regulariser (DINOv2: 0.1)")
     q.add_argument("--knn-k", type=positive_int, default=20)
     q.add_argument("--knn-pool", choices=("cls", "patch_mean"), default="cls", help="kNN features")
     q.add_argument("--knn-bank", type=non_negative_int, default=0, help="kNN bank size (0: all training images)")

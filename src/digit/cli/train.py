@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import math
 
-from digit.cli.common import existing_dir, non_negative_int, positive_int
+from digit.cli.common import existing_dir, non_negative_float, non_negative_int, positive_int
 
 RECIPES = {
     "llamagen": {
@@ -37,16 +37,6 @@ RECIPES = {
         "label_smoothing": 0.1,
     },
 }
-
-
-def _non_negative_float(value: str) -> float:
-    try:
-        v = float(value)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(f"not a number: {value}") from e
-    if v < 0 or not math.isfinite(v):
-        raise argparse.ArgumentTypeError(f"must be a finite number >= 0: {value}")
-    return v
 
 
 def register(sub) -> None:
@@ -79,32 +69,32 @@ def register(sub) -> None:
     m.add_argument("--vocab-size", type=positive_int, help="default: the token directory's vocabulary")
     m.add_argument("--class-cond", action="store_true", help="condition on the token directory's class labels")
     m.add_argument("--num-classes", type=positive_int, help="default: the token directory's class count")
-    m.add_argument("--class-dropout", type=_non_negative_float, help="label -> null class probability (default 0.1)")
-    m.add_argument("--dropout", type=_non_negative_float, help="set embedding, residual and FFN dropout")
+    m.add_argument("--class-dropout", type=non_negative_float, help="label -> null class probability (default 0.1)")
+    m.add_argument("--dropout", type=non_negative_float, help="set embedding, residual and FFN dropout")
     m.add_argument("--nar", action="store_true", help="MaskGIT-style bidirectional model trained on masked tokens")
     o = p.add_argument_group("optimisation (unset flags come from --recipe)")
     o.add_argument("--recipe", choices=sorted(RECIPES), default="llamagen")
-    o.add_argument("--lr", type=_non_negative_float)
+    o.add_argument("--lr", type=non_negative_float)
     o.add_argument("--betas", type=float, nargs=2, metavar=("B1", "B2"))
-    o.add_argument("--eps", type=_non_negative_float)
-    o.add_argument("--weight-decay", type=_non_negative_float)
+    o.add_argument("--eps", type=non_negative_float)
+    o.add_argument("--weight-decay", type=non_negative_float)
     o.add_argument("--wd-all-params", action="store_true", help="decay every tensor (fairseq), not only matrices")
     o.add_argument("--schedule", choices=["constant", "cosine", "inverse-sqrt"])
     o.add_argument("--warmup", type=non_negative_int, help="warmup steps")
-    o.add_argument("--warmup-init-lr", type=_non_negative_float, help="lr at step 0 of the warmup")
-    o.add_argument("--min-lr-ratio", type=_non_negative_float, default=0.0, help="cosine floor as a fraction of --lr")
-    o.add_argument("--clip", type=_non_negative_float, help="max gradient norm (0: off)")
-    o.add_argument("--label-smoothing", type=_non_negative_float)
+    o.add_argument("--warmup-init-lr", type=non_negative_float, help="lr at step 0 of the warmup")
+    o.add_argument("--min-lr-ratio", type=non_negative_float, default=0.0, help="cosine floor as a fraction of --lr")
+    o.add_argument("--clip", type=non_negative_float, help="max gradient norm (0: off)")
+    o.add_argument("--label-smoothing", type=non_negative_float)
     o.add_argument(
         "--ema",
-        type=_non_negative_float,
+        type=non_negative_float,
         default=0.0,
         help="EMA decay of the weights (0: off); model.safetensors then holds the EMA weights",
     )
     r = p.add_argument_group("run")
     length = r.add_mutually_exclusive_group(required=True)
     length.add_argument("--steps", type=positive_int, help="total optimizer steps (also when resuming)")
-    length.add_argument("--epochs", type=_non_negative_float, help="total epochs (drop-last batches)")
+    length.add_argument("--epochs", type=non_negative_float, help="total epochs (drop-last batches)")
     r.add_argument("--batch-size", type=positive_int, default=8, help="GLOBAL batch (all ranks x accumulation)")
     r.add_argument("--grad-accum", type=positive_int, default=1)
     r.add_argument("--seed", type=int, default=0)
