@@ -197,3 +197,52 @@ def test_synthetic_shapes_dataset_is_seeded_imagefolder(tmp_path):
     assert all(src.read_bytes(i) == open_image_source(b).read_bytes(i) for i in range(12))
     img = decode_image(src.read_bytes(0))
     assert img.size == (24, 24) and np.asarray(img).std() > 10
+
+
+def test_single_class_imagefolder_keeps_its_class(tmp_path):
+    root = write_image_folder(tmp_path / "d", classes=("cat",), n_per_class=3)
+    src = open_image_source(root, layout="imagefolder")
+    assert src.class_names == ["cat"] and src.labels.tolist() == [0, 0, 0]
+    assert open_image_source(root).labels.tolist() == [-1, -1, -1]  # auto: a lone folder of files is a flat set
+    arc = tar_folder(root, tmp_path / "d.tar", top="train")
+    assert open_image_source(arc, layout="imagefolder").class_names == ["cat"]
+
+
+@pytest.mark.parametrize("suffix", [".tar", ".tar.gz"])
+def test_tar_duplicate_names_keep_the_last_copy(tmp_path, suffix):
+    import tarfile
+
+    first, second = _png(Image.new("RGB", (4, 4), (1, 1, 1))), _png(Image.new("RGB", (4, 4), (9, 9, 9)))
+    arc = tmp_path / f"dup{suffix}"
+    with tarfile.open(arc, "w:gz" if suffix == ".tar.gz" else "w") as tf:
+        for name, data in (("a/x.png", first), ("a/y.png", first), ("a/x.png", second), ("b/z.png", first)):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    src = open_image_source(arc)
+    assert [e.key for e in src.entries] == ["a/x.png", "a/y.png", "b/z.png"]
+    assert src.read_bytes(0) == second
+    assert dict(src.iter_bytes()) == {0: second, 1: first, 2: first}
+
+
+def test_unreadable_file_is_skipped_when_streaming(tmp_path):
+    root = write_image_folder(tmp_path / "d", classes=("a",), n_per_class=3)
+    (root / "a" / "zz.png").symlink_to(tmp_path / "missing.png")
+    src = open_image_source(root)
+    got = {i: err for _, _, i, err in StreamingImageDataset(src, 16)}
+    assert sorted(got) == [0, 1, 2, 3] and "unreadable" in got[3] and got[0] is None
+
+
+def test_outputs_get_umask_permissions(tmp_path):
+    import os
+    import stat
+
+    from digit.data.tokens import write_token_dir
+
+    old = os.umask(0o022)
+    try:
+        out = write_token_dir(tmp_path / "t", np.zeros((2, 2, 2), np.int64), None, vocab_size=4)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o755
+    assert stat.S_IMODE((out / "tokens.npy").stat().st_mode) == 0o644

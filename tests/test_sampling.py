@@ -90,7 +90,8 @@ def test_cfg_formula_and_schedule():
     torch.testing.assert_close(cfg(c, u, 1.0), c)
     assert cfg_scale_at(5, 16, 4.0) == 4.0
     assert [cfg_scale_at(i, 4, 3.0, schedule="linear") for i in range(4)] == [1.0, 1.5, 2.0, 2.5]
-    assert cfg_scale_at(3, 16, 4.0, interval=3) == 4.0 and cfg_scale_at(4, 16, 4.0, interval=3) == 1.0
+    # LlamaGen's cfg_interval=3 guides tokens 0..4 (prefill + decode steps 0..3)
+    assert cfg_scale_at(4, 16, 4.0, interval=3) == 4.0 and cfg_scale_at(5, 16, 4.0, interval=3) == 1.0
     with pytest.raises(ValueError):
         cfg_scale_at(0, 4, 2.0, schedule="cosine")
 

@@ -100,3 +100,21 @@ def test_torchrun_tokenize_equals_single_process(tmp_path):
     assert len(a) == 30 and np.array_equal(a.tokens, b.tokens) and np.array_equal(a.labels, b.labels)
     assert a.meta["source"]["n_skipped"] == b.meta["source"]["n_skipped"] == 1
     assert not (tmp_path / ".multi.shards").exists()
+
+
+@pytest.mark.dist
+@pytest.mark.filterwarnings("ignore:RANDOM-INIT")
+def test_torchrun_strict_failure_on_one_rank_stops_every_rank(tmp_path):
+    root = write_image_folder(tmp_path / "imgs", classes=("a", "b"), n_per_class=3)
+    (root / "a" / "img_000.png").write_bytes(b"broken")  # index 0: rank 0's shard
+    tok = tmp_path / "tok"
+    assert main(["tokenizer", "fit", "--data", str(root), "--encoder", TINY_VIT, "--encoder-kwargs",
+                 json.dumps(TINY_VIT_KWARGS), "--random-init", "--image-size", str(TINY_IMAGE_SIZE), "--layer", "1",
+                 "--clusters", "4", "--sample-frac", "1", "--niter", "2", "--workers", "0", "--out", str(tok)]) == 0  # fmt: skip
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "digit",
+           "tokenize", "--tokenizer", str(tok), "--data", str(root), "--strict", "--workers", "0",
+           "--out", str(tmp_path / "multi")]  # fmt: skip
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert res.returncode != 0 and "a/img_000.png" in res.stderr
+    assert not (tmp_path / "multi").exists()

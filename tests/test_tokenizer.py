@@ -400,3 +400,44 @@ def test_precision_option_bf16_close_to_fp32_and_validated():
     assert ((approx - exact).norm() / exact.norm()).item() < 0.02
     with pytest.raises(DigitError, match="unknown precision"):
         enc.set_precision("fp8")
+
+
+def test_reservoir_sample_is_independent_of_arrival_order():
+    rng = np.random.default_rng(0)
+    rows = rng.normal(size=(500, 3)).astype(np.float32)
+    keys = rng.random(500)
+    a, b = FeatureReservoir(50, 3), FeatureReservoir(50, 3)
+    for s in range(0, 500, 37):
+        a.add(rows[s : s + 37], keys[s : s + 37])
+    perm = rng.permutation(500)
+    for s in range(0, 500, 11):
+        b.add(rows[perm[s : s + 11]], keys[perm[s : s + 11]])
+    assert np.array_equal(a.data, b.data)
+    assert np.array_equal(a.data, rows[np.argsort(keys)[:50]])  # exactly the 50 smallest keys
+
+
+def test_fit_sample_does_not_depend_on_workers_or_batch(tmp_path):
+    from digit.data.sources import open_image_source
+    from digit.tokenizers.fit import sample_patch_features
+
+    root = write_image_folder(tmp_path / "imgs", classes=("a", "b", "c"), n_per_class=4)
+    enc, src = tiny_encoder(depth=2, layer=1), open_image_source(root)
+    kw = dict(sample_frac=0.5, max_points=20, seed=3, progress=False)
+    a, _ = sample_patch_features(enc, src, batch_size=5, workers=0, **kw)
+    b, _ = sample_patch_features(enc, src, batch_size=2, workers=2, **kw)
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_encoder_weights_changed_after_build_are_refused(tmp_path):
+    enc = tiny_encoder(depth=2, layer=1)
+    path = tmp_path / "enc.safetensors"
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in enc.model.state_dict().items()}, str(path))
+    built = build_encoder(TINY_VIT, TINY_VIT_KWARGS, weights=path, image_size=TINY_IMAGE_SIZE, layer=1)
+    DiscriminativeTokenizer(built, np.zeros((4, 64), np.float32)).save(tmp_path / "tok")
+    assert load_tokenizer(tmp_path / "tok").vocab_size == 4
+    sd = {k: v.contiguous() + 1 for k, v in enc.model.state_dict().items()}
+    save_file(sd, str(path))
+    with pytest.raises(DigitError, match="changed since this tokenizer was built"):
+        load_tokenizer(tmp_path / "tok")

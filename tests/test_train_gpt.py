@@ -237,3 +237,15 @@ def test_nar_resume_n_plus_n_equals_2n(tmp_path):
     a, b = load_file(tmp_path / "full" / "model.safetensors"), load_file(tmp_path / "part" / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert [r["loss"] for r in metrics(tmp_path / "full")] == [r["loss"] for r in metrics(tmp_path / "part")]
+
+
+def test_resume_with_fewer_steps_than_done_is_refused_and_keeps_the_checkpoint(tmp_path, capsys):
+    tokens = token_dir(tmp_path / "tok", classes=None)
+    args = ["--tokens", tokens, "--batch-size", "8", "--out", tmp_path / "run"]
+    assert train(*args, "--steps", 4) == 0
+    before = (tmp_path / "run" / "train_state.pt").read_bytes()
+    capsys.readouterr()
+    assert train(*args, "--steps", 2, "--resume") == 2
+    assert "already at step 4" in capsys.readouterr().err
+    assert (tmp_path / "run" / "train_state.pt").read_bytes() == before
+    assert train(*args, "--steps", 4, "--resume") == 0  # nothing left to run is fine

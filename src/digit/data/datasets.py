@@ -68,7 +68,9 @@ class StreamingImageDataset(IterableDataset):
     ):
         self.source, self.image_size, self.train, self.seed, self.epoch = source, image_size, train, seed, 0
         self.limit = len(source) if limit is None else min(limit, len(source))
-        self.shard_by_rank = shard_by_rank
+        # read the rank here, in the launching process: spawned/forkserver DataLoader workers have no process group
+        d = get_dist_info()
+        self.rank, self.world = (d.rank, d.world_size) if shard_by_rank else (0, 1)
 
     def __len__(self) -> int:
         return self.limit
@@ -76,16 +78,17 @@ class StreamingImageDataset(IterableDataset):
     def __iter__(self) -> Iterator[Item]:
         info = get_worker_info()
         wid, nw = (info.id, info.num_workers) if info else (0, 1)
-        d = get_dist_info() if self.shard_by_rank else None
-        rank, world = (d.rank, d.world_size) if d else (0, 1)
-        shard, total = rank * nw + wid, world * nw
+        shard, total = self.rank * nw + wid, self.world * nw
         limit = self.limit
 
         def select(i: int) -> bool:
             return i < limit and i % total == shard
 
         for i, data in self.source.iter_bytes(select):
-            yield load_item(self.source, i, data, self.image_size, self.train, self.seed, self.epoch)
+            if isinstance(data, OSError):
+                yield None, self.source.entries[i].label, i, f"unreadable ({data})"
+            else:
+                yield load_item(self.source, i, data, self.image_size, self.train, self.seed, self.epoch)
 
 
 def collate_skip(batch: list[Item]) -> dict:

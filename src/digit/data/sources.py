@@ -34,10 +34,15 @@ def _hidden(parts: tuple[str, ...]) -> bool:
     return any(p.startswith(".") or p == "__MACOSX" for p in parts)
 
 
-def _unwrap(paths: list[PurePosixPath]) -> tuple[str, list[PurePosixPath]]:
-    """Strip single top-level folders ('train/...') until the root has more than one entry or holds files."""
+def _unwrap(paths: list[PurePosixPath], keep_dirs: bool = False) -> tuple[str, list[PurePosixPath]]:
+    """Strip single top-level folders ('train/...') until the root has more than one entry or holds files.
+
+    With ``keep_dirs`` (an explicit ImageFolder layout) a lone class folder is kept: 'cat/*.png' is one class.
+    """
     prefix = ""
     while paths and all(len(p.parts) > 1 for p in paths) and len({p.parts[0] for p in paths}) == 1:
+        if keep_dirs and not any(len(p.parts) > 2 for p in paths):
+            break
         top = paths[0].parts[0]
         prefix += top + "/"
         paths = [PurePosixPath(*p.parts[1:]) for p in paths]
@@ -83,11 +88,15 @@ class ImageSource:
     def read_bytes(self, index: int) -> bytes:
         raise NotImplementedError
 
-    def iter_bytes(self, select: Callable[[int], bool] = lambda i: True) -> Iterator[tuple[int, bytes]]:
-        """(index, bytes) for the selected entries, in whatever order reads the storage fastest."""
+    def iter_bytes(self, select: Callable[[int], bool] = lambda i: True) -> Iterator[tuple[int, bytes | OSError]]:
+        """(index, bytes) for the selected entries, in whatever order reads the storage fastest. An unreadable entry
+        (broken link, permission, I/O error) comes through as (index, the OSError) so a long run can skip it."""
         for i in range(len(self.entries)):
             if select(i):
-                yield i, self.read_bytes(i)
+                try:
+                    yield i, self.read_bytes(i)
+                except OSError as e:
+                    yield i, e
 
     def describe(self) -> str:
         kind = f"labeled, {len(self.class_names)} classes" if self.labeled else "unlabeled"
@@ -104,7 +113,7 @@ class FolderSource(ImageSource):
                 p = PurePosixPath(*rel.parts, fn)
                 if not _hidden(p.parts):
                     files.append(p)
-        prefix, rel_paths = _unwrap(files)
+        prefix, rel_paths = _unwrap(files, keep_dirs=layout == "imagefolder")
         entries, classes, loose = _index(rel_paths, layout)
         super().__init__(Path(root), entries, classes, loose)
         self._prefix = prefix
@@ -125,7 +134,10 @@ class TarSource(ImageSource):
         except (tarfile.TarError, OSError, EOFError) as e:
             raise DigitError(f"cannot read archive {path}: {e}") from e
         members = [m for m in members if not _hidden(PurePosixPath(m.name).parts)]
-        prefix, rel_paths = _unwrap([PurePosixPath(m.name) for m in members])
+        # an archive appended to (tar -r/-u) can hold a name twice: the last copy wins, as on extraction
+        last = {str(PurePosixPath(m.name)): m for m in members}
+        members = [m for m in members if last[str(PurePosixPath(m.name))] is m]
+        prefix, rel_paths = _unwrap([PurePosixPath(m.name) for m in members], keep_dirs=layout == "imagefolder")
         entries, classes, loose = _index(rel_paths, layout)
         super().__init__(Path(path), entries, classes, loose)
         by_key = {prefix + str(p): m for p, m in zip(rel_paths, members)}
@@ -160,10 +172,10 @@ class TarSource(ImageSource):
         if not self._compressed:
             yield from super().iter_bytes(select)
             return
-        pos = {m.name: i for i, m in enumerate(self._members)}
+        pos = {m.offset: i for i, m in enumerate(self._members)}
         with tarfile.open(self.path, "r:*") as tf:
             for m in tf:
-                i = pos.get(m.name)
+                i = pos.get(m.offset)
                 if i is not None and select(i):
                     yield i, tf.extractfile(m).read()
 

@@ -12,7 +12,8 @@ Exact semantics:
   p = 1 keeps everything. (fairseq's DiGIT sampler differs: see digit-official.md section 4.)
 - ``cfg_scale_at(step, n_steps, s, interval, schedule)``: the guidance scale for the token at index ``step``:
   "constant" gives s; "linear" gives 1 + (s - 1) * step / n_steps (MAR's schedule: no guidance on the first token,
-  rising to s); with ``interval >= 0`` (LlamaGen ``cfg_interval``) tokens with index > interval get no guidance.
+  rising to s); with ``interval >= 0`` (LlamaGen ``cfg_interval``) tokens with index > interval + 1 get no guidance
+  (exactly LlamaGen's loop: token 0 comes from the prefill, decode step i makes token i + 1).
 """
 
 from __future__ import annotations
@@ -72,7 +73,9 @@ def cfg_scale_at(step: int, n_steps: int, scale: float, interval: int = -1, sche
     """The guidance scale for the token at index ``step`` of ``n_steps`` (see the module docstring)."""
     if schedule not in SCHEDULES:
         raise ValueError(f"unknown cfg schedule {schedule!r} (choose from {', '.join(SCHEDULES)})")
-    if interval >= 0 and step > interval:
+    # LlamaGen: prefill makes token 0 guided; its decode step i makes token i + 1 and drops guidance once i > interval,
+    # so tokens 0 .. interval + 1 are guided.
+    if interval >= 0 and step > interval + 1:
         return 1.0
     if schedule == "linear":
         return 1.0 + (scale - 1.0) * step / n_steps

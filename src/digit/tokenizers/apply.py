@@ -14,6 +14,7 @@ from tqdm import tqdm
 from digit.data.datasets import SkipReport, StreamingImageDataset, image_loader
 from digit.data.sources import ImageSource
 from digit.data.tokens import token_dtype, write_token_dir
+from digit.errors import DigitError
 from digit.utils.distributed import barrier, get_dist_info
 from digit.utils.io import atomic_write_json, read_json
 
@@ -62,6 +63,8 @@ def tokenize_shard(
 def _merge(parts: list[dict[str, Any]], source: ImageSource, n_views: int) -> tuple[np.ndarray, np.ndarray, list]:
     indices = np.concatenate([p["indices"] for p in parts])
     tokens = np.concatenate([p["tokens"] for p in parts], axis=1)  # [V, n, h, w]
+    if len(np.unique(indices)) != len(indices):
+        raise RuntimeError("shards overlap: an image was tokenized by more than one rank")
     order = np.argsort(indices, kind="stable")
     indices, tokens = indices[order], tokens[:, order]
     failures = sorted((f for p in parts for f in p["failures"]), key=lambda f: f[0])
@@ -85,23 +88,35 @@ def tokenize_to_dir(
 ) -> SkipReport | None:
     """Write the token directory (rank 0). Under torchrun every rank tokenizes its shard and rank 0 merges them."""
     dist = get_dist_info()
-    part = tokenize_shard(
-        tokenizer,
-        source,
-        batch_size=batch_size,
-        workers=workers,
-        flip=flip,
-        strict=strict,
-        limit=limit,
-        progress=progress,
-    )
     out = Path(out)
+    shard_dir = out.with_name(f".{out.name}.shards")
+    try:
+        part = tokenize_shard(
+            tokenizer,
+            source,
+            batch_size=batch_size,
+            workers=workers,
+            flip=flip,
+            strict=strict,
+            limit=limit,
+            progress=progress,
+        )
+    except DigitError as e:
+        if not dist.enabled:
+            raise
+        # tell the other ranks before meeting them at the barrier, so nobody waits for a shard that never comes
+        shard_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(shard_dir / f"rank{dist.rank}.error.json", str(e))
+        barrier()
+        raise
     if dist.enabled:
-        shard_dir = out.with_name(f".{out.name}.shards")
         shard_dir.mkdir(parents=True, exist_ok=True)
         np.savez(shard_dir / f"rank{dist.rank}.npz", indices=part["indices"], tokens=part["tokens"])
         atomic_write_json(shard_dir / f"rank{dist.rank}.json", part["failures"])
         barrier()
+        errors = sorted(shard_dir.glob("rank*.error.json"))
+        if errors:
+            raise DigitError(f"{errors[0].name.split('.')[0]}: {read_json(errors[0])}")
         if not dist.is_main:
             barrier()
             return None

@@ -227,6 +227,8 @@ def encoder_from_config(cfg: dict[str, Any], directory: str | os.PathLike | None
         path = Path(w["path"])
         if not path.is_file():
             raise DigitError(f"the encoder weights this tokenizer was built with are missing: {path}")
+        if w.get("sha256") and file_sha256(path) != w["sha256"]:
+            raise DigitError(f"{path} changed since this tokenizer was built (sha256 differs): its tokens would differ")
         load_state_dict_into(model, read_state_dict(path), str(path))
     elif kind != "hub":
         raise DigitError(f"unknown encoder weights kind {kind!r}")

@@ -53,15 +53,11 @@ def sample_patch_features(
             if not len(batch["indices"]):
                 continue
             feats = encoder(encoder.normalize(batch["images"])).cpu().numpy()  # [B, hw, D]
-            # per-image patch choice from (seed, index): independent of batch composition and worker order
-            rows = [
-                f[np.random.default_rng([seed, 1, int(i)]).choice(hw, size=keep, replace=False)]
-                for f, i in zip(feats, batch["indices"])
-            ]
-            # add in index order so the reservoir does not depend on worker interleaving
-            order = np.argsort(batch["indices"].numpy())
-            reservoir.add(np.concatenate([rows[j] for j in order]))
-            n_images += len(rows)
+            # per-image patch choice and sampling keys from (seed, index): independent of batching and workers
+            for f, i in zip(feats, batch["indices"].tolist()):
+                rng = np.random.default_rng([seed, 1, i])
+                reservoir.add(f[rng.choice(hw, size=keep, replace=False)], keys=rng.random(keep))
+            n_images += len(batch["indices"])
     return reservoir.data.copy(), FitReport(n_images, reservoir.seen, len(reservoir.data), skipped)
 
 

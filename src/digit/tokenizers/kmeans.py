@@ -2,7 +2,8 @@
 
 Memory stays bounded: each image contributes a random fraction of its patches, and a reservoir of at most
 ``max_points`` vectors (default K * 256, faiss's own ``max_points_per_centroid``) keeps a uniform sample of everything
-streamed, so the fit costs the same memory for CIFAR and for ImageNet.
+streamed, so the fit costs the same memory for CIFAR and for ImageNet. The sample depends on the seed only, not on
+batch size or DataLoader workers.
 """
 
 from __future__ import annotations
@@ -13,30 +14,47 @@ from digit.errors import DigitError
 
 
 class FeatureReservoir:
-    """Uniform sample (Algorithm R) of at most ``capacity`` D-dim vectors from a stream, in a preallocated buffer."""
+    """A uniform sample of at most ``capacity`` D-dim vectors from a stream, independent of the arrival order.
+
+    Each row carries a random key drawn from its own seed (the caller uses (seed, image index)), and the ``capacity``
+    smallest keys are kept (bottom-k sampling). So DataLoader worker interleaving cannot change the sample, and memory
+    stays under ~2x capacity rows: pending rows are pruned whenever they reach ``capacity``.
+    """
 
     def __init__(self, capacity: int, dim: int, seed: int = 0):
-        self.buffer = np.empty((capacity, dim), dtype=np.float32)
-        self.capacity, self.seen, self.rng = capacity, 0, np.random.default_rng(seed)
+        self.capacity, self.dim, self.seen = capacity, dim, 0
+        self.rng = np.random.default_rng(seed)  # keys for rows added without their own
+        self._keys = np.empty(0, dtype=np.float64)
+        self._rows = np.empty((0, dim), dtype=np.float32)
+        self._pending: list[tuple[np.ndarray, np.ndarray]] = []
+        self._n_pending = 0
 
-    def add(self, x: np.ndarray) -> None:
-        x = np.asarray(x, dtype=np.float32)
-        n = len(x)
-        free = max(0, min(self.capacity - self.seen, n))
-        if free:
-            self.buffer[self.seen : self.seen + free] = x[:free]
-        if free < n:
-            # the j-th overall item (0-based) replaces a random slot with probability capacity / (j + 1)
-            j = self.seen + np.arange(free, n)
-            slots = (self.rng.random(n - free) * (j + 1)).astype(np.int64)
-            keep = slots < self.capacity
-            # later rows win when two rows draw the same slot, as they would one at a time
-            self.buffer[slots[keep]] = x[free:][keep]
-        self.seen += n
+    def add(self, x: np.ndarray, keys: np.ndarray | None = None) -> None:
+        x = np.asarray(x, dtype=np.float32).reshape(-1, self.dim)
+        keys = self.rng.random(len(x)) if keys is None else np.asarray(keys, dtype=np.float64)
+        if keys.shape != (len(x),):
+            raise ValueError(f"need one key per row: {keys.shape} for {len(x)} rows")
+        self._pending.append((keys, x))
+        self._n_pending += len(x)
+        self.seen += len(x)
+        if self._n_pending >= self.capacity:
+            self._prune()
+
+    def _prune(self) -> None:
+        if not self._pending:
+            return
+        keys = np.concatenate([self._keys, *(k for k, _ in self._pending)])
+        rows = np.concatenate([self._rows, *(r for _, r in self._pending)])
+        self._pending, self._n_pending = [], 0
+        keep = np.argpartition(keys, self.capacity - 1)[: self.capacity] if len(keys) > self.capacity else slice(None)
+        keys, rows = keys[keep], rows[keep]
+        order = np.argsort(keys, kind="stable")  # a canonical order, whatever order the rows came in
+        self._keys, self._rows = keys[order], rows[order]
 
     @property
     def data(self) -> np.ndarray:
-        return self.buffer[: min(self.seen, self.capacity)]
+        self._prune()
+        return self._rows
 
 
 def fit_kmeans(x: np.ndarray, k: int, *, niter: int = 20, seed: int = 1234, verbose: bool = False) -> np.ndarray:

@@ -285,6 +285,9 @@ class Trainer:
         start = 0
         if state is not None:
             start = self._restore(state)
+            if start > self.total:
+                # rewriting the checkpoint under a smaller step would pair step-`total` metadata with later weights
+                raise DigitError(f"the run is already at step {start}; --steps/--epochs must cover at least that many")
         else:
             # Per-rank training randomness (dropout, class dropout); the model init happened before, identically.
             s = _seed_for(cfg.seed, self.dist.rank)
@@ -327,7 +330,7 @@ class Trainer:
                 self._checkpoint(done)
         bar.close()
         if start >= self.total and state is not None:
-            self._checkpoint(self.total)  # nothing left to run: still (re)write the artefacts
+            self._checkpoint(start)  # nothing left to run: still (re)write the artefacts
         return last
 
     def train_step(self, step: int, micros: list) -> dict[str, float]:
