@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import tarfile
 from pathlib import Path
@@ -20,6 +21,15 @@ torch.set_num_threads(1)
 TINY_VIT = "vit_small_patch14_reg4_dinov2"
 TINY_VIT_KWARGS = {"depth": 2, "embed_dim": 64, "num_heads": 2}
 TINY_IMAGE_SIZE = 56  # 4x4 patches of 14
+
+
+def tiny_fit_argv(data, out, clusters: int, *extra) -> list[str]:
+    """`digit tokenizer fit` arguments for the tiny random-init ViT (layer 1, no DataLoader workers)."""
+    return [
+        "tokenizer", "fit", "--data", str(data), "--encoder", TINY_VIT, "--encoder-kwargs", json.dumps(TINY_VIT_KWARGS),
+        "--random-init", "--image-size", str(TINY_IMAGE_SIZE), "--layer", "1", "--clusters", str(clusters),
+        "--workers", "0", *map(str, extra), "--out", str(out),
+    ]  # fmt: skip
 
 
 def make_image(rng: np.random.Generator, size: tuple[int, int], base_color) -> Image.Image:

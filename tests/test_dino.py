@@ -57,14 +57,6 @@ def make_images(root: Path, n_per_class: int = 12, size: int = 16, n_classes: in
     return root
 
 
-@pytest.fixture(autouse=True)
-def _threads():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # a shared 2-core machine: one thread is faster than two fighting
-    yield
-    torch.set_num_threads(n)
-
-
 # ---------------------------------------------------------------- backbone, head, losses
 
 

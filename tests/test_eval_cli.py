@@ -18,15 +18,6 @@ from digit.tokenizers.encoder import build_encoder
 N_GEN, N_REF = 6, 8
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors on a shared 2-core machine: one intra-op thread avoids OpenMP spin contention (many times faster)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def inception_weights(tmp_path_factory):
     """torch-fidelity's FeatureExtractorInceptionV3 architecture, random init (He init so features do not vanish)."""

@@ -23,15 +23,6 @@ from digit.evaluation.images import npz_kind, open_image_set
 from digit.evaluation.stats import ReferenceStats, check_comparable, load_stats, stats_hash
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors on a shared 2-core machine: one intra-op thread avoids OpenMP spin contention (many times faster)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _scipy_fd(mu1, s1, mu2, s2):
     covmean = scipy.linalg.sqrtm(s1 @ s2).real
     return float(np.sum((mu1 - mu2) ** 2) + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean))

@@ -24,14 +24,6 @@ DISC_TOKENIZER = {"type": "discriminative", "vocab_size": 16, "grid": [2, 2], "e
 SOURCE = {"path": "/data/images", "n_files": N, "n_skipped": 0, "skipped": []}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # 2 shared cores: oversubscription makes everything 10x slower
-    yield
-    torch.set_num_threads(n)
-
-
 def train(args: list[str]) -> None:
     base = ["--model", "tiny", "--batch-size", "4", "--save-every", "0", "--log-every", "1000", "--no-progress"]
     assert main(["train", *args, *base]) == 0

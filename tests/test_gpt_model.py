@@ -18,15 +18,6 @@ CONDS = ["none", "class", "prefix"]
 V, NC, PV = 64, 5, 11  # tiny vocab, classes, prefix vocab
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny models: one intra-op thread avoids OpenMP contention on the shared 2-core machine
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def tiny(arch="llama", cond="none", **kw):
     extra = {"class": {"num_classes": NC}, "prefix": {"prefix_vocab_size": PV, "prefix_grid": (2, 3)}}.get(cond, {})
     return build_config("tiny", arch=arch, cond=cond, **extra, **kw)

@@ -13,15 +13,6 @@ from digit.errors import DigitError
 from digit.evaluation.probe import extract_gpt_features, layer_names, summarize, train_linear_probes
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors on a shared 2-core machine: one intra-op thread avoids OpenMP spin contention (many times faster)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _planted(n, seed, layers=3, signal_layer=1, d=16, classes=4):
     """[L, n, d] Gaussian noise; only ``signal_layer`` has class-dependent means (well separated)."""
     rng = np.random.default_rng(seed)

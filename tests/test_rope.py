@@ -9,15 +9,6 @@ from digit.models import GPT, build_config
 from digit.models.rope import apply_rotary, axis_frequencies, grid_table, zero_table
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny models: one intra-op thread avoids OpenMP contention on the shared 2-core machine
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def reference_rotate(x: torch.Tensor, h: int, w: int, base: float = 10000.0) -> torch.Tensor:
     """Element by element: pair m = (x[2m], x[2m+1]); m < D/4 turns by row * f_m, else by col * f_(m - D/4),
     with f_j = base^(-2j / (D/2)) (LlamaGen precompute_freqs_cis_2d)."""

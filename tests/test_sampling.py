@@ -24,15 +24,6 @@ from digit.utils.io import atomic_save_safetensors
 NEG = float("-inf")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny models: one intra-op thread avoids OpenMP contention on the shared 2-core machine
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def logits_batch(seed=0, B=6, V=40):
     return torch.randn(B, V, generator=torch.Generator().manual_seed(seed)) * 2
 

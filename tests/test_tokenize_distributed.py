@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -10,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import TINY_IMAGE_SIZE, TINY_VIT, TINY_VIT_KWARGS, tar_folder, write_image_folder
+from conftest import tar_folder, tiny_fit_argv, write_image_folder
 from digit.cli import main
 from digit.data.tokens import read_token_dir
 
@@ -22,36 +21,7 @@ def test_torchrun_tokenize_equals_single_process(tmp_path):
     (root / "b" / "junk.txt").write_text("skip me")
     arc = tar_folder(root, tmp_path / "imgs.tar")
     tok = tmp_path / "tok"
-    assert (
-        main(
-            [
-                "tokenizer",
-                "fit",
-                "--data",
-                str(root),
-                "--encoder",
-                TINY_VIT,
-                "--encoder-kwargs",
-                json.dumps(TINY_VIT_KWARGS),
-                "--random-init",
-                "--image-size",
-                str(TINY_IMAGE_SIZE),
-                "--layer",
-                "1",
-                "--clusters",
-                "6",
-                "--sample-frac",
-                "1",
-                "--niter",
-                "3",
-                "--workers",
-                "0",
-                "--out",
-                str(tok),
-            ]
-        )
-        == 0
-    )
+    assert main(tiny_fit_argv(str(root), str(tok), 6, "--sample-frac", "1", "--niter", "3")) == 0
     assert (
         main(
             [
@@ -108,9 +78,7 @@ def test_torchrun_strict_failure_on_one_rank_stops_every_rank(tmp_path):
     root = write_image_folder(tmp_path / "imgs", classes=("a", "b"), n_per_class=3)
     (root / "a" / "img_000.png").write_bytes(b"broken")  # index 0: rank 0's shard
     tok = tmp_path / "tok"
-    assert main(["tokenizer", "fit", "--data", str(root), "--encoder", TINY_VIT, "--encoder-kwargs",
-                 json.dumps(TINY_VIT_KWARGS), "--random-init", "--image-size", str(TINY_IMAGE_SIZE), "--layer", "1",
-                 "--clusters", "4", "--sample-frac", "1", "--niter", "2", "--workers", "0", "--out", str(tok)]) == 0  # fmt: skip
+    assert main(tiny_fit_argv(root, tok, 4, "--sample-frac", "1", "--niter", "2")) == 0
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "digit",
            "tokenize", "--tokenizer", str(tok), "--data", str(root), "--strict", "--workers", "0",

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import TINY_IMAGE_SIZE, TINY_VIT, TINY_VIT_KWARGS, tar_folder, write_image_folder
+from conftest import TINY_IMAGE_SIZE, TINY_VIT, TINY_VIT_KWARGS, tar_folder, tiny_fit_argv, write_image_folder
 from digit.cli import main
 from digit.data.tokens import read_token_dir
 from digit.errors import DigitError
@@ -170,35 +170,7 @@ def test_reservoir_bounded_uniform_and_deterministic():
 def fitted(tmp_path):
     root = write_image_folder(tmp_path / "imgs", classes=("a", "b", "c"), n_per_class=4, size=(60, 70))
     out = tmp_path / "tok"
-    rc = main(
-        [
-            "tokenizer",
-            "fit",
-            "--data",
-            str(root),
-            "--encoder",
-            TINY_VIT,
-            "--encoder-kwargs",
-            json.dumps(TINY_VIT_KWARGS),
-            "--random-init",
-            "--image-size",
-            str(TINY_IMAGE_SIZE),
-            "--layer",
-            "1",
-            "--clusters",
-            "8",
-            "--sample-frac",
-            "1",
-            "--niter",
-            "5",
-            "--workers",
-            "0",
-            "--batch-size",
-            "5",
-            "--out",
-            str(out),
-        ]
-    )
+    rc = main(tiny_fit_argv(str(root), str(out), 8, "--sample-frac", "1", "--niter", "5", "--batch-size", "5"))
     assert rc == 0
     return root, out
 
@@ -345,49 +317,11 @@ def test_km8k_style_codebook_loads(tmp_path):
 
 def test_fit_refuses_k_larger_than_samples(tmp_path, capsys):
     root = write_image_folder(tmp_path / "imgs", classes=("a",), n_per_class=2)
-    rc = main(
-        [
-            "tokenizer",
-            "fit",
-            "--data",
-            str(root),
-            "--encoder",
-            TINY_VIT,
-            "--encoder-kwargs",
-            json.dumps(TINY_VIT_KWARGS),
-            "--random-init",
-            "--image-size",
-            "56",
-            "--layer",
-            "1",
-            "--clusters",
-            "100",
-            "--sample-frac",
-            "0.5",
-            "--workers",
-            "0",
-            "--out",
-            str(tmp_path / "tok"),
-        ]
-    )
+    rc = main(tiny_fit_argv(str(root), str(tmp_path / "tok"), 100, "--sample-frac", "0.5"))
     err = capsys.readouterr().err
     assert rc == 2 and "K=100 is larger than the number of sampled features (16)" in err
     with pytest.raises(SystemExit):
-        main(
-            [
-                "tokenizer",
-                "fit",
-                "--data",
-                str(tmp_path / "missing"),
-                "--encoder",
-                TINY_VIT,
-                "--random-init",
-                "--clusters",
-                "4",
-                "--out",
-                str(tmp_path / "tok"),
-            ]
-        )
+        main(tiny_fit_argv(str(tmp_path / "missing"), str(tmp_path / "tok"), 4))
 
 
 def test_precision_option_bf16_close_to_fp32_and_validated():

@@ -35,14 +35,6 @@ OPTIM = {
 }
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models on a shared 2-core machine
-    yield
-    torch.set_num_threads(n)
-
-
 def token_dir(
     path: Path,
     n: int = 16,

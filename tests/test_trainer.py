@@ -27,15 +27,6 @@ from digit.training.optim import (
 from digit.training.trainer import compare_configs, epoch_permutation
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny models on a shared 2-core machine: one intra-op thread is several times faster than two contending ones.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 class ToyTask(TaskBase):
     """Regression with dropout (exercises the checkpointed RNG) and a ModuleList (the default shard units)."""
 

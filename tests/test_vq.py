@@ -29,16 +29,6 @@ from digit.tokenizers.vq_train import (
     ssim,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # the CI box has 2 shared cores: oversubscribed intra-op threads make conv nets 10x slower
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 # CPU-sized members of each family (same switches as the presets, fewer channels)
 SMALL = {"ch": 32, "ch_mult": (1, 1, 2), "z_channels": 32, "image_size": 16, "codebook_size": 64}
 FAMILIES = {
