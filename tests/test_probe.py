@@ -134,6 +134,14 @@ def test_probe_cli_end_to_end(tmp_path, capsys):
     # second run reuses the cached features and reproduces the result; a layer subset is accepted
     assert main(argv) == 0
     assert json.loads(out.read_text())["layers"] == res["layers"]
+    # --train-limit: a seeded subset drawn from every class (token directories are class-sorted), recorded; the
+    # cache keyed on the subset is refreshed rather than reused
+    limited = [*argv[:-2], "--train-limit", "120", "--out", str(tmp_path / "limited.json")]
+    assert main(limited) == 0
+    lim = json.loads((tmp_path / "limited.json").read_text())
+    assert lim["provenance"]["tokens"]["n_train"] == 120 and lim["provenance"]["tokens"]["n_train_available"] == 400
+    assert np.load(cache / "train_features.npy").shape == (3, 120, 32)
+    assert lim["layers"][0]["top1"] > 0.9  # 120 rows over all 4 classes still find the planted signal
 
 
 def test_probe_cli_errors(tmp_path, capsys):

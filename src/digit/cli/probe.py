@@ -36,6 +36,12 @@ def register(subparsers) -> None:
     p.add_argument("--batch-size", type=positive_int, default=1024, help="probe training batch")
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--feature-batch-size", type=positive_int, default=64, help="GPT forward batch for extraction")
+    p.add_argument(
+        "--train-limit",
+        type=positive_int,
+        default=None,
+        help="probe-train on a seeded random subset of this many training rows (validation stays whole)",
+    )
     p.add_argument("--seed", type=non_negative_int, default=0)
     p.add_argument(
         "--cache-dir",
@@ -63,7 +69,7 @@ def parse_layers(value: str, n_states: int) -> list[int]:
     return sorted(set(layers))
 
 
-def _features(model, tdir, layers, args, device, cache: Path | None, name: str, key: dict[str, Any]):
+def _features(model, tokens, layers, args, device, cache: Path | None, name: str, key: dict[str, Any]):
     """Extract once; with a cache directory, write straight into an .npy memmap and reuse it when the key matches."""
     import os
 
@@ -72,11 +78,9 @@ def _features(model, tdir, layers, args, device, cache: Path | None, name: str, 
     from digit.evaluation.probe import extract_gpt_features
     from digit.utils.io import atomic_write_json, read_json
 
-    shape = (len(layers), len(tdir.tokens), model.config.dim)
+    shape = (len(layers), len(tokens), model.config.dim)
     if cache is None:
-        return extract_gpt_features(
-            model, tdir.tokens, layers, batch_size=args.feature_batch_size, device=device, desc=name
-        )
+        return extract_gpt_features(model, tokens, layers, batch_size=args.feature_batch_size, device=device, desc=name)
     f, k = cache / f"{name}_features.npy", cache / f"{name}_features.json"
     if f.is_file() and k.is_file() and read_json(k) == key:
         feats = np.load(f, mmap_mode="r")
@@ -86,9 +90,7 @@ def _features(model, tdir, layers, args, device, cache: Path | None, name: str, 
     k.unlink(missing_ok=True)  # the key is written last: a half-finished cache never matches
     tmp = cache / f".{name}_features.npy.tmp"
     mm = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=shape)
-    extract_gpt_features(
-        model, tdir.tokens, layers, batch_size=args.feature_batch_size, device=device, out=mm, desc=name
-    )
+    extract_gpt_features(model, tokens, layers, batch_size=args.feature_batch_size, device=device, out=mm, desc=name)
     mm.flush()
     del mm
     os.replace(tmp, f)
@@ -97,6 +99,10 @@ def _features(model, tdir, layers, args, device, cache: Path | None, name: str, 
 
 
 def run(args: argparse.Namespace) -> int:
+    import hashlib
+
+    import numpy as np
+
     from digit.cli.common import resolve_device
     from digit.data.tokens import read_token_dir
     from digit.evaluation.probe import summarize, train_linear_probes
@@ -118,18 +124,30 @@ def run(args: argparse.Namespace) -> int:
         if not t.labeled:
             raise DigitError(f"{t.path}: probing needs every row labeled (labels.npy has -1 entries)")
     num_classes = max(train.num_classes, val.num_classes, int(train.labels.max()) + 1, int(val.labels.max()) + 1)
+    rows = {"train": np.arange(len(train)), "val": np.arange(len(val))}
+    if args.train_limit is not None and args.train_limit < len(train):
+        # token directories are sorted by class: a prefix would hold only the first classes
+        pick = np.random.default_rng(args.seed).choice(len(train), args.train_limit, replace=False)
+        rows["train"] = np.sort(pick)
 
     weights_sha = sha256_file(Path(args.run) / "model.safetensors")
     cache = Path(args.cache_dir) if args.cache_dir else None
     feats = {}
     for name, t in (("train", train), ("val", val)):
-        key = {"weights_sha256": weights_sha, "tokens": str(Path(t.path).resolve()), "rows": len(t), "layers": layers}
-        feats[name] = _features(model, t, layers, args, device, cache, name, key)
+        idx = rows[name]
+        key = {
+            "weights_sha256": weights_sha,
+            "tokens": str(Path(t.path).resolve()),
+            "rows": len(t),
+            "subset_sha256": hashlib.sha256(idx.tobytes()).hexdigest(),
+            "layers": layers,
+        }
+        feats[name] = _features(model, np.asarray(t.tokens[idx]), layers, args, device, cache, name, key)
     result = train_linear_probes(
         feats["train"],
-        train.labels,
+        np.asarray(train.labels[rows["train"]]),
         feats["val"],
-        val.labels,
+        np.asarray(val.labels),
         num_classes,
         epochs=args.epochs,
         lr=args.lr,
@@ -146,7 +164,8 @@ def run(args: argparse.Namespace) -> int:
         "tokens": {
             "train": str(args.tokens),
             "val": str(args.val_tokens),
-            "n_train": len(train),
+            "n_train": len(rows["train"]),
+            "n_train_available": len(train),
             "n_val": len(val),
             "train_tokenizer": train.meta.get("tokenizer"),
             "val_tokenizer": val.meta.get("tokenizer"),

@@ -1,0 +1,81 @@
+"""`digit recipe cifar10`: the reference runs, in order, resumable, then the paper's claims measured and summarised.
+
+    digit recipe cifar10 --data ../shared/data/cifar10-train.tar.gz --out runs/cifar10 [--size cpu|small]
+    digit recipe cifar10 --data ... --out runs/cifar10 --dry-run      # print the commands only
+
+Every step is a plain `digit` command (printed before it runs). Interrupt at any time and run the same command again:
+finished steps are skipped and training steps continue from their last checkpoint. At the end ``summary.json`` and
+``summary.md`` (the claims table) are written in --out; ``digit recipe ship`` copies the small inference files into a
+folder `digit demo --models` reads.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from digit.cli.common import existing_dir, existing_path, non_negative_int
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "recipe",
+        help="the CIFAR-10 reference runs and the paper's claims, end to end",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = p.add_subparsers(dest="recipe", metavar="RECIPE", required=True)
+    c = sub.add_parser(
+        "cifar10",
+        help="encoder -> K-means tokenizer -> VQ -> stage 1 -> stage 2 -> GPT on VQ tokens -> claims",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    c.add_argument("--data", type=existing_path, required=True, help="CIFAR-10 train archive or labelled folder")
+    c.add_argument("--out", required=True, help="recipe directory (created; rerun the command to resume)")
+    c.add_argument(
+        "--size",
+        choices=["cpu", "small", "tiny"],
+        default="cpu",
+        help="cpu: the reference run (~90 min on 2 cores); small: minutes; tiny: seconds, a smoke test",
+    )
+    c.add_argument("--seed", type=non_negative_int, default=0)
+    c.add_argument("--dry-run", action="store_true", help="print the steps' commands and exit")
+    c.set_defaults(func=run_cifar10)
+    s = sub.add_parser(
+        "ship",
+        help="copy a finished recipe's inference files (safetensors + configs) into a demo model folder",
+        description="Copies what `digit demo` needs from a finished recipe directory: the tokenizer with its encoder "
+        "weights stored inside it, the VQ tokenizer, stage 1 and stage 2 (weights + config.json only), and a few "
+        "validation images.",
+    )
+    s.add_argument("--recipe", type=existing_dir, required=True, help="a finished `digit recipe cifar10` directory")
+    s.add_argument("--out", required=True, help="model folder to write (e.g. src/digit/assets/cifar10)")
+    s.set_defaults(func=run_ship)
+
+
+def run_cifar10(args: argparse.Namespace) -> int:
+    from digit.recipes.cifar10 import cifar10_steps
+    from digit.recipes.report import write_summary
+    from digit.recipes.runner import command_line, run_steps
+
+    steps = cifar10_steps(str(Path(args.data).resolve()), size=args.size, seed=args.seed)
+    if args.dry_run:
+        for i, step in enumerate(steps, 1):
+            print(f"[{i}/{len(steps)}] {step.name}: {step.what}\n    $ {command_line(step)}")
+        return 0
+    print(f"digit recipe cifar10 ({args.size}): {len(steps)} steps in {args.out}", flush=True)
+    results = run_steps(steps, args.out, log=lambda m: print(m, flush=True))
+    md = write_summary(args.out, results, size=args.size)
+    print(md)
+    return 0
+
+
+def run_ship(args: argparse.Namespace) -> int:
+    from digit.recipes.ship import ship_models
+
+    out = ship_models(args.recipe, args.out)
+    for f in sorted(out.rglob("*")):
+        if f.is_file():
+            print(f"{f}  {f.stat().st_size / 2**20:.2f} MiB")
+    return 0

@@ -1,0 +1,103 @@
+"""Run a recipe: an ordered list of `digit` commands, each resumable, each timed, nothing lost on interruption.
+
+A step is one `digit` command line run in its own process (so every step is exactly what a user would type, and the
+recipe prints them). A step that finished leaves ``.recipe/<name>.json`` (its command and wall time); running the
+recipe again skips it. A training step interrupted after a checkpoint continues with ``--resume``; any other
+unfinished step is started again from scratch.
+"""
+
+from __future__ import annotations
+
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from digit.errors import DigitError
+from digit.utils.io import atomic_write_json, read_json
+
+DONE_DIR = ".recipe"
+
+
+@dataclass
+class Step:
+    name: str
+    argv: list[str]  # arguments of `digit` (no program name); paths relative to the recipe directory
+    out: str | None = None  # what the step writes (removed when an unfinished non-resumable step restarts)
+    resumable: bool = False  # a trainer run: continue from its checkpoint with --resume
+    what: str = ""  # one line for the log and the report
+    call: Callable[[Path], dict[str, Any]] | None = None  # an in-process step (no command), e.g. the data split
+
+
+@dataclass
+class StepResult:
+    name: str
+    command: str
+    wall_s: float
+    skipped: bool = False
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def command_line(step: Step) -> str:
+    if step.call is not None:
+        return f"(in process) {step.what}"
+    return "digit " + shlex.join(step.argv)
+
+
+def _marker(root: Path, step: Step) -> Path:
+    return root / DONE_DIR / f"{step.name}.json"
+
+
+def run_steps(
+    steps: list[Step],
+    root: str | Path,
+    *,
+    python: str = sys.executable,
+    log: Callable[[str], None] = print,
+    only: set[str] | None = None,
+) -> list[StepResult]:
+    """Run ``steps`` in order inside ``root``. Returns one result per step (skipped ones carry their recorded time)."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    results = []
+    for i, step in enumerate(steps, 1):
+        marker = _marker(root, step)
+        head = f"[{i}/{len(steps)}] {step.name}: {step.what}"
+        if marker.is_file() or (only is not None and step.name not in only):
+            rec = read_json(marker) if marker.is_file() else {"command": command_line(step), "wall_s": 0.0}
+            log(f"{head} (done, skipped)")
+            results.append(StepResult(step.name, rec["command"], float(rec["wall_s"]), True, rec.get("info", {})))
+            continue
+        log(f"{head}\n    $ {command_line(step)}")
+        t0 = time.perf_counter()
+        info: dict[str, Any] = {}
+        if step.call is not None:
+            info = step.call(root) or {}
+        else:
+            argv = list(step.argv)
+            target = root / step.out if step.out else None
+            if target is not None and target.exists():
+                if step.resumable and (target / "train_state.pt").is_file():
+                    argv.append("--resume")
+                    log("    (continuing from its last checkpoint)")
+                elif target.is_dir():
+                    shutil.rmtree(target)
+                else:
+                    target.unlink()
+            proc = subprocess.run([python, "-m", "digit", *argv], cwd=root)
+            if proc.returncode != 0:
+                raise DigitError(
+                    f"step {step.name} failed (exit {proc.returncode}); fix the cause and run the recipe again: "
+                    "finished steps are kept"
+                )
+        wall = time.perf_counter() - t0
+        rec = {"command": command_line(step), "wall_s": round(wall, 1), "info": info}
+        atomic_write_json(marker, rec)
+        log(f"    done in {wall / 60:.1f} min")
+        results.append(StepResult(step.name, rec["command"], wall, False, info))
+    return results

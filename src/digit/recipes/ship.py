@@ -1,0 +1,84 @@
+"""Copy a finished recipe's inference files into a self-contained model folder (what `digit demo` loads).
+
+Only what inference needs travels: safetensors weights, JSON configs, the K-means centroids, and one validation image
+per class. The discriminative tokenizer gets its encoder's weights stored inside it, so the folder depends on nothing
+else on disk.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+from pathlib import Path
+
+from digit.errors import DigitError
+from digit.utils.io import atomic_write_json, read_json, replace_dir, staging_dir
+
+MODEL_PARTS = ("tokenizer", "vq", "stage1", "stage2")
+MANIFEST = "models.json"
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def ship_models(recipe: str | os.PathLike, out: str | os.PathLike, images_per_class: int = 1) -> Path:
+    from digit.data.decode import decode_image
+    from digit.tokenizers.encoder import ENCODER_WEIGHTS
+
+    recipe, out = Path(recipe), Path(out)
+    need = ["tokenizer/tokenizer.json", "tokenizer/centroids.npy", "vq/tokenizer.json", "vq/model.safetensors",
+            "stage1/config.json", "stage1/model.safetensors", "stage2/config.json", "stage2/model.safetensors",
+            "data/val"]  # fmt: skip
+    missing = [n for n in need if not (recipe / n).exists()]
+    if missing:
+        raise DigitError(f"{recipe} is not a finished recipe directory (missing {', '.join(missing)})")
+    tmp = staging_dir(out)
+    try:
+        tok_cfg = read_json(recipe / "tokenizer" / "tokenizer.json")
+        weights = tok_cfg["encoder"]["weights"]
+        src_weights = {
+            "dir": lambda: Path(weights["path"]) / ENCODER_WEIGHTS,
+            "stored": lambda: recipe / "tokenizer" / ENCODER_WEIGHTS,
+            "random": lambda: recipe / "tokenizer" / ENCODER_WEIGHTS,
+        }.get(weights.get("kind"))
+        if src_weights is None:
+            raise DigitError(f"cannot ship a tokenizer whose encoder weights are of kind {weights.get('kind')!r}")
+        enc_path = src_weights()
+        if not enc_path.is_absolute():
+            enc_path = recipe / enc_path
+        (tmp / "tokenizer").mkdir(parents=True)
+        shutil.copyfile(enc_path, tmp / "tokenizer" / ENCODER_WEIGHTS)
+        shutil.copyfile(recipe / "tokenizer" / "centroids.npy", tmp / "tokenizer" / "centroids.npy")
+        tok_cfg["encoder"]["weights"] = {"kind": "stored", "from": weights}
+        atomic_write_json(tmp / "tokenizer" / "tokenizer.json", tok_cfg)
+        for part, files in (("vq", ("tokenizer.json", "model.safetensors")),
+                            ("stage1", ("config.json", "model.safetensors")),
+                            ("stage2", ("config.json", "model.safetensors"))):  # fmt: skip
+            (tmp / part).mkdir()
+            for f in files:
+                shutil.copyfile(recipe / part / f, tmp / part / f)
+        # one validation image per class, as PNG (the demo's inputs for the tokenizer at work)
+        (tmp / "images").mkdir()
+        val = recipe / "data" / "val"
+        for class_dir in sorted(p for p in val.iterdir() if p.is_dir()):
+            for f in sorted(class_dir.iterdir())[:images_per_class]:
+                decode_image(f.read_bytes()).save(tmp / "images" / f"{class_dir.name}-{f.stem}.png")
+        summary = read_json(recipe / "summary.json") if (recipe / "summary.json").is_file() else {}
+        files = sorted(p for p in tmp.rglob("*") if p.is_file())
+        atomic_write_json(
+            tmp / MANIFEST,
+            {
+                "made_by": "digit recipe cifar10 ... then digit recipe ship --recipe DIR --out DIR",
+                "recipe_size": summary.get("size"),
+                "figures": {k: summary.get(k) for k in ("encoder_knn_top1", "vq_psnr", "fd", "probe_best_top1")},
+                "steps": summary.get("steps"),
+                "sha256": {str(p.relative_to(tmp)): _sha256(p) for p in files},
+            },
+        )
+        replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
