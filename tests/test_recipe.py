@@ -212,7 +212,7 @@ def test_demo_trains_small_models_when_none_are_shipped(tmp_path, monkeypatch, c
     import digit.demo
 
     monkeypatch.setattr(digit.demo, "shipped_models", lambda: tmp_path / "not-installed")
-    data = write_image_folder(tmp_path / "imgs", classes=CLASSES[:4], n_per_class=5, size=(32, 32))
+    data = write_image_folder(tmp_path / "imgs", classes=CLASSES[:4], n_per_class=7, size=(32, 32))
     report = digit.demo.run_demo(tmp_path / "demo", data=str(data), per_class=1, fallback_size="tiny")
     out = capsys.readouterr().out
     assert "not in" in out and "running the CIFAR-10 recipe at its small size instead" in out
