@@ -440,7 +440,7 @@ def test_torchrun_ddp_matches_one_process(tmp_path):
             "--out-dim", "32", "--hidden-dim", "16", "--bottleneck-dim", "16", "--freeze-last-layer-epochs", "1",
             "--num-workers", "0", "--no-progress"]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "digit"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "digit"]
     for cmd, out in ((torchrun, "ddp"), ([sys.executable, "-m", "digit"], "one")):
         extra = ["--parallel", "ddp"] if out == "ddp" else []
         r = subprocess.run([*cmd, *args, *extra, "--out", str(tmp_path / out)], env=env, capture_output=True, text=True)

@@ -236,7 +236,10 @@ def test_demo_runs_on_the_shipped_reference_models(tmp_path):
     assert manifest["recipe_size"] == "cpu"
     out = tmp_path / "demo"
     assert main(["demo", "--out", str(out), "--per-class", "1"]) == 0
-    assert "the shipped CIFAR-10 reference models" in (out / "report.md").read_text()
+    report = (out / "report.md").read_text()
+    assert "the shipped CIFAR-10 reference models" in report
+    knn = manifest["figures"]["encoder_knn_top1"]
+    assert f"encoder kNN top-1 {knn:.2%}" in report and "8x8 grid of discriminative tokens" in report
     samples = np.asarray(Image.open(out / "samples.png"))
     assert samples.shape == (10 * 68 + 4, 84 + 68 + 4, 3) and samples.std() > 10  # real images, not a blank grid
 

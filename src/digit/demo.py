@@ -207,6 +207,20 @@ def run_demo(
     return out / "report.md"
 
 
+def format_figures(figs: dict[str, Any]) -> str:
+    """The recipe's recorded figures in words (those a small fallback run did not measure are left out)."""
+    parts = []
+    if figs.get("encoder_knn_top1") is not None:
+        parts.append(f"encoder kNN top-1 {figs['encoder_knn_top1']:.2%}")
+    if figs.get("vq_psnr") is not None:
+        parts.append(f"VQ PSNR {figs['vq_psnr']:.2f} dB")
+    for key, what, fmt in (("fd", "FID-proxy", ".3f"), ("probe_best_top1", "best linear probe", ".2%")):
+        v = figs.get(key) or {}
+        if v.get("digit") is not None and v.get("vq") is not None:
+            parts.append(f"{what} {v['digit']:{fmt}} (discriminative tokens) vs {v['vq']:{fmt}} (VQ tokens)")
+    return "; ".join(parts) or "none recorded"
+
+
 def write_report(out: Path, info: dict[str, Any]) -> None:
     tw, s = info["tokenizer"], info["seconds"]
     origin = (
@@ -214,8 +228,7 @@ def write_report(out: Path, info: dict[str, Any]) -> None:
         if info["trained_here"]
         else "the shipped CIFAR-10 reference models (see results/cifar10.md for how they were trained)"
     )
-    figs = info.get("figures") or {}
-    fig_line = ", ".join(f"{k}: {v}" for k, v in figs.items() if v is not None) or "none recorded"
+    fig_line = format_figures(info.get("figures") or {})
     md = f"""# digit demo
 
 Models: `{info["models"]}`, {origin}. Their recorded figures: {fig_line}.
@@ -224,7 +237,7 @@ Models: `{info["models"]}`, {origin}. Their recorded figures: {fig_line}.
 
 ![samples](samples.png)
 
-{info["samples"]} images ({info["per_class"]} per class): a GPT samples an 8x8 grid of discriminative tokens for each
+{info["samples"]} images ({info["per_class"]} per class): a GPT samples a {tw["grid"][0]}x{tw["grid"][1]} grid of discriminative tokens for each
 class label (classifier-free guidance {info["sampling"]["cfg_scale"]}, top-k {info["sampling"]["top_k"]}), the stage-2
 decoder turns them into VQ tokens (top-p {info["sampling"]["decoder_top_p"]}), and the VQ decoder renders pixels.
 {s["generate"]} s.
