@@ -102,7 +102,7 @@ def _direct_fid(weights, gen_images, ref_images, layer="64"):
 
 
 def test_eval_all_metrics_with_weights_file_and_provenance(inception_weights, image_sets, tmp_path, capsys):
-    from digit.evaluation.stats import sha256_file
+    from digit.utils.io import file_sha256
 
     out = tmp_path / "res.json"
     argv = [
@@ -143,7 +143,7 @@ def test_eval_all_metrics_with_weights_file_and_provenance(inception_weights, im
     prov = res["provenance"]
     assert prov["versions"]["torch_fidelity"] == "0.4.0" and "scipy" in prov["versions"]
     fe = prov["feature_extractor"]
-    assert fe["name"] == "inception-v3-compat" and fe["weights_sha256"] == sha256_file(inception_weights)
+    assert fe["name"] == "inception-v3-compat" and fe["weights_sha256"] == file_sha256(inception_weights)
     assert fe["layers"] == {"fid/kid/prc": "64", "is": "logits_unbiased"}
     assert prov["generated"]["count"] == N_GEN and prov["generated"]["resolution"] == [16, 16]
     assert prov["generated"]["sampling"] == image_sets["meta"]

@@ -106,9 +106,8 @@ def run(args: argparse.Namespace) -> int:
     from digit.cli.common import resolve_device
     from digit.data.tokens import read_token_dir
     from digit.evaluation.probe import summarize, train_linear_probes
-    from digit.evaluation.stats import sha256_file
     from digit.models import load_gpt_run
-    from digit.utils.io import atomic_write_json
+    from digit.utils.io import atomic_write_json, file_sha256
 
     device = resolve_device(args.device)
     model, _ = load_gpt_run(args.run, device=device)
@@ -130,7 +129,7 @@ def run(args: argparse.Namespace) -> int:
         pick = np.random.default_rng(args.seed).choice(len(train), args.train_limit, replace=False)
         rows["train"] = np.sort(pick)
 
-    weights_sha = sha256_file(Path(args.run) / "model.safetensors")
+    weights_sha = file_sha256(Path(args.run) / "model.safetensors")
     cache = Path(args.cache_dir) if args.cache_dir else None
     feats = {}
     for name, t in (("train", train), ("val", val)):

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from digit.errors import DigitError
+from digit.utils.io import file_sha256
 
 INCEPTION_NAME = "inception-v3-compat"  # torch-fidelity's TF-compatible FID Inception
 INCEPTION_LAYERS = ("64", "192", "768", "2048")  # 2048 = pool3, the standard; smaller ones as pytorch-fid's --dims
@@ -60,12 +61,6 @@ def resolve_inception_weights(path: str | Path | None, allow_download: bool = Fa
     return p
 
 
-def _sha256(path: Path) -> str:
-    from digit.evaluation.stats import sha256_file
-
-    return sha256_file(path)
-
-
 class InceptionExtractor:
     """torch-fidelity's FeatureExtractorInceptionV3 (uint8 in, bilinear resize to 299 inside, like TF FID)."""
 
@@ -81,7 +76,7 @@ class InceptionExtractor:
             raise DigitError(f"Inception feature layer must be one of {', '.join(INCEPTION_LAYERS)}, got {layer!r}")
         self.layer, self.logits = layer, logits
         self.weights = Path(weights)
-        self.sha256 = _sha256(self.weights)
+        self.sha256 = file_sha256(self.weights)
         with tempfile.TemporaryDirectory() as tmp:
             if self.weights.suffix == ".safetensors":
                 from safetensors.torch import load_file
@@ -131,7 +126,7 @@ def _dir_sha256(directory: Path) -> str:
     h = hashlib.sha256()
     for f in sorted(p for p in directory.iterdir() if p.is_file() and p.suffix in (".json", ".safetensors", ".npy")):
         h.update(f.name.encode())
-        h.update(_sha256(f).encode())
+        h.update(file_sha256(f).encode())
     return h.hexdigest()
 
 

@@ -26,14 +26,6 @@ STATS_FORMAT = "digit.fid-stats"
 STATS_FORMAT_VERSION = 1
 
 
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
 def stats_hash(mu: np.ndarray, sigma: np.ndarray) -> str:
     """A content hash of the statistics themselves (float64 bytes), independent of the file they came in."""
     h = hashlib.sha256()

@@ -13,12 +13,12 @@ from pathlib import Path
 from typing import Any
 
 from digit.recipes.runner import StepResult
-from digit.utils.io import atomic_write_bytes, atomic_write_json
+from digit.utils.io import atomic_write_bytes, atomic_write_json, read_json
 
 
 def _load(root: Path, name: str) -> dict[str, Any] | None:
     p = root / name
-    return json.loads(p.read_text()) if p.is_file() else None
+    return read_json(p) if p.is_file() else None
 
 
 def _last_metric(run: Path, key: str) -> float | None:

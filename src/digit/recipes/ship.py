@@ -7,20 +7,15 @@ else on disk.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 from pathlib import Path
 
 from digit.errors import DigitError
-from digit.utils.io import atomic_write_json, read_json, replace_dir, staging_dir
+from digit.utils.io import atomic_write_json, file_sha256, read_json, replace_dir, staging_dir
 
 MODEL_PARTS = ("tokenizer", "vq", "stage1", "stage2")
 MANIFEST = "models.json"
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def ship_models(recipe: str | os.PathLike, out: str | os.PathLike, images_per_class: int = 1) -> Path:
@@ -74,7 +69,7 @@ def ship_models(recipe: str | os.PathLike, out: str | os.PathLike, images_per_cl
                 "recipe_size": summary.get("size"),
                 "figures": {k: summary.get(k) for k in ("encoder_knn_top1", "vq_psnr", "fd", "probe_best_top1")},
                 "steps": summary.get("steps"),
-                "sha256": {str(p.relative_to(tmp)): _sha256(p) for p in files},
+                "sha256": {str(p.relative_to(tmp)): file_sha256(p) for p in files},
             },
         )
         replace_dir(tmp, out)

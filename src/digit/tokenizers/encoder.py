@@ -11,7 +11,6 @@ the timm/HF hub (only when asked), or random init (tests and demos, with a loud 
 
 from __future__ import annotations
 
-import hashlib
 import os
 import warnings
 from pathlib import Path
@@ -22,7 +21,7 @@ from torch import nn
 
 from digit.errors import DigitError
 from digit.tokenizers.protocol import to_unit_float
-from digit.utils.io import atomic_save_safetensors, atomic_write_json, read_json
+from digit.utils.io import atomic_save_safetensors, atomic_write_json, file_sha256, read_json
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -123,14 +122,6 @@ def _create_timm(name: str, kwargs: dict[str, Any], image_size: int | None, pret
 def _model_image_size(model: nn.Module) -> int:
     size = model.patch_embed.img_size
     return int(size[0] if isinstance(size, (tuple, list)) else size)
-
-
-def file_sha256(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:

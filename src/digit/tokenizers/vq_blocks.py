@@ -157,6 +157,27 @@ def _run_mid(mid: nn.Module, h: torch.Tensor) -> torch.Tensor:
     return mid.block_2(h)
 
 
+def _res_level(cfg: VQConfig, block_in: int, block_out: int, n_blocks: int, attention: bool) -> nn.Module:
+    """One resolution level: ``n_blocks`` res blocks (block_in -> block_out), each followed by an attention block when
+    ``attention`` and the config has attention, named the way ``cfg.layout`` names them."""
+    blocks, attn = nn.ModuleList(), nn.ModuleList()
+    for _ in range(n_blocks):
+        blocks.append(
+            ResnetBlock(
+                block_in,
+                block_out,
+                groups=cfg.norm_groups,
+                bias=cfg.conv_bias,
+                shortcut_on_residual=cfg.shortcut_on_residual,
+                dropout=cfg.dropout,
+            )
+        )
+        block_in = block_out
+        if cfg.attention and attention:
+            attn.append(AttnBlock(block_out, groups=cfg.norm_groups))
+    return _level(blocks, attn, cfg.layout)
+
+
 def _run_level(level: nn.Module, h: torch.Tensor) -> torch.Tensor:
     attn = getattr(level, "attn", None)
     for i, block in enumerate(_level_blocks(level)):
@@ -181,22 +202,9 @@ class Encoder(nn.Module):
         for i_level in range(n_levels):
             block_in = cfg.ch * in_mult[i_level]
             block_out = cfg.ch * cfg.ch_mult[i_level]
-            blocks, attn = nn.ModuleList(), nn.ModuleList()
-            for _ in range(cfg.num_res_blocks):
-                blocks.append(
-                    ResnetBlock(
-                        block_in,
-                        block_out,
-                        groups=cfg.norm_groups,
-                        bias=cfg.conv_bias,
-                        shortcut_on_residual=cfg.shortcut_on_residual,
-                        dropout=cfg.dropout,
-                    )
-                )
-                block_in = block_out
-                if cfg.attention and i_level == n_levels - 1:  # attention at the lowest resolution only
-                    attn.append(AttnBlock(block_in, groups=cfg.norm_groups))
-            level = _level(blocks, attn, cfg.layout)
+            # attention at the lowest resolution only
+            level = _res_level(cfg, block_in, block_out, cfg.num_res_blocks, attention=i_level == n_levels - 1)
+            block_in = block_out if cfg.num_res_blocks else block_in
             if i_level != n_levels - 1:
                 level.downsample = Downsample(block_in, with_conv=cfg.downsample == "conv")
             levels.append(level)
@@ -237,22 +245,8 @@ class Decoder(nn.Module):
         decode_order = []  # lowest resolution first
         for i_level in reversed(range(n_levels)):
             block_out = cfg.ch * cfg.ch_mult[i_level]
-            blocks, attn = nn.ModuleList(), nn.ModuleList()
-            for _ in range(n_blocks):
-                blocks.append(
-                    ResnetBlock(
-                        block_in,
-                        block_out,
-                        groups=cfg.norm_groups,
-                        bias=cfg.conv_bias,
-                        shortcut_on_residual=cfg.shortcut_on_residual,
-                        dropout=cfg.dropout,
-                    )
-                )
-                block_in = block_out
-                if cfg.attention and i_level == n_levels - 1:
-                    attn.append(AttnBlock(block_in, groups=cfg.norm_groups))
-            level = _level(blocks, attn, cfg.layout)
+            level = _res_level(cfg, block_in, block_out, n_blocks, attention=i_level == n_levels - 1)
+            block_in = block_out if n_blocks else block_in
             if i_level != 0:
                 level.upsample = Upsample(block_in)
             decode_order.append(level)
