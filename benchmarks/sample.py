@@ -27,6 +27,7 @@ from contextlib import contextmanager  # noqa: E402
 
 import torch  # noqa: E402
 
+from digit.convert.keys import to_llamagen  # noqa: E402
 from digit.models import GPT, build_config  # noqa: E402
 from digit.sampling.filters import cfg, filter_logits, sample_from_logits  # noqa: E402
 from digit.sampling.generate import generate  # noqa: E402
@@ -82,7 +83,9 @@ def naive_step_seconds(model: GPT, rows: int, length: int, cond) -> float:
     """Seconds of one naive step at sequence length ``length`` (a forward over cond + length tokens)."""
     cfg_ = model.config
     x = model._embed(
-        torch.cat([model.embed_condition(cond, rows), model.tok_embed(torch.zeros(rows, length, dtype=torch.long))], 1),
+        torch.cat(
+            [model.embed_condition(cond, rows), model.token_embed(torch.zeros(rows, length, dtype=torch.long))], 1
+        ),
         torch.arange(cfg_.cond_len + length),
     )
     t = time.perf_counter()
@@ -97,7 +100,7 @@ def build_model(args) -> GPT:
         over.update(dim=128, layers=2, heads=4)
     model = GPT(build_config("gpt-b", **over)).eval()
     with torch.no_grad():  # LlamaGen zero-initialises the head; random logits make top-k and CFG meaningful
-        model.output.weight.normal_(0, 0.02)
+        model.head.weight.normal_(0, 0.02)
     return model
 
 
@@ -129,7 +132,7 @@ def time_reference(model: GPT, labels, args) -> tuple[dict, float]:
             model_type="c2i",
         )
     )
-    lg.load_state_dict(model.state_dict(), strict=True)  # same names: no renaming
+    lg.load_state_dict(to_llamagen(model.state_dict()), strict=True)  # our names -> LlamaGen's, one to one
     lg.eval()
     tokens = torch.randint(0, c.vocab_size, (2, c.seq_len), generator=torch.Generator().manual_seed(1))
     lab = labels[:2]

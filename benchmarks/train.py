@@ -50,7 +50,7 @@ OPTIM = {
 
 
 def flops_per_token(cfg) -> float:
-    n = sum(p.numel() for n, p in _params(cfg) if not n.startswith(("tok_embeddings", "cls_embedding")))
+    n = sum(p.numel() for n, p in _params(cfg) if not n.startswith(("token_embed", "condition")))
     return 6 * n + 12 * cfg.n_layers * cfg.dim * cfg.seq_len
 
 

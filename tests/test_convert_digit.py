@@ -147,7 +147,7 @@ def test_stage1_logits_match_fairseq(tmp_path, classes):
     assert set(written) == {"stage1"}  # no encoder / centroids given or stored: no tokenizer
     model, cfg = load_gpt_run(out / "stage1")
     assert cfg["model"]["vocab_size"] == K and cfg["model"]["num_classes"] == classes  # classes from the rows
-    assert cfg["model"]["norm_first"] is None and cfg["official"]["eos"] == EOS
+    assert cfg["model"]["norm_first"] is False and cfg["official"]["eos"] == EOS
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, K, (3, SEQ), generator=g)
     labels = torch.tensor([0, 2, 1]) if classes else None
@@ -468,14 +468,14 @@ def test_generate_official_on_converted_stage2(tmp_path):
     model, _ = load_gpt_run(tmp_path / "o" / "stage2")
     special = load_special_rows(tmp_path / "o" / "stage2")
     prefix = torch.randint(0, K, (3, SEQ), generator=torch.Generator().manual_seed(15))
-    head = model.output_projection
+    head = model.head
 
     def run(**kw):
         return generate_official(model, special, prefix, generator=torch.Generator().manual_seed(16), **kw)
 
     a, b = run(top_p=0.8), run(top_p=0.8)
     assert a.shape == (3, *GRID) and torch.equal(a, b) and 0 <= int(a.min()) and int(a.max()) < V
-    assert model.output_projection is head  # the appended rows are gone again
+    assert model.head is head  # the appended rows are gone again
     assert not torch.equal(run(top_p=0.8), run(top_p=0.3))  # the nucleus matters
     # top-k only: slicing the specials away is exact, so the plain filters give the same distribution
     from digit.sampling.filters import filter_logits

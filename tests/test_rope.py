@@ -74,16 +74,15 @@ def test_model_table_zero_at_condition_and_q_k_vanish_there():
     torch.testing.assert_close(model.rope[C:], grid_table(4, 4, model.config.head_dim))
     # the rotated q and k of the class position are exactly zero inside the first attention layer
     seen = {}
-    attn = model.layers[0].attention
-    orig = attn._qkv
+    attn = model.blocks[0].attn
 
-    def spy(x):
-        q, k, v = orig(x)
-        seen["q"] = apply_rotary(q, model.rope[: x.shape[1]])
-        seen["k"] = apply_rotary(k, model.rope[: x.shape[1]])
-        return q, k, v
+    def spy(module, inputs, qkv):  # the fused projection's output, rotated as the attention rotates it
+        B, T, _ = qkv.shape
+        q, k, _ = qkv.view(B, T, 3, attn.n_heads, attn.head_dim).unbind(2)
+        seen["q"] = apply_rotary(q, model.rope[:T])
+        seen["k"] = apply_rotary(k, model.rope[:T])
 
-    attn._qkv = spy
+    attn.qkv.register_forward_hook(spy)
     model(torch.randint(0, 64, (2, 16)), torch.tensor([0, 2]))
     assert seen["q"][:, 0].abs().max() == 0 and seen["k"][:, 0].abs().max() == 0
     assert seen["q"][:, 1:].abs().amax(dim=-1).min() > 0  # grid positions are not zeroed

@@ -10,7 +10,8 @@ fairseq dictionaries start with 5 specials ``<s>`` 0, ``<pad>`` 1, ``</s>`` 2 (B
   and ``[</s>, v..]`` on ``embed_positions``, both starting at row 2. Pre-LN with a final LayerNorm. NAR masks with ``<unk>``.
 - VQ baseline (``st2vtlm_vq``): rows ``[5 | V]``, unconditional pre-LN decoder over ``[</s>, v..]``.
 
-In this project's layout (`digit.models.gpt`, arch "fairseq") ids are the codebook ids themselves: the converter slices
+In this project's layout (`digit.models.gpt` with the fairseq switches, names through `digit.convert.keys.from_fairseq`)
+ids are the codebook ids themselves: the converter slices
 the cluster / code rows out of the embedding and the head, moves the BOS row into the condition's start vector (or the
 class table), the ``<unk>`` row into the NAR mask row, and keeps the 5 special output rows in ``official_head.safetensors``
 for `digit.sampling.official` (fairseq normalises over the whole dictionary before banning specials).
@@ -28,6 +29,7 @@ from typing import Any
 import torch
 
 from digit.convert import SPECIALS_FILE, fp32_state, load_exact, token_meta, write_run_dir
+from digit.convert.keys import from_fairseq
 from digit.convert.unpickler import load_checkpoint
 from digit.errors import DigitError
 
@@ -82,7 +84,7 @@ def _check(ok: bool, ck: FairseqCheckpoint, msg: str) -> None:
 def gpt_config_from_fairseq(ck: FairseqCheckpoint, grid: tuple[int, int]):
     """Read the architecture from cfg['model'] / cfg['task'], cross-checked against the tensor shapes.
     Returns (GPTConfig, vocab sizes dict)."""
-    from digit.models.gpt import GPTConfig
+    from digit.models.gpt import ARCHS, GPTConfig
 
     s, m = ck.state, ck.model_cfg
     for key in ("decoder.embed_tokens.weight", "decoder.embed_positions.weight"):
@@ -110,9 +112,10 @@ def gpt_config_from_fairseq(ck: FairseqCheckpoint, grid: tuple[int, int]):
     n_target = NSPECIAL + int(tvs) if tvs is not None and int(tvs) > 0 else head.shape[0]
     _check(head.shape[0] == n_target, ck, f"output head has {head.shape[0]} rows, the target dictionary {n_target}")
     seq = grid[0] * grid[1]
-    kw: dict[str, Any] = dict(
-        arch="fairseq", vocab_size=n_target - NSPECIAL, grid=grid, dim=dim, n_layers=n_layers, n_heads=heads,
-        ffn_dim=ffn, norm_eps=1e-5, norm_first=True if pre_ln else None,
+    kw: dict[str, Any] = {**ARCHS["fairseq"]}
+    kw.update(
+        vocab_size=n_target - NSPECIAL, grid=grid, dim=dim, n_layers=n_layers, n_heads=heads,
+        ffn_dim=ffn, norm_eps=1e-5, norm_first=bool(pre_ln),
         max_positions=s["decoder.embed_positions.weight"].shape[0] - POS_OFFSET, class_dropout=0.0,
         embed_dropout=float(m.get("dropout", 0.0) or 0.0), resid_dropout=float(m.get("dropout", 0.0) or 0.0),
         ffn_dropout=float(m.get("dropout", 0.0) or 0.0), attn_dropout=float(m.get("attention_dropout", 0.0) or 0.0),
@@ -148,6 +151,7 @@ def convert_fairseq_decoder(ck: FairseqCheckpoint, grid: tuple[int, int] = (16, 
     s = ck.state
     emb, head = s["decoder.embed_tokens.weight"], s["decoder.output_projection.weight"]
     T = sizes["target_dict"]  # fairseq target dictionary: 5 specials + the codes
+    # fairseq names (without "decoder.") with the vocabulary re-laid out, then renamed by from_fairseq
     out: dict[str, torch.Tensor] = {}
     for k, v in s.items():
         if k.startswith("decoder.layers.") or k.startswith("decoder.layer_norm."):
@@ -157,21 +161,23 @@ def convert_fairseq_decoder(ck: FairseqCheckpoint, grid: tuple[int, int] = (16, 
     out["embed_positions.weight"] = s["decoder.embed_positions.weight"]
     out["output_projection.weight"] = head[NSPECIAL:T]
     bos = emb[BOS].view(1, 1, -1)
-    if cfg.cond == "none":
-        out["start_embedding.start"] = bos
-    elif cfg.cond == "class":
+    if cfg.cond == "class":
         # class k is fairseq row T + k; the null row (used only by CFG, which DiGIT never trained) is the BOS row
-        out["cls_embedding.embedding_table.weight"] = torch.cat([emb[T : T + cfg.num_classes], emb[BOS : BOS + 1]])
+        out["condition.table.weight"] = torch.cat([emb[T : T + cfg.num_classes], emb[BOS : BOS + 1]])
     else:
-        out["prefix_embedding.start"] = bos
-        first = T + NSPECIAL  # cluster c <-> row T + 5 + c
-        out["prefix_embedding.embedding_table.weight"] = emb[first : first + cfg.prefix_vocab_size]
+        out["condition.start"] = bos
     model = GPT(cfg)
-    if cfg.cond == "prefix":  # as many rows as the model keeps (the whole table when max_positions is set)
-        out["embed_positions_1.weight"] = s["decoder.embed_positions_1.weight"][
-            : model.embed_positions_1.num_embeddings
-        ]
-    load_exact(model, out, ck.path)
+    if cfg.cond == "prefix":
+        first = T + NSPECIAL  # cluster c <-> row T + 5 + c
+        out["condition.table.weight"] = emb[first : first + cfg.prefix_vocab_size]
+        # as many rows as the model keeps (the whole table when max_positions is set)
+        rows = model.prefix_pos_embed.num_embeddings
+        out["embed_positions_1.weight"] = s["decoder.embed_positions_1.weight"][:rows]
+    try:
+        ours = from_fairseq(out)
+    except DigitError as e:
+        raise DigitError(f"{ck.path}: {e}") from e
+    load_exact(model, ours, ck.path)
     return model.eval(), {"output_special.weight": head[:NSPECIAL].clone()}, sizes
 
 

@@ -1,8 +1,8 @@
 """LlamaGen's released class-conditional GPTs (``c2i_*.pt``) and VQ tokenizer (``vq_ds16_c2i.pt``) -> a run directory
 and a VQ tokenizer directory.
 
-The GPT keys are LlamaGen's own (`digit.models.gpt`, arch "llama"), so the mapping is the identity after unwrapping:
-DDP checkpoints are ``{"model", "optimizer", "steps", "args"}`` with ``args`` a pickled ``argparse.Namespace``; FSDP
+The GPT keys are renamed by `digit.convert.keys.from_llamagen` (one to one; ``to_llamagen`` goes back) after
+unwrapping: DDP checkpoints are ``{"model", "optimizer", "steps", "args"}`` with ``args`` a pickled ``argparse.Namespace``; FSDP
 ``consolidated.pth`` files are the bare state dict; ``module.`` / ``_orig_mod.`` prefixes (DDP / torch.compile) are
 stripped (LlamaGen ``sample_c2i.py`` accepts the same variants). Head counts are not visible in the shapes: they come
 from ``args.gpt_model`` or LlamaGen's size table (../shared/reference/llamagen-official.md section 1).
@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from digit.convert import fp32_state, load_exact, token_meta, write_run_dir
+from digit.convert.keys import from_llamagen
 from digit.convert.unpickler import load_checkpoint
 from digit.errors import DigitError
 
@@ -54,7 +55,7 @@ def llamagen_gpt_config(
     path: str = "checkpoint",
 ):
     """GPTConfig from the shapes, ``args`` (gpt_model, image_size, downsample_size, class_dropout_prob) and overrides."""
-    from digit.models.gpt import GPTConfig
+    from digit.models.gpt import ARCHS, GPTConfig
 
     if any(k.startswith("cls_embedding.cap_proj") for k in state):
         raise DigitError(f"{path} is a text-conditional (t2i) LlamaGen model; only c2i is supported")
@@ -80,7 +81,7 @@ def llamagen_gpt_config(
         raise DigitError(f"{path}: cls_token_num {a['cls_token_num']} (only class-conditional c2i models, 1 token)")
     g = int(image_size) // int(downsample)
     return GPTConfig(
-        arch="llama", vocab_size=vocab, grid=(g, g), dim=dim, n_layers=n_layers, n_heads=int(n_heads),
+        **ARCHS["llama"], vocab_size=vocab, grid=(g, g), dim=dim, n_layers=n_layers, n_heads=int(n_heads),
         ffn_dim=state["layers.0.feed_forward.w1.weight"].shape[0], norm_eps=1e-5, rope_base=10000.0, cond="class",
         num_classes=state["cls_embedding.embedding_table.weight"].shape[0] - 1,
         class_dropout=float(a.get("class_dropout_prob", 0.1)), embed_dropout=float(a.get("token_dropout_p", 0.1)),
@@ -101,7 +102,11 @@ def convert_llamagen_gpt(path: str | os.PathLike, **overrides: Any):
     state = {k: v for k, v in state.items() if k not in ("freqs_cis", "causal_mask")}  # buffers some versions keep
     cfg = llamagen_gpt_config(state, args, path=str(path), **overrides)
     model = GPT(cfg)
-    load_exact(model, state, str(path))
+    try:
+        ours = from_llamagen(state)
+    except DigitError as e:
+        raise DigitError(f"{path}: {e}") from e
+    load_exact(model, ours, str(path))
     return model.eval(), {"file": str(path), "gpt_model": getattr(args, "gpt_model", None)}
 
 

@@ -14,10 +14,14 @@ __all__ = ["GPT", "GPTConfig", "PRESETS", "build_config", "load_gpt_run"]
 
 
 def load_gpt_run(run_dir: str | os.PathLike, device: Any = "cpu") -> tuple[GPT, dict[str, Any]]:
-    """Rebuild the GPT of a `digit train` run directory: (model in eval mode, config.json dict)."""
+    """Rebuild the GPT of a `digit train` run directory: (model in eval mode, config.json dict).
+
+    Run directories written before the one module naming (config with ``arch``, weights under LlamaGen's or
+    fairseq's names, e.g. the shipped CIFAR-10 models) are converted in memory by `digit.convert.keys`."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    from digit.convert.keys import upgrade_state_dict
     from digit.utils.io import read_json
 
     run = Path(run_dir)
@@ -30,11 +34,12 @@ def load_gpt_run(run_dir: str | os.PathLike, device: Any = "cpu") -> tuple[GPT, 
     config = read_json(cfg_path)
     if not isinstance(config, dict) or not isinstance(config.get("model"), dict):
         raise DigitError(f"{cfg_path} has no 'model' section")
-    model = GPT(GPTConfig.from_dict(config["model"]))
+    model = GPT(GPTConfig.from_dict(config["model"]))  # a config from before the behaviour switches is upgraded
     try:
         state = load_file(str(weights), device=str(device))
     except (SafetensorError, OSError) as e:
         raise DigitError(f"cannot read {weights}: {e}") from e
+    state = upgrade_state_dict(state)  # weights saved under the LlamaGen / fairseq names are renamed in memory
     expected = model.state_dict()
     missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     if missing or unexpected:

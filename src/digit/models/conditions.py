@@ -4,8 +4,9 @@ Each embedder turns a condition into ``[B, C, dim]`` embeddings occupying sequen
 token is predicted from position C-1. A new condition kind (text embeddings, a later issue) is one more class here with
 the same four members (``length``, ``forward``, ``null``, ``drop``) and one more entry in ``build_condition``.
 
-Module names follow LlamaGen where it has one (``cls_embedding.embedding_table`` for classes, which is also where its
-text embedder lives), so released weights load by name.
+Every embedder sits at ``GPT.condition``: ``condition.start`` (a learned start vector) and ``condition.table`` (class
+or prefix-token embeddings). LlamaGen's ``cls_embedding.embedding_table`` and fairseq's BOS / class rows are mapped onto
+these names by `digit.convert.keys`.
 """
 
 from __future__ import annotations
@@ -61,10 +62,10 @@ class ClassCondition(nn.Module):
         super().__init__()
         self.num_classes = num_classes
         self.dropout_prob = dropout_prob
-        self.embedding_table = nn.Embedding(num_classes + 1, dim)
+        self.table = nn.Embedding(num_classes + 1, dim)
 
     def forward(self, labels: torch.Tensor, batch: int, tok_embed: TokenEmbed, device) -> torch.Tensor:
-        return self.embedding_table(labels)[:, None]  # [B, 1, dim]
+        return self.table(labels)[:, None]  # [B, 1, dim]
 
     def null(self, labels: torch.Tensor) -> torch.Tensor:
         return torch.full_like(labels, self.num_classes)
@@ -86,10 +87,10 @@ class PrefixCondition(_StartToken):
         super().__init__(dim, bos_id)
         self.prefix_len = prefix_len
         self.length = prefix_len + 1
-        self.embedding_table = nn.Embedding(prefix_vocab_size, dim)
+        self.table = nn.Embedding(prefix_vocab_size, dim)
 
     def forward(self, prefix: torch.Tensor, batch: int, tok_embed: TokenEmbed, device) -> torch.Tensor:
-        x = self.embedding_table(prefix)  # [B, P, dim]
+        x = self.table(prefix)  # [B, P, dim]
         return torch.cat([x, self.embed_start(batch, tok_embed, device)], dim=1)
 
     def null(self, prefix):
@@ -99,8 +100,7 @@ class PrefixCondition(_StartToken):
         return prefix
 
 
-# attribute name on the GPT (state-dict prefix) per condition kind
-CONDITION_ATTR = {"none": "start_embedding", "class": "cls_embedding", "prefix": "prefix_embedding"}
+CONDITIONS = ("none", "class", "prefix")
 
 
 def build_condition(cfg) -> nn.Module:
@@ -112,4 +112,4 @@ def build_condition(cfg) -> nn.Module:
     if cfg.cond == "prefix":
         ph, pw = cfg.prefix_grid
         return PrefixCondition(cfg.prefix_vocab_size, ph * pw, cfg.dim, cfg.bos_id)
-    raise DigitError(f"unknown condition {cfg.cond!r} (choose from {', '.join(CONDITION_ATTR)})")
+    raise DigitError(f"unknown condition {cfg.cond!r} (choose from {', '.join(CONDITIONS)})")

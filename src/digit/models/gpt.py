@@ -1,16 +1,16 @@
-"""The one image GPT: LlamaGen's Llama layout and DiGIT's fairseq layout behind one class.
+"""The one image GPT. LlamaGen's Llama layout and DiGIT's fairseq layout are two settings of its config.
 
-Sequence layout (both layouts): ``[condition (C positions); image tokens]``. The condition is a learned start token
-(or the vocabulary's BOS row), a class embedding, or a prefix of another vocabulary's tokens followed by a start
-token (see `digit.models.conditions`). Autoregressive (``causal=True``): the input is ``[cond; tokens[:, :-1]]`` and
+Sequence layout: ``[condition (C positions); image tokens]``. The condition is a learned start token (or the
+vocabulary's BOS row), a class embedding, or a prefix of another vocabulary's tokens followed by a start token (see
+`digit.models.conditions`). Autoregressive (``causal=True``): the input is ``[cond; tokens[:, :-1]]`` and
 ``logits[:, t]`` predicts ``tokens[:, t]``; the shift happens inside. MaskGIT-style (``causal=False``): the input is
 ``[cond; tokens]`` with masked positions holding ``mask_token_id == vocab_size`` and attention is bidirectional.
 
-State-dict names: arch "llama" uses LlamaGen's (``tok_embeddings``, ``layers.{i}.attention.wqkv``, ``attention.wo``,
-``feed_forward.w1/w2/w3``, ``attention_norm``, ``ffn_norm``, ``norm``, ``output``, ``cls_embedding.embedding_table``);
-arch "fairseq" uses fairseq's ``TransformerDecoder`` names without the ``decoder.`` prefix (``embed_tokens``,
-``embed_positions``, ``embed_positions_1``, ``layers.{i}.self_attn.{q,k,v,out}_proj``, ``self_attn_layer_norm``,
-``fc1``, ``fc2``, ``final_layer_norm``, ``layer_norm``, ``output_projection``).
+Module names (one scheme whatever the layout): ``token_embed``, ``pos_embed`` / ``prefix_pos_embed`` (learned
+positions), ``condition.{start,table}``, ``blocks.{i}.{attn_norm,attn.qkv,attn.proj,mlp_norm,mlp.{gate,up,down}}``,
+``final_norm``, ``head``. The released checkpoints' names (LlamaGen's ``tok_embeddings``, ``layers.{i}.attention.wqkv``,
+...; fairseq's ``embed_tokens``, ``self_attn.q_proj``, ...) are mapped at the boundary by `digit.convert.keys`, which
+also reads run directories written before this naming.
 """
 
 from __future__ import annotations
@@ -23,13 +23,22 @@ import torch
 from torch import nn
 
 from digit.errors import DigitError
-from digit.models.conditions import CONDITION_ATTR, build_condition
-from digit.models.layers import FairseqBlock, KVCache, LlamaBlock, RMSNorm, swiglu_hidden
+from digit.models.conditions import CONDITIONS, build_condition
+from digit.models.layers import Block, KVCache, make_norm, swiglu_hidden
 from digit.models.rope import grid_table, zero_table
 
-ARCHS = ("llama", "fairseq")
-CONDS = tuple(CONDITION_ATTR)
+CONDS = CONDITIONS
 FAIRSEQ_POS_OFFSET = 2  # fairseq LearnedPositionalEmbedding: padding_idx 1, first real position is row 2
+# The two released layouts as behaviour switches (`digit train --arch`, `build_config(arch=...)`); DiGIT's stage 2 is
+# the fairseq layout with norm_first=True.
+ARCHS: dict[str, dict[str, Any]] = {
+    "llama": {"norm": "rms", "mlp": "swiglu", "positions": "rope2d", "norm_first": True, "bias": False,
+              "scale_embeddings": False, "init": "llamagen"},
+    "fairseq": {"norm": "layer", "mlp": "gelu", "positions": "learned", "norm_first": False, "bias": True,
+                "scale_embeddings": True, "init": "fairseq"},
+}  # fmt: skip
+_CHOICES = {"norm": ("rms", "layer"), "mlp": ("swiglu", "gelu"), "positions": ("rope2d", "learned"),
+            "init": ("llamagen", "fairseq")}  # fmt: skip
 
 
 @dataclass(kw_only=True)
@@ -38,18 +47,22 @@ class GPTConfig:
 
     vocab_size: int  # image-token vocabulary (output head rows)
     grid: tuple[int, int]  # (h, w) token grid, raster order
-    arch: str = "llama"  # "llama" (LlamaGen) | "fairseq" (DiGIT)
     dim: int = 768
     n_layers: int = 12
     n_heads: int = 12
-    ffn_dim: int | None = None  # None: llama int(8d/3) rounded up to multiple_of; fairseq 4d
+    ffn_dim: int | None = None  # None: swiglu int(8d/3) rounded up to multiple_of; gelu 4d
     multiple_of: int = 256
     norm_eps: float = 1e-5
-    rope_base: float = 10000.0  # llama only
-    norm_first: bool | None = (
-        None  # fairseq only: None = post-norm (DiGIT stage 1); True = pre-norm + final LN (stage 2)
-    )
-    max_positions: int | None = None  # fairseq only: learned table rows = max_positions + 2; None = just enough
+    # ---- behaviour switches (defaults: LlamaGen; ARCHS["fairseq"] gives DiGIT's fairseq decoder)
+    norm: str = "rms"  # "rms" (RMSNorm, no bias) | "layer" (LayerNorm)
+    mlp: str = "swiglu"  # "swiglu" (gate/up/down) | "gelu" (up/down, exact GELU)
+    positions: str = "rope2d"  # "rope2d" (LlamaGen 2D RoPE, zero at the condition) | "learned" (fairseq tables)
+    norm_first: bool = True  # pre-norm with a final norm; False: post-norm, no final norm (DiGIT stage 1)
+    bias: bool = False  # biases on the attention and MLP projections (fairseq)
+    scale_embeddings: bool = False  # multiply embeddings by sqrt(dim) (fairseq)
+    init: str = "llamagen"  # "llamagen" (N(0, 0.02), zero head) | "fairseq" (xavier, N(0, dim^-0.5))
+    rope_base: float = 10000.0  # rope2d only
+    max_positions: int | None = None  # learned only: table rows = max_positions + 2; None = just enough
     bos_id: int | None = None  # start token = this vocabulary row (fairseq's </s> = 2) instead of a learned vector
     cond: str = "none"  # "none" | "class" | "prefix"
     num_classes: int = 0
@@ -66,8 +79,9 @@ class GPTConfig:
         self.grid = tuple(int(g) for g in self.grid)
         if self.prefix_grid is not None:
             self.prefix_grid = tuple(int(g) for g in self.prefix_grid)
-        if self.arch not in ARCHS:
-            raise DigitError(f"unknown arch {self.arch!r} (choose from {', '.join(ARCHS)})")
+        for name, choices in _CHOICES.items():
+            if getattr(self, name) not in choices:
+                raise DigitError(f"unknown {name} {getattr(self, name)!r} (choose from {', '.join(choices)})")
         if self.cond not in CONDS:
             raise DigitError(f"unknown condition {self.cond!r} (choose from {', '.join(CONDS)})")
         if len(self.grid) != 2 or min(self.grid) < 1:
@@ -76,7 +90,7 @@ class GPTConfig:
             raise DigitError(f"vocab_size must be >= 2, got {self.vocab_size}")
         if self.dim % self.n_heads:
             raise DigitError(f"dim {self.dim} is not divisible by n_heads {self.n_heads}")
-        if self.arch == "llama" and self.head_dim % 2:
+        if self.positions == "rope2d" and self.head_dim % 2:
             raise DigitError(f"2D RoPE needs an even head_dim, got {self.head_dim}")
         if self.cond == "class" and self.num_classes < 1:
             raise DigitError("a class-conditional model needs num_classes >= 1")
@@ -87,10 +101,18 @@ class GPTConfig:
         if not 0.0 <= self.class_dropout < 1.0:
             raise DigitError(f"class_dropout must be in [0, 1), got {self.class_dropout}")
         need = max(self.main_positions, self.prefix_len)
-        if self.arch == "fairseq" and self.max_positions is not None and self.max_positions < need:
+        if self.positions == "learned" and self.max_positions is not None and self.max_positions < need:
             raise DigitError(f"max_positions {self.max_positions} < the {need} positions the model needs")
 
     # ---- derived sizes
+    @property
+    def arch(self) -> str:
+        """The released layout these switches reproduce ("llama" | "fairseq"), or "custom" (for messages)."""
+        for name, switches in ARCHS.items():
+            if all(getattr(self, k) == v for k, v in switches.items() if k != "norm_first" or name == "llama"):
+                return name
+        return "custom"
+
     @property
     def head_dim(self) -> int:
         return self.dim // self.n_heads
@@ -119,7 +141,7 @@ class GPTConfig:
     def hidden_dim(self) -> int:
         if self.ffn_dim:
             return self.ffn_dim
-        return swiglu_hidden(self.dim, self.multiple_of) if self.arch == "llama" else 4 * self.dim
+        return swiglu_hidden(self.dim, self.multiple_of) if self.mlp == "swiglu" else 4 * self.dim
 
     @property
     def position_rows(self) -> int:
@@ -127,12 +149,9 @@ class GPTConfig:
 
     @property
     def prefix_position_rows(self) -> int:
-        """Rows of fairseq's second table (``embed_positions_1``): as many as the first when max_positions is set."""
+        """Rows of the prefix's own table (fairseq's ``embed_positions_1``): as many as the first when max_positions
+        is set."""
         return (self.max_positions or self.prefix_len) + FAIRSEQ_POS_OFFSET
-
-    @property
-    def is_norm_first(self) -> bool:
-        return True if self.arch == "llama" else bool(self.norm_first)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -142,6 +161,11 @@ class GPTConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> GPTConfig:
+        """From ``to_dict()`` output; configs written before the behaviour switches (with ``arch``) are upgraded."""
+        if "arch" in d:
+            from digit.convert.keys import upgrade_config
+
+            d = upgrade_config(d)
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
@@ -154,46 +178,37 @@ class GPT(nn.Module):
         super().__init__()
         self.config = cfg = config
         self.mask_token_id = cfg.vocab_size
-        n_emb = cfg.vocab_size + (0 if cfg.causal else 1)  # NAR: one extra row for the mask token
-        llama = cfg.arch == "llama"
         # ---- embeddings
-        if llama:
-            self.tok_embeddings = nn.Embedding(n_emb, cfg.dim)
-        else:
-            self.embed_tokens = nn.Embedding(n_emb, cfg.dim)
-            self.embed_positions = nn.Embedding(cfg.position_rows, cfg.dim)
+        self.token_embed = nn.Embedding(cfg.vocab_size + (0 if cfg.causal else 1), cfg.dim)  # NAR: + the mask row
+        self.condition = build_condition(cfg)
+        if cfg.positions == "learned":
+            self.pos_embed = nn.Embedding(cfg.position_rows, cfg.dim)
             if cfg.cond == "prefix":  # DiGIT stage 2's second table for the semantic prefix
-                self.embed_positions_1 = nn.Embedding(cfg.prefix_position_rows, cfg.dim)
-        self.cond_attr = CONDITION_ATTR[cfg.cond]
-        self.add_module(self.cond_attr, build_condition(cfg))
-        self.embed_scale = 1.0 if llama else math.sqrt(cfg.dim)  # fairseq scales embeddings by sqrt(dim)
+                self.prefix_pos_embed = nn.Embedding(cfg.prefix_position_rows, cfg.dim)
+        self.embed_scale = math.sqrt(cfg.dim) if cfg.scale_embeddings else 1.0
         self.dropout = nn.Dropout(cfg.embed_dropout)
-        # ---- blocks
-        if llama:
-            block = lambda: LlamaBlock(  # noqa: E731
-                cfg.dim, cfg.n_heads, cfg.hidden_dim, cfg.norm_eps, cfg.attn_dropout, cfg.resid_dropout, cfg.ffn_dropout
-            )
-        else:
-            block = lambda: FairseqBlock(  # noqa: E731
+        # ---- blocks and head (untied, no bias)
+        self.blocks = nn.ModuleList(
+            Block(
                 cfg.dim,
                 cfg.n_heads,
                 cfg.hidden_dim,
-                cfg.norm_eps,
-                cfg.attn_dropout,
-                cfg.resid_dropout,
-                cfg.is_norm_first,
-            )
-        self.layers = nn.ModuleList(block() for _ in range(cfg.n_layers))
-        # ---- head (untied, no bias)
-        if llama:
-            self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
-            self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
-        else:
-            self.layer_norm = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps) if cfg.is_norm_first else nn.Identity()
-            self.output_projection = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+                norm=cfg.norm,
+                mlp=cfg.mlp,
+                bias=cfg.bias,
+                norm_first=cfg.norm_first,
+                eps=cfg.norm_eps,
+                attn_dropout=cfg.attn_dropout,
+                resid_dropout=cfg.resid_dropout,
+                ffn_dropout=cfg.ffn_dropout,
+            )  # fmt: skip
+            for _ in range(cfg.n_layers)
+        )
+        self.final_norm = make_norm(cfg.norm, cfg.dim, cfg.norm_eps) if cfg.norm_first else nn.Identity()
+        self.head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         # ---- non-persistent tables: never in a state_dict, rebuilt on every construction
         L = cfg.n_positions
-        if llama:
+        if cfg.positions == "rope2d":
             rope = [zero_table(cfg.cond_len, cfg.head_dim), grid_table(*cfg.grid, cfg.head_dim, cfg.rope_base)]
             if cfg.cond == "prefix":  # prefix tokens rotate on their own grid; the start token gets LlamaGen's zeros
                 rope.insert(0, grid_table(*cfg.prefix_grid, cfg.head_dim, cfg.rope_base))
@@ -207,44 +222,36 @@ class GPT(nn.Module):
 
     # ---- initialisation
     def reset_parameters(self) -> None:
-        if self.config.arch == "llama":
+        if self.config.init == "llamagen":
             # LlamaGen: N(0, 0.02) for every Linear / Embedding, zero biases, zero-initialised output head
             for m in self.modules():
                 if isinstance(m, (nn.Linear, nn.Embedding)):
                     nn.init.normal_(m.weight, std=0.02)
-            nn.init.zeros_(self.output.weight)
+                    if getattr(m, "bias", None) is not None:
+                        nn.init.zeros_(m.bias)
+            nn.init.zeros_(self.head.weight)
             for p in self.condition.parameters(recurse=False):
                 nn.init.normal_(p, std=0.02)
             return
-        # fairseq: embeddings N(0, dim^-0.5), xavier-uniform projections with zero biases, head N(0, dim^-0.5)
+        # fairseq: embeddings N(0, dim^-0.5), xavier-uniform projections with zero biases (q, k and v each with gain
+        # 1/sqrt(2), as fairseq's MultiheadAttention initialises its separate projections), head N(0, dim^-0.5)
         std = self.config.dim**-0.5
         for name, m in self.named_modules():
             if isinstance(m, nn.Embedding):
                 nn.init.normal_(m.weight, std=std)
             elif isinstance(m, nn.Linear):
-                gain = 1 / math.sqrt(2) if name.rsplit(".", 1)[-1] in ("q_proj", "k_proj", "v_proj") else 1.0
-                nn.init.xavier_uniform_(m.weight, gain=gain)
+                if name.endswith("attn.qkv"):
+                    for part in m.weight.data.chunk(3):
+                        nn.init.xavier_uniform_(part, gain=1 / math.sqrt(2))
+                else:
+                    nn.init.xavier_uniform_(m.weight)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
-        nn.init.normal_(self.output_projection.weight, std=std)
+        nn.init.normal_(self.head.weight, std=std)
         for p in self.condition.parameters(recurse=False):
             nn.init.normal_(p, std=std)
 
     # ---- small helpers
-    @property
-    def condition(self) -> nn.Module:
-        return getattr(self, self.cond_attr)
-
-    @property
-    def head(self) -> nn.Linear:
-        return self.output if self.config.arch == "llama" else self.output_projection
-
-    def tok_embed(self, tokens: torch.Tensor) -> torch.Tensor:
-        return (self.tok_embeddings if self.config.arch == "llama" else self.embed_tokens)(tokens)
-
-    def final_norm(self, h: torch.Tensor) -> torch.Tensor:
-        return self.norm(h) if self.config.arch == "llama" else self.layer_norm(h)
-
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
@@ -261,20 +268,19 @@ class GPT(nn.Module):
     def embed_condition(self, cond: torch.Tensor | None, batch: int) -> torch.Tensor:
         """Raw (unscaled, position-free) condition embeddings [B, C, dim]."""
         self._check_cond(cond, batch)
-        return self.condition(cond, batch, self.tok_embed, self.causal_mask.device)
+        return self.condition(cond, batch, self.token_embed, self.causal_mask.device)
 
     def _embed(self, x: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
-        """Scale, add learned positions (fairseq) and apply embedding dropout to raw embeddings at ``input_pos``."""
-        cfg = self.config
-        if cfg.arch == "fairseq":
-            x = x * self.embed_scale
-            P = cfg.prefix_len
+        """Scale, add learned positions and apply embedding dropout to raw embeddings at ``input_pos``."""
+        x = x * self.embed_scale if self.embed_scale != 1.0 else x
+        if self.config.positions == "learned":
+            P = self.config.prefix_len
             if P:
-                main = self.embed_positions((input_pos - P).clamp(min=0) + FAIRSEQ_POS_OFFSET)
-                pre = self.embed_positions_1(input_pos.clamp(max=P - 1) + FAIRSEQ_POS_OFFSET)
+                main = self.pos_embed((input_pos - P).clamp(min=0) + FAIRSEQ_POS_OFFSET)
+                pre = self.prefix_pos_embed(input_pos.clamp(max=P - 1) + FAIRSEQ_POS_OFFSET)
                 x = x + torch.where((input_pos < P)[:, None], pre, main)
             else:
-                x = x + self.embed_positions(input_pos + FAIRSEQ_POS_OFFSET)
+                x = x + self.pos_embed(input_pos + FAIRSEQ_POS_OFFSET)
         return self.dropout(x)
 
     def _sequence(self, tokens: torch.Tensor, cond: torch.Tensor | None, shift: bool) -> torch.Tensor:
@@ -284,22 +290,25 @@ class GPT(nn.Module):
         if self.training:
             cond = self.condition.drop(cond) if cond is not None else cond
         c = self.embed_condition(cond, B)
-        x = torch.cat([c, self.tok_embed(tokens[:, :-1] if shift else tokens)], dim=1)
+        x = torch.cat([c, self.token_embed(tokens[:, :-1] if shift else tokens)], dim=1)
         return self._embed(x, torch.arange(x.shape[1], device=x.device))
 
     def _blocks(self, x, input_pos=None, collect: list | None = None, kv_len: int | None = None) -> torch.Tensor:
-        cfg = self.config
+        """The blocks and the final norm. Cached path (``input_pos`` given): ``kv_len`` cache entries are read, the
+        queries being the last of them (decode: kv_len = position + 1; prefill from 0: kv_len = T); a chunk elsewhere
+        reads them under the causal mask; ``kv_len=None`` reads the whole static cache through the mask."""
         mask = None
         if input_pos is None:
             rope = self.rope[: x.shape[1]] if self.rope is not None else None
         else:
             rope = self.rope[input_pos] if self.rope is not None else None
-            if kv_len is not None and x.shape[1] not in (1, kv_len):
-                kv_len = None  # a chunk in the middle of the sequence needs the explicit mask
+            T = x.shape[1]
             if kv_len is None:
-                mask = self.causal_mask[input_pos, : self.cache_len]  # [T, S] for the static cache
-        for layer in self.layers:
-            x = layer(x, rope, cfg.causal, input_pos, mask, kv_len)
+                mask = self.causal_mask[input_pos, : self.cache_len]  # [T, S]: fixed shapes for compile / graphs
+            elif T not in (1, kv_len):
+                mask = self.causal_mask[input_pos, :kv_len]
+        for block in self.blocks:
+            x = block(x, rope, self.config.causal, input_pos, mask, kv_len)
             if collect is not None:
                 collect.append(x)
         return self.final_norm(x)
@@ -316,7 +325,7 @@ class GPT(nn.Module):
     def hidden_states(self, tokens: torch.Tensor, cond: torch.Tensor | None = None) -> list[torch.Tensor]:
         """[embedding output, block 1, ..., block n] over ``[cond; tokens]`` (all T tokens, no shift): n_layers + 1
         tensors [B, C + T, dim]. As in HF transformers, the last entry has the final norm applied (the features the
-        head reads); for post-norm fairseq there is no final norm and it is the last block's output."""
+        head reads); for a post-norm model there is no final norm and it is the last block's output."""
         x = self._sequence(tokens, cond, shift=False)
         states = [x]
         h = self._blocks(x, collect=states)
@@ -332,19 +341,17 @@ class GPT(nn.Module):
         p = next(self.parameters())
         dtype, device = dtype or p.dtype, device or p.device
         length = cfg.cond_len + cfg.seq_len - 1  # the last token is never fed back
-        first = self.layers[0].attention if cfg.arch == "llama" else self.layers[0].self_attn
-        cache = first.kv_cache
+        cache = self.blocks[0].attn.kv_cache
         k = cache.k_cache if cache is not None else None
         if k is not None and k.shape[0] == batch and k.dtype == dtype and k.device == torch.device(device):
             return
-        for layer in self.layers:
-            attn = layer.attention if cfg.arch == "llama" else layer.self_attn
-            attn.kv_cache = KVCache(batch, cfg.n_heads, length, cfg.head_dim, dtype, device)
+        for block in self.blocks:
+            block.attn.kv_cache = KVCache(batch, cfg.n_heads, length, cfg.head_dim, dtype, device)
         self.cache_len = length
 
     def clear_cache(self) -> None:
-        for layer in self.layers:
-            (layer.attention if self.config.arch == "llama" else layer.self_attn).kv_cache = None
+        for block in self.blocks:
+            block.attn.kv_cache = None
         self.cache_len = 0
 
     def prefill(self, cond: torch.Tensor | None, batch: int) -> torch.Tensor:
@@ -357,9 +364,13 @@ class GPT(nn.Module):
     def decode_step(self, tokens: torch.Tensor, input_pos: torch.Tensor, kv_len: int | None = None) -> torch.Tensor:
         """Feed tokens [B, 1] at sequence position ``input_pos`` [1]; logits [B, vocab] for the next token.
 
-        ``kv_len`` (= position + 1, a Python int) attends to that many cache entries only (faster in eager mode);
-        None attends to the whole static cache through a mask (fixed shapes for torch.compile / CUDA graphs)."""
-        h = self._blocks(self._embed(self.tok_embed(tokens), input_pos), input_pos, kv_len=kv_len)
+        Attention reads only the filled cache entries (``kv_len`` = position + 1, a Python int): given by the caller,
+        or, for positions on the CPU in eager mode, read from ``input_pos`` (free there). Under torch.compile, or on an
+        accelerator without ``kv_len``, it reads the whole static cache through a mask (fixed shapes for CUDA graphs;
+        reading a device position would cost a host sync per step)."""
+        if kv_len is None and input_pos.device.type == "cpu" and not torch.compiler.is_compiling():
+            kv_len = int(input_pos[-1]) + 1
+        h = self._blocks(self._embed(self.token_embed(tokens), input_pos), input_pos, kv_len=kv_len)
         return self.head(h[:, -1]).float()
 
     @torch.inference_mode()

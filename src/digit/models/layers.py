@@ -1,8 +1,9 @@
-"""Building blocks of the GPT: norms, MLPs, attention with a static KV cache, and the two block layouts.
+"""Building blocks of the GPT: norms, MLPs, attention with a static KV cache, and the one transformer block.
 
-Llama layout follows LlamaGen (`autoregressive/models/gpt.py`); fairseq layout follows fairseq's
-`TransformerDecoderLayer` as DiGIT uses it (../shared/reference/digit-official.md section 2). Parameter names match
-those repositories so released weights load without renaming (see `digit.models.gpt`).
+One naming for every layout (LlamaGen's Llama and DiGIT's fairseq decoder): a block is ``attn_norm``, ``attn``
+(``qkv`` fused q/k/v projection, ``proj`` output projection), ``mlp_norm``, ``mlp`` (``up``, ``down`` and, for SwiGLU,
+``gate``). What differs between the layouts is behaviour, chosen by the config (norm type, MLP type, biases, pre- or
+post-norm); the released checkpoints' own key names are mapped at the boundary by `digit.convert.keys`.
 """
 
 from __future__ import annotations
@@ -28,18 +29,34 @@ class RMSNorm(nn.Module):
         return out.type_as(x) * self.weight
 
 
-class SwiGLU(nn.Module):
-    """w2(silu(w1 x) * w3 x), no biases (LlamaGen `FeedForward`)."""
+def make_norm(kind: str, dim: int, eps: float) -> nn.Module:
+    """``"rms"`` (LlamaGen) or ``"layer"`` (fairseq's LayerNorm with bias)."""
+    return RMSNorm(dim, eps) if kind == "rms" else nn.LayerNorm(dim, eps=eps)
 
-    def __init__(self, dim: int, hidden: int, dropout: float = 0.0) -> None:
+
+class SwiGLU(nn.Module):
+    """down(silu(gate x) * up x) (LlamaGen ``FeedForward``: gate = w1, up = w3, down = w2)."""
+
+    def __init__(self, dim: int, hidden: int, bias: bool = False) -> None:
         super().__init__()
-        self.w1 = nn.Linear(dim, hidden, bias=False)
-        self.w3 = nn.Linear(dim, hidden, bias=False)
-        self.w2 = nn.Linear(hidden, dim, bias=False)
-        self.ffn_dropout = nn.Dropout(dropout)
+        self.gate = nn.Linear(dim, hidden, bias=bias)
+        self.up = nn.Linear(dim, hidden, bias=bias)
+        self.down = nn.Linear(hidden, dim, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.ffn_dropout(self.w2(F.silu(self.w1(x)) * self.w3(x)))
+        return self.down(F.silu(self.gate(x)) * self.up(x))
+
+
+class GeluMLP(nn.Module):
+    """down(gelu(up x)) with the exact erf GELU (fairseq ``fc1`` / ``fc2``)."""
+
+    def __init__(self, dim: int, hidden: int, bias: bool = True) -> None:
+        super().__init__()
+        self.up = nn.Linear(dim, hidden, bias=bias)
+        self.down = nn.Linear(hidden, dim, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(F.gelu(self.up(x)))
 
 
 def swiglu_hidden(dim: int, multiple_of: int = 256) -> int:
@@ -64,23 +81,20 @@ class KVCache(nn.Module):
         return self.k_cache, self.v_cache
 
 
-class _Attention(nn.Module):
-    """Shared attention core; subclasses own the projections (their names differ between layouts)."""
+class Attention(nn.Module):
+    """Multi-head self-attention: fused ``qkv`` [3d, d] (q, k, v order), ``proj`` [d, d], optional RoPE on q and k,
+    SDPA (scale head_dim^-0.5, as both LlamaGen and fairseq's ``MultiheadAttention``)."""
 
-    def __init__(self, dim: int, n_heads: int, attn_dropout: float) -> None:
+    def __init__(self, dim: int, n_heads: int, bias: bool, attn_dropout: float = 0.0) -> None:
         super().__init__()
         if dim % n_heads:
             raise ValueError(f"dim {dim} is not divisible by n_heads {n_heads}")
         self.n_heads = n_heads
         self.head_dim = dim // n_heads
         self.attn_dropout = attn_dropout
+        self.qkv = nn.Linear(dim, 3 * dim, bias=bias)
+        self.proj = nn.Linear(dim, dim, bias=bias)
         self.kv_cache: KVCache | None = None
-
-    def _qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        raise NotImplementedError
-
-    def _out(self, y: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
 
     def forward(
         self,
@@ -91,101 +105,61 @@ class _Attention(nn.Module):
         mask: torch.Tensor | None = None,
         kv_len: int | None = None,
     ) -> torch.Tensor:
+        """Without ``input_pos``: a whole sequence (causal or bidirectional). With it: the cached path; the cache is
+        read up to ``kv_len`` entries (None: all of it), under ``mask`` ([T, S] or broadcastable, S the entries read)
+        or, when ``mask`` is None, under the bottom-right causal mask (the T queries are the last T entries read)."""
         B, T, _ = x.shape
-        q, k, v = self._qkv(x)  # each [B, T, H, D]
+        q, k, v = self.qkv(x).view(B, T, 3, self.n_heads, self.head_dim).unbind(2)  # each [B, T, H, D]
         if rope is not None:
             q, k = apply_rotary(q, rope), apply_rotary(k, rope)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, T, D)
         if input_pos is not None:
             assert self.kv_cache is not None, "call setup_cache() before cached decoding"
             k, v = self.kv_cache.update(input_pos, k, v)
-            if kv_len is None:
-                # static shapes (torch.compile / CUDA graphs): the whole cache through a [T, S] boolean mask
-                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-            else:
-                # eager: a view of the kv_len filled entries; the queries are the last T of them (one token, or a
-                # prefill from position 0), so the bottom-right causal mask is is_causal on T == kv_len
-                k, v = k[:, :, :kv_len], v[:, :, :kv_len]
-                y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1)
+            if kv_len is not None:
+                k, v = k[:, :, :kv_len], v[:, :, :kv_len]  # views: only the filled entries are read
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1)
         else:
             p = self.attn_dropout if self.training else 0.0
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=causal)
-        return self._out(y.transpose(1, 2).reshape(B, T, -1))
+        return self.proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
-class LlamaAttention(_Attention):
-    """Fused ``wqkv`` [3d, d] (q, k, v order) and ``wo``, no biases, RoPE on q and k (LlamaGen `Attention`)."""
+class Block(nn.Module):
+    """One transformer block.
 
-    def __init__(self, dim: int, n_heads: int, attn_dropout: float = 0.0, resid_dropout: float = 0.0) -> None:
-        super().__init__(dim, n_heads, attn_dropout)
-        self.wqkv = nn.Linear(dim, 3 * dim, bias=False)
-        self.wo = nn.Linear(dim, dim, bias=False)
-        self.resid_dropout = nn.Dropout(resid_dropout)
-
-    def _qkv(self, x):
-        B, T, _ = x.shape
-        q, k, v = self.wqkv(x).view(B, T, 3, self.n_heads, self.head_dim).unbind(2)
-        return q, k, v
-
-    def _out(self, y):
-        return self.resid_dropout(self.wo(y))
-
-
-class FairseqAttention(_Attention):
-    """fairseq `MultiheadAttention` self-attention: separate q/k/v/out projections with biases, scale head_dim^-0.5."""
-
-    def __init__(self, dim: int, n_heads: int, attn_dropout: float = 0.0) -> None:
-        super().__init__(dim, n_heads, attn_dropout)
-        self.q_proj = nn.Linear(dim, dim)
-        self.k_proj = nn.Linear(dim, dim)
-        self.v_proj = nn.Linear(dim, dim)
-        self.out_proj = nn.Linear(dim, dim)
-
-    def _qkv(self, x):
-        B, T, _ = x.shape
-        shape = (B, T, self.n_heads, self.head_dim)
-        return self.q_proj(x).view(shape), self.k_proj(x).view(shape), self.v_proj(x).view(shape)
-
-    def _out(self, y):
-        return self.out_proj(y)
-
-
-class LlamaBlock(nn.Module):
-    """Pre-norm: h = x + Attn(RMSNorm(x)); out = h + FFN(RMSNorm(h)) (LlamaGen `TransformerBlock`)."""
-
-    def __init__(self, dim, n_heads, ffn_dim, eps, attn_dropout, resid_dropout, ffn_dropout) -> None:
-        super().__init__()
-        self.attention = LlamaAttention(dim, n_heads, attn_dropout, resid_dropout)
-        self.feed_forward = SwiGLU(dim, ffn_dim, ffn_dropout)
-        self.attention_norm = RMSNorm(dim, eps)
-        self.ffn_norm = RMSNorm(dim, eps)
-
-    def forward(self, x, rope, causal, input_pos=None, mask=None, kv_len=None):
-        h = x + self.attention(self.attention_norm(x), rope, causal, input_pos, mask, kv_len)
-        return h + self.feed_forward(self.ffn_norm(h))
-
-
-class FairseqBlock(nn.Module):
-    """fairseq `TransformerDecoderLayer` without encoder attention.
-
-    Post-norm (DiGIT stage 1, ``normalize_before=False``): x = LN(x + drop(attn(x))); x = LN(x + drop(fc2(gelu(fc1 x)))).
-    Pre-norm (DiGIT stage 2, ``normalize_before=True``): x = x + drop(attn(LN x)); x = x + drop(fc2(gelu(fc1 LN x))).
-    GELU is the exact erf form; LayerNorm eps 1e-5.
+    Pre-norm (LlamaGen, DiGIT stage 2): h = x + drop(attn(attn_norm x)); out = h + drop(mlp(mlp_norm h)).
+    Post-norm (DiGIT stage 1, fairseq ``normalize_before=False``): h = attn_norm(x + drop(attn x));
+    out = mlp_norm(h + drop(mlp h)).
     """
 
-    def __init__(self, dim, n_heads, ffn_dim, eps, attn_dropout, dropout, norm_first: bool) -> None:
+    def __init__(
+        self,
+        dim: int,
+        n_heads: int,
+        hidden: int,
+        *,
+        norm: str,
+        mlp: str,
+        bias: bool,
+        norm_first: bool,
+        eps: float,
+        attn_dropout: float = 0.0,
+        resid_dropout: float = 0.0,
+        ffn_dropout: float = 0.0,
+    ) -> None:
         super().__init__()
         self.norm_first = norm_first
-        self.self_attn = FairseqAttention(dim, n_heads, attn_dropout)
-        self.self_attn_layer_norm = nn.LayerNorm(dim, eps=eps)
-        self.fc1 = nn.Linear(dim, ffn_dim)
-        self.fc2 = nn.Linear(ffn_dim, dim)
-        self.final_layer_norm = nn.LayerNorm(dim, eps=eps)
-        self.dropout = nn.Dropout(dropout)
+        self.attn_norm = make_norm(norm, dim, eps)
+        self.attn = Attention(dim, n_heads, bias, attn_dropout)
+        self.mlp_norm = make_norm(norm, dim, eps)
+        self.mlp = SwiGLU(dim, hidden, bias) if mlp == "swiglu" else GeluMLP(dim, hidden, bias)
+        self.attn_dropout = nn.Dropout(resid_dropout)
+        self.mlp_dropout = nn.Dropout(ffn_dropout)
 
     def forward(self, x, rope, causal, input_pos=None, mask=None, kv_len=None):
         if self.norm_first:
-            x = x + self.dropout(self.self_attn(self.self_attn_layer_norm(x), rope, causal, input_pos, mask, kv_len))
-            return x + self.dropout(self.fc2(F.gelu(self.fc1(self.final_layer_norm(x)))))
-        x = self.self_attn_layer_norm(x + self.dropout(self.self_attn(x, rope, causal, input_pos, mask, kv_len)))
-        return self.final_layer_norm(x + self.dropout(self.fc2(F.gelu(self.fc1(x)))))
+            h = x + self.attn_dropout(self.attn(self.attn_norm(x), rope, causal, input_pos, mask, kv_len))
+            return h + self.mlp_dropout(self.mlp(self.mlp_norm(h)))
+        h = self.attn_norm(x + self.attn_dropout(self.attn(x, rope, causal, input_pos, mask, kv_len)))
+        return self.mlp_norm(h + self.mlp_dropout(self.mlp(h)))

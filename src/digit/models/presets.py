@@ -1,5 +1,8 @@
 """Registered model sizes: build a GPTConfig by name plus overrides (timm's ``create_model(name, **kw)`` pattern).
 
+A preset may name a layout (``"arch": "llama" | "fairseq"``): shorthand for that layout's behaviour switches
+(`digit.models.gpt.ARCHS`); switches given explicitly win.
+
 LlamaGen sizes (c2i, ../shared/reference/llamagen-official.md section 1) and DiGIT sizes (digit-official.md section 2).
 digit-large's head count is not in the released configs: 24 heads keeps base's head_dim 64 (it does not change the
 parameter count).
@@ -10,7 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 from digit.errors import DigitError
-from digit.models.gpt import GPTConfig
+from digit.models.gpt import ARCHS, GPTConfig
 
 _LLAMAGEN_DROPOUT = {"embed_dropout": 0.1, "resid_dropout": 0.1, "ffn_dropout": 0.1, "attn_dropout": 0.0}
 _FAIRSEQ_DROPOUT = {"embed_dropout": 0.1, "resid_dropout": 0.1, "ffn_dropout": 0.1, "attn_dropout": 0.0}
@@ -70,9 +73,15 @@ def build_config(name: str, **overrides: Any) -> GPTConfig:
     given = {_ALIASES.get(k, k): v for k, v in overrides.items() if v is not None}
     if "dim" in given and "ffn_dim" not in given and kw.get("ffn_dim"):
         kw["ffn_dim"] = 4 * given["dim"]  # fairseq presets fix ffn = 4 * dim; keep the ratio
-    if given.get("arch") == "llama" and kw.get("arch") == "fairseq":
-        kw.pop("ffn_dim", None)
-        kw.pop("max_positions", None)
+    arch = given.pop("arch", None)
+    if arch is not None:
+        if arch not in ARCHS:
+            raise DigitError(f"unknown arch {arch!r} (choose from {', '.join(ARCHS)})")
+        if arch == "llama" and kw.get("arch") == "fairseq":
+            kw.pop("ffn_dim", None)
+            kw.pop("max_positions", None)
+        kw["arch"] = arch
+    kw = {**ARCHS[kw.pop("arch", "llama")], **kw}
     kw.update(given)
     try:
         return GPTConfig(**kw)

@@ -82,19 +82,19 @@ def load_special_rows(run_dir: str | os.PathLike) -> torch.Tensor:
 def special_rows_appended(model: torch.nn.Module, special: torch.Tensor) -> Iterator[int]:
     """Temporarily give a fairseq-arch GPT the head ``[codes; specials]``; yields the number of code rows."""
     if model.config.arch != "fairseq":
-        raise DigitError("official (fairseq) sampling applies to converted DiGIT models (arch 'fairseq')")
-    head = model.output_projection
+        raise DigitError("official (fairseq) sampling applies to converted DiGIT models (the fairseq layout)")
+    head = model.head
     if special.shape[1] != head.weight.shape[1]:
         raise DigitError(f"special rows have width {special.shape[1]}, the model {head.weight.shape[1]}")
     full = torch.nn.Linear(head.in_features, head.out_features + special.shape[0], bias=False)
     full = full.to(device=head.weight.device, dtype=head.weight.dtype)
     with torch.no_grad():
         full.weight.copy_(torch.cat([head.weight, special.to(head.weight)]))
-    model.output_projection = full
+    model.head = full
     try:
         yield head.out_features
     finally:
-        model.output_projection = head
+        model.head = head
 
 
 def generate_official(
