@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from digit.convert.digit import convert_digit, digit_pos_embed, read_fairseq
+from digit.convert.keys import to_fairseq
 from digit.errors import DigitError
 
 NS, EOS, UNK = 5, 2, 3
@@ -185,6 +186,11 @@ def test_stage2_logits_match_fairseq(tmp_path, name):
         with torch.no_grad():
             ours = model(torch.where(masked, model.mask_token_id, vq), sem)
     _close(ours, ref)
+    # exported under fairseq's names, the transformer weights are the checkpoint's own (q/k/v split back out of qkv)
+    exported = to_fairseq(model.state_dict(), prefix="decoder.")
+    same = [k for k in ck2["model"] if k.startswith(("decoder.layers.", "decoder.layer_norm.", "decoder.embed_pos"))]
+    assert len(same) == 2 + LAYERS * 16 + 2 and set(same) <= set(exported)
+    assert all(torch.equal(exported[k], ck2["model"][k].float()) for k in same)
 
 
 def test_vq_baseline_logits_match_fairseq(tmp_path):

@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from digit.convert.keys import to_llamagen
 from digit.convert.llamagen import convert_llamagen, convert_llamagen_gpt
 from digit.errors import DigitError
 
@@ -106,6 +107,11 @@ def test_gpt_logits_match_llamagen(tmp_path, fmt):
     with torch.no_grad():
         ours = model(ids, labels)
     torch.testing.assert_close(ours, llamagen_logits(s, ids, labels), atol=1e-5, rtol=1e-5)
+    # exporting goes back to LlamaGen's exact state dict (names and fp32 values), which gives the same logits
+    exported = to_llamagen(model.state_dict())
+    assert exported.keys() == s.keys()
+    assert all(torch.equal(exported[k], s[k].float()) for k in s)
+    torch.testing.assert_close(llamagen_logits(exported, ids, labels), ours, atol=1e-5, rtol=1e-5)
 
 
 def test_heads_come_from_args_or_size_table(tmp_path):

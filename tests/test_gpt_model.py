@@ -63,24 +63,65 @@ def test_causality(arch, cond):
 
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("cond", CONDS)
-def test_kv_cache_matches_full_forward(arch, cond):
+def test_kv_cache_matches_full_forward(arch, cond, monkeypatch):
     model = randomized(tiny(arch, cond), seed=3)
     cfg = model.config
     B, T, C = 3, cfg.seq_len, cfg.cond_len
     tokens = torch.randint(0, V, (B, T), generator=torch.Generator().manual_seed(4))
     c = make_cond(cfg, B)
+
+    def decode_all(kv_len_given: bool) -> torch.Tensor:
+        steps = [model.prefill(c, B)]
+        for i in range(T - 1):
+            kv_len = C + i + 1 if kv_len_given else None
+            steps.append(model.decode_step(tokens[:, i : i + 1], torch.tensor([C + i]), kv_len))
+        return torch.stack(steps, dim=1)
+
     with torch.no_grad():
         full = model(tokens, c)
         model.setup_cache(B)
-        # eager path (attend to the C + i filled entries) and static path (whole cache + mask, for compile)
-        for sliced in (True, False):
-            steps = [model.prefill(c, B)]
-            for i in range(T - 1):
-                kv_len = C + i + 1 if sliced else None
-                steps.append(model.decode_step(tokens[:, i : i + 1], torch.tensor([C + i]), kv_len))
-            torch.testing.assert_close(torch.stack(steps, dim=1), full, atol=1e-5, rtol=1e-5)
+        given = decode_all(True)  # the caller says how many entries are filled
+        read = decode_all(False)  # positions on the CPU: the model reads the filled length itself
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+        static = decode_all(False)  # as under torch.compile: the whole static cache through the mask
+    torch.testing.assert_close(given, full, atol=1e-5, rtol=1e-5)
+    assert torch.equal(read, given)  # the same computation
+    torch.testing.assert_close(static, given, atol=1e-6, rtol=1e-6)
     # the cache is non-persistent: never part of the weights
     assert not any("cache" in k for k in model.state_dict())
+
+
+def test_decode_reads_only_the_filled_cache_entries(monkeypatch):
+    """Entries past the position are never read: garbage there changes nothing on the sliced path (and nothing on
+    the masked path either, where the mask removes it)."""
+    model = randomized(tiny("llama", "class"), seed=5)
+    C = model.config.cond_len
+    tokens = torch.randint(0, V, (2, 16), generator=torch.Generator().manual_seed(6))
+    labels = torch.tensor([1, 3])
+    seen = []
+    orig = F.scaled_dot_product_attention
+
+    def spy(q, k, v, **kw):
+        seen.append((k.shape[2], kw.get("attn_mask") is not None))
+        return orig(q, k, v, **kw)
+
+    with torch.no_grad():
+        full = model(tokens, labels)
+        model.setup_cache(2)
+        model.prefill(labels, 2)
+        for i in range(5):
+            model.decode_step(tokens[:, i : i + 1], torch.tensor([C + i]))
+        for blk in model.blocks:  # poison everything after position C + 4
+            blk.attn.kv_cache.k_cache[:, :, C + 5 :] = float("nan")
+        monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+        out = model.decode_step(tokens[:, 5:6], torch.tensor([C + 5]))
+        assert seen == [(C + 6, False)] * model.config.n_layers  # C + 6 entries read, no mask
+        torch.testing.assert_close(out, full[:, 6], atol=1e-5, rtol=1e-5)
+        # a chunk of three tokens re-fed at positions C + 3.. C + 5 reads C + 6 entries under the causal mask
+        seen.clear()
+        out = model.decode_step(tokens[:, 3:6], torch.arange(C + 3, C + 6))
+        assert seen == [(C + 6, True)] * model.config.n_layers
+        torch.testing.assert_close(out, full[:, 6], atol=1e-5, rtol=1e-5)
 
 
 def test_nar_is_bidirectional_with_mask_token():

@@ -130,7 +130,7 @@ def from_llamagen(sd: StateDict) -> StateDict:
 def to_fairseq(sd: StateDict, prefix: str = "") -> StateDict:
     """Our names -> fairseq ``TransformerDecoder`` names under ``prefix`` (``"decoder."`` for a whole checkpoint);
     the fused ``attn.qkv`` is split into ``q_proj`` / ``k_proj`` / ``v_proj`` (views)."""
-    out = _condition_to_foreign(sd)
+    out = {prefix + k: v for k, v in _condition_to_foreign(sd).items()}
     unknown = []
     for k, v in sd.items():
         if k.startswith("condition."):
@@ -161,14 +161,13 @@ def from_fairseq(sd: StateDict, prefix: str = "") -> StateDict:
     qkv: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
     unknown = []
     for key, v in sd.items():
-        if (c := _condition_from_foreign(key)) is not None:
-            out[c] = v
-            continue
         if not key.startswith(prefix):
             unknown.append(key)
             continue
         k = key.removeprefix(prefix)
-        if k in top:
+        if (c := _condition_from_foreign(k)) is not None:
+            out[c] = v
+        elif k in top:
             out[top[k]] = v
         elif (m := _LAYER.match(k)) and (p := re.match(r"^self_attn\.([qkv])_proj\.(weight|bias)$", m.group(2))):
             qkv.setdefault((m.group(1), p.group(2)), {})[p.group(1)] = v
