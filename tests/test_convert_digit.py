@@ -309,7 +309,7 @@ def test_tokenizer_matches_digit_dinov2_and_kmeans(tmp_path, source):
         torch.save(enc, tmp_path / "dinov2.pth")
         kw = {"kmeans": str(tmp_path / "km.npy"), "dinov2": str(tmp_path / "dinov2.pth")}
     s1 = _save(tmp_path, "s1.pt", fairseq_ckpt("stlm", extra=extra))
-    written = convert_digit(tmp_path / "o", stage1=s1, grid=GRID, image_size=28, **kw)
+    written = convert_digit(tmp_path / "o", stage1=s1, grid=GRID, image_size=28, encoder_heads=1, **kw)
     assert "tokenizer" in written
     tok = load_tokenizer(tmp_path / "o" / "tokenizer")
     assert tok.vocab_size == K and tok.grid_size == GRID
@@ -331,6 +331,113 @@ def test_digit_pos_embed_differs_from_size_resize():
     assert ours.shape == (1, 257, 8) and torch.equal(ours[:, 0], pos[:, 0])
     by_size = F.interpolate(pos[:, 1:].reshape(1, 37, 37, 8).permute(0, 3, 1, 2), size=(16, 16), mode="bicubic")
     assert not torch.allclose(ours[:, 1:], by_size.permute(0, 2, 3, 1).reshape(1, 256, 8), atol=1e-4)
+
+
+def test_dinov2_heads_are_read_or_required_never_guessed(tmp_path, capsys):
+    from digit.cli import main
+    from digit.convert.digit import dinov2_heads
+
+    # DINOv2's own sizes are known; DiGIT's config names its encoder (dino_vit_base / dino_vit_large)
+    assert dinov2_heads(768, 12, "x") == 12 and dinov2_heads(1024, 24, "x", arch="dino_vit_large") == 16
+    assert dinov2_heads(384, 12, "x") == 6 and dinov2_heads(1536, 40, "x") == 24
+    assert dinov2_heads(32, 3, "x", heads=2) == 2
+    for kwargs, msg in (
+        ({}, "--dinov2-heads"),
+        ({"heads": 3}, "do not divide"),
+        ({"arch": "dino_vit_base"}, "names dino_vit_base"),
+    ):
+        with pytest.raises(DigitError, match=msg):
+            dinov2_heads(32, 3, "x", **kwargs)
+    with pytest.raises(DigitError, match="has 12 heads, not 8"):
+        dinov2_heads(768, 12, "x", heads=8)
+    # D // 64 would have guessed (0, clamped to 1) for this 32-wide encoder: the converter refuses and takes the flag
+    enc = {k: v for k, v in dinov2_state().items()}
+    np.save(tmp_path / "km.npy", torch.randn(K, ENC_D).numpy())
+    torch.save(enc, tmp_path / "dinov2.pth")
+    s1 = _save(tmp_path, "s1.pt", fairseq_ckpt("stlm"))
+    argv = ["convert", "digit", "--stage1", s1, "--kmeans", str(tmp_path / "km.npy"), "--dinov2", str(tmp_path / "dinov2.pth"),
+            "--grid", "2", "2", "--image-size", "28"]  # fmt: skip
+    assert main([*argv, "--out", str(tmp_path / "a")]) == 2
+    assert "pass --dinov2-heads N" in capsys.readouterr().err and not (tmp_path / "a").exists()
+    assert main([*argv, "--dinov2-heads", "2", "--out", str(tmp_path / "b")]) == 0
+    from digit.tokenizers import load_tokenizer
+
+    assert load_tokenizer(tmp_path / "b" / "tokenizer").encoder.model.blocks[0].attn.num_heads == 2
+    # a num_heads in the checkpoint's encoder config is read
+    ck = fairseq_ckpt("stlm")
+    ck["cfg"]["model"]["pretrained_enc_config"]["num_heads"] = 4
+    convert_digit(tmp_path / "c", stage1=_save(tmp_path, "s1h.pt", ck), kmeans=str(tmp_path / "km.npy"),
+                  dinov2=str(tmp_path / "dinov2.pth"), grid=GRID, image_size=28)  # fmt: skip
+    assert load_tokenizer(tmp_path / "c" / "tokenizer").encoder.model.blocks[0].attn.num_heads == 4
+
+
+TINY_DINOV2 = ["--encoder", "vit_base_patch14_reg4_dinov2", "--encoder-kwargs",
+               f'{{"embed_dim": {ENC_D}, "depth": {ENC_DEPTH}, "num_heads": 1}}', "--image-size", "28", "--layer", "2"]  # fmt: skip
+
+
+@pytest.mark.parametrize("route", ["from-centroids", "fit"])
+def test_tokenizer_routes_reproduce_convert_digit_features(tmp_path, route, image_folder):
+    """`tokenizer fit` / `from-centroids` on an original DINOv2 file resample its position table DiGIT's way by
+    default, exactly as `convert digit` does: same table, same features, same tokens; `timm` stays available."""
+    from digit.cli import main
+    from digit.tokenizers import load_tokenizer
+
+    enc = dinov2_state()
+    torch.save(enc, tmp_path / "dinov2.pth")
+    np.save(tmp_path / "km.npy", torch.randn(K, ENC_D, generator=torch.Generator().manual_seed(8)).numpy())
+    convert_digit(tmp_path / "conv", stage1=_save(tmp_path, "s1.pt", fairseq_ckpt("stlm")), kmeans=str(tmp_path / "km.npy"),
+                  dinov2=str(tmp_path / "dinov2.pth"), grid=GRID, image_size=28, encoder_heads=1)  # fmt: skip
+    conv = load_tokenizer(tmp_path / "conv" / "tokenizer")
+    if route == "fit":
+        head = ["tokenizer", "fit", "--data", str(image_folder), "--clusters", "2", "--workers", "0"]
+    else:
+        head = ["tokenizer", "from-centroids", "--centroids", str(tmp_path / "km.npy")]
+    argv = [*head, *TINY_DINOV2, "--encoder-weights", str(tmp_path / "dinov2.pth")]
+    assert main([*argv, "--out", str(tmp_path / "auto")]) == 0
+    assert main([*argv, "--pos-embed-interpolation", "timm", "--out", str(tmp_path / "timm")]) == 0
+    tok, tok_timm = load_tokenizer(tmp_path / "auto"), load_tokenizer(tmp_path / "timm")  # rebuilt from tokenizer.json
+    assert tok.config()["encoder"]["weights"]["pos_embed_interpolation"] == "digit"
+    torch.testing.assert_close(tok.encoder.model.pos_embed, conv.encoder.model.pos_embed, atol=0, rtol=0)
+    assert not torch.allclose(tok_timm.encoder.model.pos_embed, conv.encoder.model.pos_embed, atol=1e-3)
+    x = torch.randn(3, 3, 28, 28, generator=torch.Generator().manual_seed(9))
+    ref = dinov2_digit_features(enc, x, layer=2)
+    _close(tok.encoder(x), ref)
+    _close(tok.encoder(x), conv.encoder(x))
+    assert not torch.allclose(tok_timm.encoder(x), ref, atol=1e-3)
+    if route == "from-centroids":
+        assert torch.equal(tok.encode_normalized(x), conv.encode_normalized(x))
+
+
+def test_hub_dinov2_weights_get_digit_interpolation(tmp_path, monkeypatch):
+    """--pretrained timm DINOv2 weights: the native table is resampled DiGIT's way (auto), not by timm's loader."""
+    import digit.tokenizers.encoder as encoder_mod
+
+    enc = dinov2_state()
+    create = encoder_mod._create_timm
+
+    def fake_hub(name, kwargs, image_size, pretrained=False):  # the hub: the same weights at their native 70 px
+        if not pretrained:
+            return create(name, kwargs, image_size)
+        model = create(name, kwargs, image_size or 14 * M)
+        encoder_mod.load_state_dict_into(model, dict(enc), "hub")
+        return model
+
+    monkeypatch.setattr(encoder_mod, "_create_timm", fake_hub)
+    kw = {"embed_dim": ENC_D, "depth": ENC_DEPTH, "num_heads": 1}
+    name = "vit_base_patch14_reg4_dinov2"
+    digit = encoder_mod.build_encoder(name, kw, pretrained=True, image_size=28, layer=2)
+    timm_way = encoder_mod.build_encoder(
+        name, kw, pretrained=True, image_size=28, layer=2, pos_embed_interpolation="timm"
+    )
+    x = torch.randn(2, 3, 28, 28, generator=torch.Generator().manual_seed(9))
+    _close(digit(x), dinov2_digit_features(enc, x, layer=2))
+    assert not torch.allclose(timm_way(x), digit(x), atol=1e-3)
+    assert digit.config()["weights"]["pos_embed_interpolation"] == "digit"
+    # a tokenizer.json written before the choice existed keeps timm's resampling (its tokens were made that way)
+    cfg = {**timm_way.config(), "weights": {"kind": "hub", "name": name}}
+    _close(encoder_mod.encoder_from_config(cfg)(x), timm_way(x))
+    with pytest.raises(DigitError, match="unknown position-embedding interpolation"):
+        encoder_mod.build_encoder(name, kw, pretrained=True, image_size=28, pos_embed_interpolation="nearest")
 
 
 def test_read_fairseq_reports_architecture(tmp_path):
@@ -507,7 +614,7 @@ def test_cli_writes_directories_the_pipeline_accepts(tmp_path, capsys):
     out = tmp_path / "out"
     argv = ["convert", "digit", "--stage1", s1, "--stage2", s2, "--kmeans", str(tmp_path / "km.npy"), "--dinov2",
             str(tmp_path / "dinov2.pth"), "--vqgan", str(tmp_path / "vqgan.ckpt"), "--grid", "2", "2",
-            "--image-size", "28", "--out", str(out)]  # fmt: skip
+            "--image-size", "28", "--dinov2-heads", "1", "--out", str(out)]  # fmt: skip
     assert main(argv) == 0
     assert sorted(p.name for p in out.iterdir()) == ["stage1", "stage2", "tokenizer", "vqgan"]
     pipe = load_pipeline(out / "stage1", out / "vqgan", out / "stage2")

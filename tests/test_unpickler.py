@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import enum
 import os
+import re
 import subprocess
 import sys
 import types
@@ -181,3 +182,58 @@ def test_numpy_values_in_extra_state(tmp_path):
     torch.save({"x": np.array([object()], dtype=object)}, tmp_path / "o.pt")  # object arrays are refused
     with pytest.raises(DigitError):
         load_checkpoint(tmp_path / "o.pt")
+
+
+def _assert_clean_refusal(message: str, *names: str) -> None:
+    """One line, no ANSI escapes, none of torch's advice to retry without the weights-only guard."""
+    assert "\n" not in message and "\x1b" not in message, repr(message)
+    advice = re.sub(r"/\S+", "", message)  # paths (the test's tmp dir) aside
+    assert "weights_only" not in advice and "False" not in advice and "trusted source" not in advice, message
+    for name in names:
+        assert name in message, message
+
+
+@pytest.mark.parametrize(
+    "payload, names",
+    [
+        (lambda m: _System(m), ("system",)),  # a blocked module (posix.system)
+        (lambda m: __import__("fractions").Fraction(1, 3), ("fractions.Fraction",)),  # an unlisted class (ANSI text)
+    ],
+)
+def test_weights_only_refusal_names_the_global_in_one_clean_line(tmp_path, payload, names):
+    from digit.utils.safe_pickle import load_weights
+
+    marker = tmp_path / "pwned"
+    path = tmp_path / "w.pt"
+    torch.save({"w": torch.zeros(2), "x": payload(marker)}, path)
+    with pytest.raises(DigitError) as err:
+        load_weights(path)
+    _assert_clean_refusal(str(err.value), str(path), *names)
+    assert not marker.exists()
+
+
+def test_garbage_file_refusal_is_one_clean_line(tmp_path):
+    from digit.utils.safe_pickle import load_weights
+
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint at all")
+    for load in (load_weights, restricted_load, load_checkpoint):
+        with pytest.raises(DigitError) as err:
+            load(tmp_path / "junk.pt")
+        _assert_clean_refusal(str(err.value), str(tmp_path / "junk.pt"))
+
+
+def test_cli_refusal_of_a_pickled_encoder_file(tmp_path, capsys):
+    from digit.cli import main
+
+    marker = tmp_path / "pwned"
+    torch.save({"model": {"pos_embed": torch.zeros(1, 2, 4)}, "cfg": _System(marker)}, tmp_path / "enc.pth")
+    import numpy as np
+
+    np.save(tmp_path / "km.npy", np.zeros((4, 64), dtype=np.float32))
+    argv = ["tokenizer", "from-centroids", "--centroids", str(tmp_path / "km.npy"), "--encoder",
+            "vit_small_patch14_reg4_dinov2", "--encoder-weights", str(tmp_path / "enc.pth"), "--out", str(tmp_path / "t")]  # fmt: skip
+    assert main([*argv, "--encoder-kwargs", '{"depth": 1, "embed_dim": 64, "num_heads": 2}', "--image-size", "28"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("digit tokenizer: error: refusing to load") and err.count("\n") == 0, err
+    _assert_clean_refusal(err, "enc.pth", "system")
+    assert not marker.exists() and not (tmp_path / "t").exists()

@@ -44,6 +44,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     d.add_argument("--dinov2-interpolation", choices=("digit", "timm"), default="digit",
                    help="position-table resampling: 'digit' reproduces DiGIT's copy (bicubic, antialias off, offset "
                    "0.1, tokens depend on it); 'timm' uses timm's antialiased resize")  # fmt: skip
+    d.add_argument("--dinov2-heads", type=positive_int, help="attention heads of a DINOv2 that is none of DINOv2's "
+                   "sizes (ViT-S/B/L/g: known); required there, as the weights do not say")  # fmt: skip
     d.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     d.add_argument("--out", required=True, help="output directory")
     d.set_defaults(func=run_digit)
@@ -93,7 +95,7 @@ def run_digit(args: argparse.Namespace) -> int:
             tmp, stage1=str(args.stage1), stage2=str(args.stage2) if args.stage2 else None,
             kmeans=str(args.kmeans) if args.kmeans else None, dinov2=str(args.dinov2) if args.dinov2 else None,
             vqgan=str(args.vqgan) if args.vqgan else None, grid=tuple(args.grid), image_size=args.image_size,
-            interpolation=args.dinov2_interpolation,
+            interpolation=args.dinov2_interpolation, encoder_heads=args.dinov2_heads,
         )  # fmt: skip
 
     return _staged(args, write)

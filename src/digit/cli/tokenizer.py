@@ -31,6 +31,14 @@ def add_encoder_args(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--encoder-seed", type=int, default=0, help="seed for --random-init weights")
     g.add_argument(
+        "--pos-embed-interpolation",
+        choices=["auto", "digit", "timm"],
+        default="auto",
+        help="how loaded weights' position table is resized to --image-size: 'digit' as DiGIT's DINOv2 copy "
+        "(bicubic by scale factor (g + 0.1) / M, no antialias; reproduces DiGIT's tokens), 'timm' timm's antialiased "
+        "resize (the hub / HF models); auto (default) = digit for DINOv2 weights, timm otherwise",
+    )
+    g.add_argument(
         "--precision",
         choices=["auto", "fp32", "bf16"],
         default="auto",
@@ -50,6 +58,7 @@ def build_encoder_from_args(args: argparse.Namespace, device):
         image_size=args.image_size,
         layer=args.layer,
         seed=args.encoder_seed,
+        pos_embed_interpolation=args.pos_embed_interpolation,
     )
     return enc.to(device).set_precision(args.precision)
 

@@ -196,27 +196,50 @@ def official_info(ck: FairseqCheckpoint) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------------ DINOv2 encoder
-_DINOV2_SIZES = {(384, 12): "small", (768, 12): "base", (1024, 24): "large", (1536, 40): "giant2"}
+
+# DINOv2's own sizes: (width, depth) -> (timm size name, attention heads); pretrained_enc_arch names in DiGIT's configs
+_DINOV2_SIZES = {
+    (384, 12): ("small", 6),
+    (768, 12): ("base", 12),
+    (1024, 24): ("large", 16),
+    (1536, 40): ("giant2", 24),
+}
+_DIGIT_ARCHS = {
+    "dino_vit_small": "small",
+    "dino_vit_base": "base",
+    "dino_vit_large": "large",
+    "dino_vit_giant2": "giant2",
+}
 
 
 def digit_pos_embed(pos_embed: torch.Tensor, grid: int, offset: float = 0.1, antialias: bool = False) -> torch.Tensor:
-    """DiGIT's DINOv2 copy (`pretrained_enc/dino/vits.py` ``interpolate_pos_encoding``): the [1, 1 + M*M, D] table
-    resampled to ``grid`` x ``grid`` by ``F.interpolate(scale_factor=(grid + offset) / M, bicubic, antialias)`` in
-    float32 (a scale factor, not a size: the sampling coordinates differ from a size-based resize). cls row unchanged."""
-    import torch.nn.functional as F
+    """An original DINOv2 [1, 1 + M*M, D] table resampled to ``grid`` x ``grid`` DiGIT's way (cls row unchanged):
+    `digit.tokenizers.encoder.digit_resample_pos_embed`, the one implementation `tokenizer fit` / `from-centroids`
+    share."""
+    from digit.tokenizers.encoder import digit_resample_pos_embed
 
-    cls, patch = pos_embed[:, :1].float(), pos_embed[:, 1:].float()
-    M, D = int(round(patch.shape[1] ** 0.5)), patch.shape[2]
-    if M * M != patch.shape[1]:
-        raise DigitError(f"pos_embed has {patch.shape[1]} patch rows, not a square grid")
-    if M == grid:
-        return pos_embed.float()
-    scale = float(grid + offset) / M
-    x = F.interpolate(patch.reshape(1, M, M, D).permute(0, 3, 1, 2), scale_factor=(scale, scale), mode="bicubic",
-                      antialias=antialias)  # fmt: skip
-    if tuple(x.shape[-2:]) != (grid, grid):
-        raise DigitError(f"interpolating a {M}x{M} table by {scale:.4f} gave {tuple(x.shape[-2:])}, not {grid}x{grid}")
-    return torch.cat([cls, x.permute(0, 2, 3, 1).reshape(1, grid * grid, D)], dim=1)
+    return digit_resample_pos_embed(pos_embed, (grid, grid), 1, offset=offset, antialias=antialias)
+
+
+def dinov2_heads(width: int, depth: int, origin: str, heads: int | None = None, arch: str | None = None) -> int:
+    """Attention heads of a DINOv2 state dict (the weights do not say): DINOv2's own sizes, else ``heads`` (an explicit
+    flag), else a ``num_heads`` / ``pretrained_enc_arch`` the checkpoint's config names. Never guessed."""
+    size = _DINOV2_SIZES.get((width, depth))
+    named = _DIGIT_ARCHS.get(str(arch)) if arch else None
+    if named is not None and (size is None or size[0] != named):
+        raise DigitError(f"{origin}: the config names {arch} but the encoder is {width} wide and {depth} deep")
+    if heads is not None:
+        if size is not None and heads != size[1]:
+            raise DigitError(f"{origin}: a DINOv2 ViT-{size[0]} has {size[1]} heads, not {heads}")
+        if heads < 1 or width % heads:
+            raise DigitError(f"{origin}: {heads} heads do not divide the width {width}")
+        return heads
+    if size is not None:
+        return size[1]
+    raise DigitError(
+        f"{origin}: a {width}-wide, {depth}-deep DINOv2 is none of DINOv2's sizes (ViT-S/B/L/g), and its weights do "
+        "not say how many attention heads it has: pass --dinov2-heads N"
+    )
 
 
 def dinov2_encoder(
@@ -226,12 +249,14 @@ def dinov2_encoder(
     image_size: int = 224,
     layer: int = 3,
     interpolation: str = "digit",
+    heads: int | None = None,
+    arch: str | None = None,
 ):
     """An original-layout DINOv2 state dict -> `digit.tokenizers.encoder.Encoder` (timm) at ``image_size``.
 
-    ``interpolation="digit"`` bakes DiGIT's position-table resampling (antialias off, offset 0.1) into the stored table,
-    so the encoder reproduces DiGIT's features at ``image_size``; ``"timm"`` leaves it to timm's loader (antialiased
-    size-based resize, as the torch-hub / HF models)."""
+    ``interpolation="digit"`` resamples the position table DiGIT's way (antialias off, offset 0.1) and stores it, so
+    the encoder reproduces DiGIT's features at ``image_size``; ``"timm"`` leaves it to timm's loader (antialiased
+    size-based resize, as the torch-hub / HF models). ``heads`` / ``arch``: see :func:`dinov2_heads`."""
     from digit.tokenizers.encoder import Encoder, _create_timm, load_state_dict_into
 
     if interpolation not in ("digit", "timm"):
@@ -246,21 +271,20 @@ def dinov2_encoder(
     regs = state["register_tokens"].shape[1] if "register_tokens" in state else 0
     if "blocks.0.mlp.w12.weight" in state:
         raise DigitError(f"{origin}: SwiGLU DINOv2 (giant) is not supported")
+    n_heads = dinov2_heads(D, depth, origin, heads, arch)
     size = _DINOV2_SIZES.get((D, depth))
-    name = f"vit_{size or 'base'}_patch14{f'_reg{regs}' if regs else ''}_dinov2"
+    name = f"vit_{size[0] if size else 'base'}_patch14{f'_reg{regs}' if regs else ''}_dinov2"
     kwargs: dict[str, Any] = {}
     if size is None or regs not in (0, 4) or patch != 14:
         name = f"vit_base_patch14{'_reg4' if regs else ''}_dinov2"
-        kwargs = {"embed_dim": D, "depth": depth, "num_heads": max(1, D // 64), "patch_size": patch,
+        kwargs = {"embed_dim": D, "depth": depth, "num_heads": n_heads, "patch_size": patch,
                   "mlp_ratio": state["blocks.0.mlp.fc1.weight"].shape[0] / D}  # fmt: skip
         if regs:
             kwargs["reg_tokens"] = regs
     if image_size % patch:
         raise DigitError(f"image size {image_size} is not a multiple of the patch size {patch}")
-    if interpolation == "digit":
-        state["pos_embed"] = digit_pos_embed(state["pos_embed"], image_size // patch)
     model = _create_timm(name, kwargs, image_size)
-    load_state_dict_into(model, state, origin)
+    load_state_dict_into(model, state, origin, interpolation)
     source = {"name": name, "kwargs": kwargs,
               "weights": {"kind": "stored", "converted_from": origin, "pos_embed_interpolation": interpolation}}  # fmt: skip
     return Encoder(model, layer=layer, image_size=image_size, source=source)
@@ -320,9 +344,11 @@ def convert_digit(
     grid: tuple[int, int] = (16, 16),
     image_size: int = 224,
     interpolation: str = "digit",
+    encoder_heads: int | None = None,
 ) -> dict[str, str]:
     """Write ``stage1/`` (and ``stage2/``) run directories, ``tokenizer/`` and ``vqgan/`` under ``out`` (a directory
-    that is created or must be empty). Returns {piece: path}."""
+    that is created or must be empty). ``encoder_heads``: the DINOv2's attention heads when it is none of DINOv2's
+    sizes (:func:`dinov2_heads`). Returns {piece: path}."""
     from digit.convert.mage import convert_mage_vqgan, mage_vqgan_from_state
 
     out = Path(out)
@@ -355,9 +381,11 @@ def convert_digit(
     has_enc = next((c for c in holders if any(k.startswith("pretrained_encoder.") for k in c.state)), None)
     enc_sd, enc_origin = _encoder_state(dinov2, has_enc)
     if cents is not None and enc_sd is not None:
-        layer = int(((ck1.model_cfg.get("pretrained_enc_config") or {}).get("layer")) or 3)
+        enc_cfg = ck1.model_cfg.get("pretrained_enc_config") or {}
+        layer = int(enc_cfg.get("layer") or 3)
         encoder = dinov2_encoder(enc_sd, origin=enc_origin, image_size=image_size, layer=layer,
-                                 interpolation=interpolation)  # fmt: skip
+                                 interpolation=interpolation, heads=encoder_heads or enc_cfg.get("num_heads"),
+                                 arch=enc_cfg.get("pretrained_enc_arch"))  # fmt: skip
         tok_cfg = write_tokenizer_dir(out / "tokenizer", encoder, cents)
         written["tokenizer"] = str(out / "tokenizer")
 

@@ -157,7 +157,9 @@ def restricted_load(path: str | os.PathLike) -> Any:
     except DigitError as e:
         raise DigitError(f"{path}: {e}") from None
     except (pickle.UnpicklingError, EOFError, RuntimeError, ValueError, TypeError, AttributeError, KeyError) as e:
-        raise DigitError(f"{path} is not a readable torch checkpoint ({type(e).__name__}: {e})") from e
+        from digit.utils.safe_pickle import torch_load_reason
+
+        raise DigitError(f"{path} is not a readable torch checkpoint ({torch_load_reason(e)})") from e
     return plain(obj)
 
 

@@ -27,6 +27,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 PRECISIONS = ("auto", "fp32", "bf16")
+POS_EMBED_INTERPOLATIONS = ("auto", "digit", "timm")
 ENCODER_JSON = "encoder.json"
 ENCODER_WEIGHTS = "encoder.safetensors"
 
@@ -144,10 +145,71 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return {k.removeprefix("module.").removeprefix("backbone."): v for k, v in sd.items() if torch.is_tensor(v)}
 
 
-def load_state_dict_into(model: nn.Module, state_dict: dict[str, torch.Tensor], origin: str) -> None:
-    """Load timm-layout or original-DINOv2-layout weights; timm's filter converts DINOv2 keys and resizes pos_embed."""
+def digit_resample_pos_embed(
+    pos_embed: torch.Tensor, grid: tuple[int, int], num_prefix: int, offset: float = 0.1, antialias: bool = False
+) -> torch.Tensor:
+    """DiGIT's DINOv2 copy (`pretrained_enc/dino/vits.py` ``interpolate_pos_encoding``, reference section 1): the
+    square patch rows of a [1, prefix + M*M, D] table resampled to ``grid`` by ``F.interpolate(scale_factor=(g +
+    offset) / M, bicubic, antialias)`` in float32. A scale factor, not a size: the sampling coordinates differ from a
+    size-based resize (timm's loader, the torch-hub and HF models), which changes about 3% of the tokens. The
+    ``num_prefix`` leading rows (cls) are kept as they are."""
+    import torch.nn.functional as F
+
+    prefix, patch = pos_embed[:, :num_prefix].float(), pos_embed[:, num_prefix:].float()
+    M, D = int(round(patch.shape[1] ** 0.5)), patch.shape[2]
+    if M * M != patch.shape[1]:
+        raise DigitError(f"pos_embed has {patch.shape[1]} patch rows, not a square grid")
+    gh, gw = grid
+    if (M, M) == (gh, gw):
+        return pos_embed.float()
+    scale = (float(gh + offset) / M, float(gw + offset) / M)
+    x = F.interpolate(patch.reshape(1, M, M, D).permute(0, 3, 1, 2), scale_factor=scale, mode="bicubic",
+                      antialias=antialias)  # fmt: skip
+    if tuple(x.shape[-2:]) != (gh, gw):
+        raise DigitError(f"interpolating a {M}x{M} position table by {scale} gave {tuple(x.shape[-2:])}, not {grid}")
+    return torch.cat([prefix, x.permute(0, 2, 3, 1).reshape(1, gh * gw, D)], dim=1)
+
+
+def is_original_dinov2(state_dict: dict[str, torch.Tensor]) -> bool:
+    """The facebookresearch/dinov2 key layout (timm's own test for it: a ``mask_token``)."""
+    return "mask_token" in state_dict
+
+
+def resolve_pos_embed_interpolation(mode: str, name: str, state_dict: dict | None = None) -> str:
+    """``auto`` -> ``digit`` for DINOv2 weights (an original DINOv2 checkpoint or a timm ``*dinov2*`` model: the
+    encoder DiGIT's tokens were made with), ``timm`` otherwise."""
+    if mode not in POS_EMBED_INTERPOLATIONS:
+        raise DigitError(
+            f"unknown position-embedding interpolation {mode!r} (choose from {', '.join(POS_EMBED_INTERPOLATIONS)})"
+        )
+    if mode != "auto":
+        return mode
+    dinov2 = "dinov2" in name.lower() or (state_dict is not None and is_original_dinov2(state_dict))
+    return "digit" if dinov2 else "timm"
+
+
+def load_state_dict_into(
+    model: nn.Module, state_dict: dict[str, torch.Tensor], origin: str, pos_embed_interpolation: str = "timm"
+) -> None:
+    """Load timm-layout or original-DINOv2-layout weights; timm's filter converts DINOv2 keys. A position table of
+    another grid is resampled by timm's loader (``"timm"``: antialiased size-based bicubic) or DiGIT's way
+    (``"digit"``: :func:`digit_resample_pos_embed`), before timm's filter sees it."""
     from timm.models import vision_transformer
 
+    if pos_embed_interpolation not in ("digit", "timm"):
+        raise DigitError(f"unknown position-embedding interpolation {pos_embed_interpolation!r} (digit | timm)")
+    if (
+        pos_embed_interpolation == "digit"
+        and "pos_embed" in state_dict
+        and getattr(model, "pos_embed", None) is not None
+    ):
+        state_dict = dict(state_dict)
+        if is_original_dinov2(state_dict):
+            prefix = 1  # DINOv2 keeps a cls row in its table (also with registers)
+        else:
+            prefix = 0 if getattr(model, "no_embed_class", False) else int(getattr(model, "num_prefix_tokens", 1))
+        grid = tuple(int(g) for g in model.patch_embed.grid_size)
+        state_dict["pos_embed"] = digit_resample_pos_embed(state_dict["pos_embed"], grid, prefix)
     if isinstance(model, vision_transformer.VisionTransformer):
         state_dict = vision_transformer.checkpoint_filter_fn(dict(state_dict), model)
     state_dict = {k: v.float() for k, v in state_dict.items() if not k.startswith(("head.", "fc_norm."))}
@@ -160,6 +222,16 @@ def load_state_dict_into(model: nn.Module, state_dict: dict[str, torch.Tensor], 
         )
 
 
+def _hub_model(name: str, kwargs: dict[str, Any], image_size: int | None, interpolation: str) -> nn.Module:
+    """timm hub weights at ``image_size``: timm resamples the table itself; DiGIT's way needs the native table."""
+    if interpolation == "timm" or image_size is None:
+        return _create_timm(name, kwargs, image_size, pretrained=True)
+    native = _create_timm(name, kwargs, None, pretrained=True)
+    model = _create_timm(name, kwargs, image_size)
+    load_state_dict_into(model, native.state_dict(), f"timm hub weights of {name}", interpolation)
+    return model
+
+
 def build_encoder(
     name: str,
     kwargs: dict[str, Any] | None = None,
@@ -170,8 +242,12 @@ def build_encoder(
     image_size: int | None = None,
     layer: int = 3,
     seed: int = 0,
+    pos_embed_interpolation: str = "auto",
 ) -> Encoder:
-    """Build a frozen encoder from a timm name, or from an encoder directory when ``name`` is a directory."""
+    """Build a frozen encoder from a timm name, or from an encoder directory when ``name`` is a directory.
+
+    ``pos_embed_interpolation`` says how loaded weights' position table is resampled to ``image_size``
+    (:func:`resolve_pos_embed_interpolation`: ``auto`` is DiGIT's way for DINOv2 weights, timm's otherwise)."""
     kwargs = dict(kwargs or {})
     if Path(name).is_dir():
         if weights is not None or pretrained:
@@ -191,13 +267,17 @@ def build_encoder(
         model = _create_timm(name, kwargs, image_size)
         source["weights"] = {"kind": "random", "seed": seed}
     elif pretrained:
-        model = _create_timm(name, kwargs, image_size, pretrained=True)
-        source["weights"] = {"kind": "hub", "name": name}
+        mode = resolve_pos_embed_interpolation(pos_embed_interpolation, name)
+        model = _hub_model(name, kwargs, image_size, mode)
+        source["weights"] = {"kind": "hub", "name": name, "pos_embed_interpolation": mode}
     else:
         model = _create_timm(name, kwargs, image_size)
         path = Path(weights).expanduser().resolve()
-        load_state_dict_into(model, read_state_dict(path), str(path))
-        source["weights"] = {"kind": "file", "path": str(path), "sha256": file_sha256(path)}
+        state = read_state_dict(path)
+        mode = resolve_pos_embed_interpolation(pos_embed_interpolation, name, state)
+        load_state_dict_into(model, state, str(path), mode)
+        source["weights"] = {"kind": "file", "path": str(path), "sha256": file_sha256(path),
+                             "pos_embed_interpolation": mode}  # fmt: skip
     return Encoder(model, layer=layer, image_size=image_size or _model_image_size(model), source=source)
 
 
@@ -208,7 +288,12 @@ def encoder_from_config(cfg: dict[str, Any], directory: str | os.PathLike | None
     image_size, layer = int(cfg["image_size"]), int(cfg["layer"])
     if kind == "dir":
         return load_encoder_dir(w["path"], layer=layer, image_size=image_size)
-    model = _create_timm(cfg["name"], cfg.get("kwargs", {}), image_size, pretrained=kind == "hub")
+    # tokenizers written before the choice existed were resampled by timm's loader
+    interpolation = w.get("pos_embed_interpolation", "timm")
+    if kind == "hub":
+        model = _hub_model(cfg["name"], cfg.get("kwargs", {}), image_size, interpolation)
+    else:
+        model = _create_timm(cfg["name"], cfg.get("kwargs", {}), image_size)
     if kind in ("random", "stored"):
         stored = Path(directory or ".") / ENCODER_WEIGHTS
         if not stored.is_file():
@@ -220,7 +305,7 @@ def encoder_from_config(cfg: dict[str, Any], directory: str | os.PathLike | None
             raise DigitError(f"the encoder weights this tokenizer was built with are missing: {path}")
         if w.get("sha256") and file_sha256(path) != w["sha256"]:
             raise DigitError(f"{path} changed since this tokenizer was built (sha256 differs): its tokens would differ")
-        load_state_dict_into(model, read_state_dict(path), str(path))
+        load_state_dict_into(model, read_state_dict(path), str(path), interpolation)
     elif kind != "hub":
         raise DigitError(f"unknown encoder weights kind {kind!r}")
     source = {k: cfg[k] for k in ("name", "kwargs", "weights") if k in cfg}
