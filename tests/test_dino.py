@@ -294,6 +294,7 @@ def _records(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.converge
 def test_short_run_decreases_loss_and_exports_an_encoder_directory(tmp_path):
     """The student learns the distillation target through the whole pipeline (crops -> student -> loss -> trainer).
 

@@ -23,6 +23,7 @@ def _planted(n, seed, layers=3, signal_layer=1, d=16, classes=4):
     return x, y
 
 
+@pytest.mark.converge
 def test_probe_trainer_recovers_planted_signal():
     xt, yt = _planted(800, 0)
     xv, yv = _planted(400, 1)
@@ -94,6 +95,7 @@ def test_extracted_features_are_mean_pooled_hidden_states(tmp_path):
     np.testing.assert_allclose(feats[1], states[2].mean(1).numpy(), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.converge
 def test_probe_cli_end_to_end(tmp_path, capsys):
     run, _ = _tiny_run(tmp_path, cond="class")
     _token_dir(tmp_path / "train", 400, 1)

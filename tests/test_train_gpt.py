@@ -67,6 +67,7 @@ def train(*args: str) -> int:
     return main(["train", "--model", "tiny", "--no-progress", "--log-every", "1", *map(str, args)])
 
 
+@pytest.mark.converge
 def test_overfit_16_grids_then_sample_them_back(tmp_path):
     from digit.models import load_gpt_run
 
@@ -75,7 +76,9 @@ def test_overfit_16_grids_then_sample_them_back(tmp_path):
     args = f"--tokens {data} --class-cond --class-dropout 0 --steps 100 --batch-size 16 --lr 3e-3 --weight-decay 0"
     assert train(*args.split(), "--out", run) == 0
     rows = metrics(run)
-    assert rows[0]["loss"] > 3.0 and rows[-1]["loss"] < 0.01  # ln(32) = 3.47 at the start (zero-initialised head)
+    # ln(32) = 3.47 at the start (zero-initialised head); the end measured 0.0020-0.0022 on 3 data seeds under the
+    # AVX-512, AVX2 and baseline kernels: 5x under the bound, where every token's argmax is the memorised one
+    assert rows[0]["loss"] > 3.0 and rows[-1]["loss"] < 0.01
     assert rows[-1]["tokens_per_s"] > 0 and len(rows) == 100
     cfg = json.loads((run / "config.json").read_text())
     assert cfg["task"] == "gpt" and cfg["data"]["meta"]["vocab_size"] == 32 and cfg["train"]["batch_size"] == 16
@@ -172,18 +175,21 @@ def test_nar_masking_and_loss(tmp_path):
     torch.testing.assert_close(loss, (ce * mask).sum() / (6 * expected_mask_count(16)))
 
 
+@pytest.mark.converge
 def test_nar_prefix_training_via_cli(tmp_path):
     tgt = token_dir(tmp_path / "vq", vocab=32, classes=None)
     pre = token_dir(tmp_path / "disc", vocab=16, grid=(2, 2), seed=1, classes=None)
     run = tmp_path / "run"
-    args = f"--tokens {tgt} --prefix-tokens {pre} --nar --steps 40 --batch-size 8 --lr 3e-3 --eval-every 20"
+    args = f"--tokens {tgt} --prefix-tokens {pre} --nar --steps 60 --batch-size 8 --lr 3e-3 --eval-every 30"
     assert train(*args.split(), "--val-tokens", tgt, "--val-prefix-tokens", pre, "--out", run) == 0
     rows = metrics(run)
     cfg = json.loads((run / "config.json").read_text())
     assert cfg["model"]["causal"] is False and cfg["model"]["cond"] == "prefix" and cfg["train"]["nar"] is True
     assert cfg["data"]["prefix_meta"]["vocab_size"] == 16
     vals = [r["val_loss"] for r in rows if "val_loss" in r]
-    assert len(vals) == 2 and vals[1] < vals[0]
+    # it learns: the held-out loss falls by a clear margin between the two evaluations (0.16 to 0.45 nats measured
+    # over 3 data seeds and the AVX-512 / AVX2 kernels; float rounding moves it by ~0.01)
+    assert len(vals) == 2 and vals[1] < vals[0] - 0.1, vals
 
 
 def test_refusals(tmp_path, capsys):

@@ -355,6 +355,7 @@ class _Images(torch.utils.data.Dataset):
         return self.x[i], 0, i, None  # the data layer's item: (uint8 image, label, index, error)
 
 
+@pytest.mark.converge
 def test_tiny_vq_overfits_through_the_trainer(tmp_path) -> None:
     from digit.training.trainer import TrainConfig, Trainer
 

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from digit.errors import DigitError
+from digit.sampling.maskgit import DIGIT_NAR_STEPS
 from digit.utils.io import read_json
 
 # ----------------------------------------------------------------------------------------------- compatibility
@@ -168,7 +169,7 @@ class SamplingConfig:
     decoder_temperature: float = 1.0
     decoder_top_k: int = 0
     decoder_top_p: float | None = None  # None: 0.8 for an AR decoder (DiGIT), 1.0 for MaskGIT
-    decoder_steps: int = 8
+    decoder_steps: int = DIGIT_NAR_STEPS  # DiGIT's setting (digit.sampling.maskgit)
     # fairseq's rules for a converted DiGIT AR decoder (digit.sampling.official): specials banned after normalising,
     # top-p on probabilities that are not renormalised. Needs the run's official_head.safetensors.
     decoder_official: bool = False

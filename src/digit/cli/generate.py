@@ -33,7 +33,9 @@ def register(sub) -> None:
         help="fairseq's decoder sampling for converted DiGIT runs (top-p on un-renormalised probabilities)",
     )
     p.add_argument("--decoder-top-p", type=unit_fraction, help="decoder top-p (default 0.8 AR as DiGIT, 1.0 MaskGIT)")
-    p.add_argument("--decoder-steps", type=positive_int, default=8, help="MaskGIT decoding steps (NAR decoder)")
+    # 8 = digit.sampling.maskgit.DIGIT_NAR_STEPS (not imported here: the parser stays torch-free); a test ties them
+    p.add_argument("--decoder-steps", type=positive_int, default=8,
+                   help="MaskGIT decoding steps, NAR decoder (default 8: DiGIT's released inference script)")  # fmt: skip
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=positive_int, default=16)
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")

@@ -32,6 +32,7 @@ from digit.convert import SPECIALS_FILE, fp32_state, load_exact, token_meta, wri
 from digit.convert.keys import from_fairseq
 from digit.convert.unpickler import load_checkpoint
 from digit.errors import DigitError
+from digit.sampling.maskgit import DIGIT_NAR_STEPS
 
 NSPECIAL = 5
 BOS = EOS = 2
@@ -190,7 +191,7 @@ def official_info(ck: FairseqCheckpoint) -> dict[str, Any]:
         "eos": EOS,
         "specials_file": SPECIALS_FILE,
         # DiGIT's scripts: stage 1 top-k 200 (300 class-conditional, 400 large); stage 2 AR top-p 0.8; NAR 8 steps
-        "published_sampling": {"stlm": {"top_k": 200}, "st2vtlm": {"top_p": 0.8}, "st2vtlm_nar": {"steps": 8},
+        "published_sampling": {"stlm": {"top_k": 200}, "st2vtlm": {"top_p": 0.8}, "st2vtlm_nar": {"steps": DIGIT_NAR_STEPS},
                                "st2vtlm_vq": {"top_p": 1.0}}[ck.name],
     }  # fmt: skip
 

@@ -17,6 +17,7 @@ import torch
 
 from digit.errors import DigitError
 from digit.sampling.filters import SCHEDULES, cfg, cfg_scale_at, filter_logits, sample_from_logits
+from digit.sampling.maskgit import DIGIT_NAR_STEPS
 
 
 def _batch_size(model, cond: torch.Tensor | None, n: int | None) -> int:
@@ -56,7 +57,7 @@ def generate(
     cfg_schedule: str = "constant",
     generator: torch.Generator | None = None,
     compile: bool = False,
-    nar_steps: int = 8,
+    nar_steps: int = DIGIT_NAR_STEPS,
     nar_temperature: float = 4.5,
     on_step: Callable[[int], None] | None = None,
     logits_filter: Callable[[torch.Tensor], torch.Tensor] | None = None,

@@ -15,6 +15,12 @@ import torch
 from digit.sampling.filters import filter_logits, sample_from_logits
 
 CHOICE_TEMPERATURE = 4.5  # MaskGIT / DiGIT default Gumbel noise scale on the confidence
+# DiGIT's NAR decoding steps: its released inference script (scripts/infer_stage2_nar.sh) runs fairseq-generate with
+# `--iter-decode-max-iter 8 --iter-decode-force-max-iter`, i.e. exactly 8 iterations; fairseq's own default for that
+# option (GenerationConfig.iter_decode_max_iter) and the fallback in DiGIT's stage-2 task.py are 10, which apply only
+# when the flag is omitted. 8 is the setting DiGIT's code pairs with its published +MaskGIT numbers (its evaluation
+# output file is named "..._step10_...", a leftover the script does not act on).
+DIGIT_NAR_STEPS = 8
 
 
 def mask_schedule(num_tokens: int, steps: int) -> list[int]:
@@ -49,7 +55,7 @@ def maskgit_decode(
     cond: torch.Tensor | None,
     *,
     n: int | None = None,
-    steps: int = 8,
+    steps: int = DIGIT_NAR_STEPS,
     temperature: float = 1.0,
     top_k: int = 0,
     top_p: float = 1.0,

@@ -151,8 +151,8 @@ def digit_resample_pos_embed(
     """DiGIT's DINOv2 copy (`pretrained_enc/dino/vits.py` ``interpolate_pos_encoding``, reference section 1): the
     square patch rows of a [1, prefix + M*M, D] table resampled to ``grid`` by ``F.interpolate(scale_factor=(g +
     offset) / M, bicubic, antialias)`` in float32. A scale factor, not a size: the sampling coordinates differ from a
-    size-based resize (timm's loader, the torch-hub and HF models), which changes about 3% of the tokens. The
-    ``num_prefix`` leading rows (cls) are kept as they are."""
+    size-based resize (timm's loader, the torch-hub and HF models), whose slightly different features change some
+    tokens. The ``num_prefix`` leading rows (cls) are kept as they are."""
     import torch.nn.functional as F
 
     prefix, patch = pos_embed[:, :num_prefix].float(), pos_embed[:, num_prefix:].float()
