@@ -102,3 +102,127 @@ def resolve_device(name: str | None):
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise DigitError(f"device {name!r} requested but CUDA is not available")
     return dev
+
+
+def ema_decay(value: str) -> float:
+    """An EMA decay in [0, 1) (0: off)."""
+    v = _float(value)
+    if not 0.0 <= v < 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1): {value}")
+    return v
+
+
+# Flags of the one trainer, declared once for `train`, `vq train` and `encoder pretrain` (same names, same defaults).
+TRAINER_FLAGS = ("--steps", "--grad-accum", "--ema", "--eval-every")  # the ones a command may leave out
+
+
+def add_trainer_args(p: argparse.ArgumentParser, *, batch_size: int, omit: tuple[str, ...] = ()) -> None:
+    """Register the trainer's flags on ``p``. ``batch_size`` is the command's default global batch (a recipe
+    hyper-parameter, so it stays per command); ``omit`` drops flags the task has no use for (see ``TRAINER_FLAGS``)."""
+    unknown = set(omit) - set(TRAINER_FLAGS)
+    if unknown:
+        raise ValueError(f"cannot omit {sorted(unknown)}: only {TRAINER_FLAGS}")
+    g = p.add_argument_group("training loop (the same flags and defaults for train, vq train and encoder pretrain)")
+    if "--steps" in omit:
+        g.add_argument("--epochs", type=positive_float, required=True, help="total epochs (fractions allowed)")
+    else:
+        length = g.add_mutually_exclusive_group(required=True)
+        length.add_argument("--steps", type=positive_int, help="total optimizer steps (also when resuming)")
+        length.add_argument(
+            "--epochs", type=positive_float, help="total epochs of drop-last batches (fractions allowed)"
+        )
+    g.add_argument(
+        "--batch-size",
+        type=positive_int,
+        default=batch_size,
+        help="GLOBAL batch, all ranks x accumulation (default %(default)s)",
+    )
+    if "--grad-accum" not in omit:
+        g.add_argument(
+            "--grad-accum", type=positive_int, default=1, help="micro-batches per step (default %(default)s)"
+        )
+    if "--ema" not in omit:
+        g.add_argument(
+            "--ema",
+            type=ema_decay,
+            default=0.0,
+            help="EMA decay of the weights, exported instead of the raw ones (default %(default)s: off)",
+        )
+    g.add_argument(
+        "--seed", type=int, default=0, help="seed of the init, data order and augmentations (default %(default)s)"
+    )
+    g.add_argument(
+        "--save-every",
+        type=non_negative_int,
+        default=1000,
+        help="checkpoint period in steps (default %(default)s; 0: only at the end)",
+    )
+    if "--eval-every" not in omit:
+        g.add_argument(
+            "--eval-every",
+            type=non_negative_int,
+            default=0,
+            help="validation period in steps (default %(default)s: off)",
+        )
+    g.add_argument(
+        "--log-every",
+        type=positive_int,
+        default=10,
+        help="metrics.jsonl period in steps (default %(default)s; the last step always)",
+    )
+    g.add_argument(
+        "--parallel",
+        choices=["none", "ddp", "fsdp"],
+        default="none",
+        help="data parallelism (default %(default)s; under torchrun pass ddp or fsdp)",
+    )
+    g.add_argument("--compile", action="store_true", help="torch.compile each transformer block")
+    g.add_argument(
+        "--precision",
+        choices=["auto", "bf16", "fp32"],
+        default="auto",
+        help="default %(default)s: bf16 autocast on CUDA, fp32 on CPU",
+    )
+    g.add_argument(
+        "--workers",
+        type=non_negative_int,
+        default=0,
+        help="DataLoader worker processes (default %(default)s: load in the main process; alias --num-workers)",
+    )
+    # the name `encoder pretrain` used before the flags were shared: old command lines keep working
+    g.add_argument(
+        "--num-workers", dest="workers", type=non_negative_int, default=argparse.SUPPRESS, help=argparse.SUPPRESS
+    )
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g.add_argument("--resume", action="store_true", help="continue the run in --out exactly where it stopped")
+
+
+def trainer_config(args: argparse.Namespace, **fixed: Any):
+    """The ``TrainConfig`` of flags registered by ``add_trainer_args`` (``fixed`` sets what a command decides itself).
+
+    Call it after ``init_distributed()``: under torchrun it refuses ``--parallel none`` (every rank would train and
+    write the same run on its own)."""
+    from digit.errors import DigitError
+    from digit.training.trainer import TrainConfig
+    from digit.utils.distributed import get_dist_info
+
+    dist = get_dist_info()
+    if dist.enabled and args.parallel == "none":
+        raise DigitError(f"running under torchrun with {dist.world_size} processes: pass --parallel ddp or fsdp")
+    values = {
+        "steps": getattr(args, "steps", None),
+        "epochs": args.epochs,
+        "batch_size": args.batch_size,
+        "grad_accum": getattr(args, "grad_accum", 1),
+        "seed": args.seed,
+        "ema": getattr(args, "ema", 0.0),
+        "save_every": args.save_every,
+        "eval_every": getattr(args, "eval_every", 0),
+        "log_every": args.log_every,
+        "parallel": args.parallel,
+        "compile": args.compile,
+        "precision": args.precision,
+        "num_workers": args.workers,
+        "progress": not args.no_progress,
+    }
+    return TrainConfig(**{**values, **fixed})

@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
+from dataclasses import replace
 from pathlib import Path
 
 from digit.cli.common import (
+    add_trainer_args,
     existing_path,
     json_object,
     non_negative_float,
     non_negative_int,
     positive_float,
     positive_int,
+    trainer_config,
     unit_fraction,
 )
 from digit.errors import DigitError
@@ -27,15 +29,13 @@ def register(subparsers) -> None:
         help="DINO self-distillation of a timm ViT (multi-crop, EMA teacher, kNN monitor)",
         description="Train a timm ViT from scratch by DINO self-distillation (Caron et al. 2021), optionally with the "
         "DINOv2 iBOT masked-patch loss and KoLeo. --out becomes an encoder directory: pass it as --encoder DIR to "
-        "`digit tokenizer fit`. Checkpoints, exact --resume and metrics.jsonl come from the shared trainer.",
+        "`digit tokenizer fit`. Checkpoints, exact --resume and metrics.jsonl come from the shared trainer; the kNN "
+        "monitor runs at the end of every epoch.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     q.add_argument("--data", type=existing_path, required=True, help="image folder or .tar/.tar.gz archive")
     q.add_argument("--encoder", required=True, help="timm ViT name, e.g. vit_tiny_patch16_224")
     q.add_argument("--encoder-kwargs", type=json_object, default={}, help='JSON passed to timm, e.g. {"patch_size": 4}')
-    q.add_argument("--epochs", type=positive_float, required=True, help="epochs (fractions allowed)")
-    q.add_argument("--batch-size", type=positive_int, default=256, help="global batch size")
-    q.add_argument("--seed", type=int, default=0)
     val = q.add_mutually_exclusive_group()
     val.add_argument("--val", type=existing_path, default=None, help="labelled validation images for the kNN monitor")
     val.add_argument("--val-fraction", type=unit_fraction, default=None, help="hold out this fraction of --data")
@@ -75,14 +75,7 @@ def register(subparsers) -> None:
     q.add_argument(
         "--no-cache", action="store_true", help="decode on every access (default: decode once if it fits in 4 GiB)"
     )
-    q.add_argument(
-        "--num-workers", type=non_negative_int, default=min(4, os.cpu_count() or 1), help="DataLoader workers"
-    )
-    q.add_argument("--save-every", type=non_negative_int, default=0, help="checkpoint period in steps (0: each epoch)")
-    q.add_argument("--parallel", choices=("none", "ddp", "fsdp"), default="ddp", help="under torchrun")
-    q.add_argument("--compile", action="store_true", help="torch.compile the transformer blocks")
-    q.add_argument("--no-progress", action="store_true")
-    q.add_argument("--resume", action="store_true", help="continue the run in --out")
+    add_trainer_args(q, batch_size=256, omit=("--steps", "--grad-accum", "--ema", "--eval-every"))
     q.add_argument("--out", type=Path, required=True, help="run directory = encoder directory")
     q.set_defaults(func=run_pretrain)
 
@@ -91,12 +84,11 @@ def run_pretrain(args: argparse.Namespace) -> int:
     from digit.ssl.augment import MultiCropConfig
     from digit.ssl.dino import DINOConfig
     from digit.ssl.task import DINOTask, DINOTaskConfig
-    from digit.training.trainer import TrainConfig, Trainer
+    from digit.training.trainer import Trainer
     from digit.utils.distributed import init_distributed
 
     dist = init_distributed()  # a no-op outside torchrun
-    if dist.enabled and args.parallel == "none":
-        raise DigitError(f"running under torchrun with {dist.world_size} processes: pass --parallel ddp or fsdp")
+    tcfg = trainer_config(args)
     for name, (lo, hi) in (("--global-scale", args.global_scale), ("--local-scale", args.local_scale)):
         if not 0 < lo <= hi <= 1:
             raise DigitError(f"{name} needs 0 < MIN <= MAX <= 1, got {lo} {hi}")
@@ -143,20 +135,9 @@ def run_pretrain(args: argparse.Namespace) -> int:
         cache=False if args.no_cache else None,
         limit=args.limit,
     )
-    task = DINOTask(cfg, workers=args.num_workers, quiet=args.no_progress)
+    task = DINOTask(cfg, workers=args.workers, quiet=args.no_progress)
     per_epoch = task.steps_per_epoch
-    tcfg = TrainConfig(
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        seed=args.seed,
-        save_every=args.save_every or per_epoch,
-        eval_every=per_epoch,
-        log_every=max(1, min(50, per_epoch)),
-        parallel=args.parallel,
-        compile=args.compile,
-        num_workers=args.num_workers,
-        progress=not args.no_progress,
-    )
+    tcfg = replace(tcfg, eval_every=per_epoch)  # the kNN monitor: once per epoch
     main = dist.is_main
     if main:
         c = task.cfg

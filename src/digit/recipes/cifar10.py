@@ -16,6 +16,7 @@ runs every step in seconds on a handful of images (the test suite's end-to-end c
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -73,7 +74,10 @@ def _dino(data: str, out: str, kwargs: dict, epochs: float, batch: int, seed: in
         "--local-size", "16", "--local-crops", "2", "--epochs", _num(epochs), "--warmup-epochs", _num(0.1 * epochs),
         "--warmup-teacher-temp-epochs", _num(epochs / 3), "--freeze-last-layer-epochs", _num(0.2 * epochs / 3),
         "--batch-size", str(batch), "--lr", "1e-3", "--out-dim", "1024", "--hidden-dim", "512",
-        "--bottleneck-dim", "128", "--momentum-teacher", "0.99", "--seed", str(seed), "--out", out,
+        "--bottleneck-dim", "128", "--momentum-teacher", "0.99", "--seed", str(seed),
+        # what `encoder pretrain` defaulted to before the trainer flags were shared: views rendered in CPU workers,
+        # a checkpoint about every epoch of the cpu size (351 steps)
+        "--workers", str(min(4, os.cpu_count() or 1)), "--save-every", "300", "--out", out,
     ]  # fmt: skip
     return argv
 

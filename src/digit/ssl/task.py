@@ -13,7 +13,6 @@ prototypes frozen during the first epoch. Every schedule is a pure function of t
 from __future__ import annotations
 
 import copy
-import math
 import warnings
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -30,6 +29,7 @@ from digit.ssl.dino import DINOConfig, DINOCriterion, DINOStudent, cosine_schedu
 from digit.ssl.knn import knn_accuracy
 from digit.training.ema import ema_update_
 from digit.training.task import OptimizerSpec, TaskBase, cosine_momentum
+from digit.training.trainer import steps_per_epoch, total_steps
 
 
 @dataclass(kw_only=True)
@@ -154,8 +154,8 @@ class DINOTask(TaskBase):
             dino=cfg.dino,
         )
         # ---- schedules, in steps (the trainer's count: drop-last batches)
-        self.steps_per_epoch = max(1, len(self.dataset) // cfg.batch_size)
-        self.total_steps = max(1, math.ceil(cfg.epochs * self.steps_per_epoch))
+        self.steps_per_epoch = steps_per_epoch(len(self.dataset), cfg.batch_size)
+        self.total_steps = total_steps(len(self.dataset), cfg.batch_size, epochs=cfg.epochs)
         self.peak_lr = cfg.lr * cfg.batch_size / 256.0
         self._momentum = cosine_momentum(cfg.momentum_teacher, 1.0, self.total_steps)
         self._step = 0
@@ -215,6 +215,14 @@ class DINOTask(TaskBase):
                 wd_schedule=lambda s: cosine_schedule(s, total, cfg.weight_decay, cfg.weight_decay_end),
             )
         ]
+
+    def set_run_length(self, steps_per_epoch: int, total_steps: int) -> None:
+        # the schedules above are built for the task config's epochs and batch: the trainer must run the same length
+        if (steps_per_epoch, total_steps) != (self.steps_per_epoch, self.total_steps):
+            raise DigitError(
+                f"the DINO task is configured for {self.total_steps} steps ({self.steps_per_epoch} per epoch), "
+                f"the trainer runs {total_steps} ({steps_per_epoch} per epoch): give both the same epochs and batch"
+            )
 
     def teacher_temp(self, step: int) -> float:
         warm = int(round(self.cfg.warmup_teacher_temp_epochs * self.steps_per_epoch))

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 from pathlib import Path
@@ -24,7 +25,7 @@ from torch import nn
 
 from digit.data.tokens import TokenDirectory
 from digit.errors import DigitError
-from digit.training.optim import make_schedule
+from digit.training.optim import OptimizerConfig
 from digit.training.task import OptimizerSpec, TaskBase
 
 
@@ -132,18 +133,24 @@ class GPTTask(TaskBase):
         prefix: TokenDirectory | None = None,
         val: TokenDirectory | None = None,
         val_prefix: TokenDirectory | None = None,
-        optim: dict[str, Any],
-        label_smoothing: float = 0.0,
-        total_steps: int,
+        optim: OptimizerConfig | dict[str, Any],
+        label_smoothing: float | None = None,
+        total_steps: int | None = None,
         seed: int = 0,
         eval_batch_size: int = 64,
     ) -> None:
+        """``label_smoothing`` (when given) replaces ``optim``'s; ``total_steps`` (the cosine horizon) is set by the
+        ``Trainer`` that runs the task (given here, it must agree with the trainer's count)."""
         from digit.models.gpt import GPT
 
         validate_tokens(model_cfg, tokens, prefix)
         if val is not None:
             validate_tokens(model_cfg, val, val_prefix, what="validation tokens")
-        self.cfg, self.optim, self.label_smoothing, self.seed = model_cfg, dict(optim), label_smoothing, seed
+        if not isinstance(optim, OptimizerConfig):
+            optim = OptimizerConfig.from_dict(optim)
+        if label_smoothing is not None:
+            optim = dataclasses.replace(optim, label_smoothing=label_smoothing)
+        self.cfg, self.optim, self.seed = model_cfg, optim, seed
         self.total_steps, self.eval_batch_size = total_steps, eval_batch_size
         self.dataset = TokenDataset(tokens, prefix)
         self.val = TokenDataset(val, val_prefix) if val is not None else None
@@ -163,35 +170,25 @@ class GPTTask(TaskBase):
     def modules(self) -> dict[str, nn.Module]:
         return {"model": self.model}
 
+    @property
+    def label_smoothing(self) -> float:
+        return self.optim.label_smoothing
+
+    def set_run_length(self, steps_per_epoch: int, total_steps: int) -> None:
+        if self.total_steps is not None and self.total_steps != total_steps:
+            raise DigitError(f"the task was built for {self.total_steps} steps, the trainer runs {total_steps}")
+        self.total_steps = total_steps
+
     def optimizers(self) -> list[OptimizerSpec]:
-        o = self.optim
-        init = o.get("warmup_init_lr", 0.0) / o["lr"] if o["lr"] > 0 else 0.0
-        schedule = make_schedule(
-            o["schedule"],
-            warmup=o["warmup"],
-            total=self.total_steps,
-            min_ratio=o.get("min_lr_ratio", 0.0),
-            warmup_init=init,
-        )
-        extra = {"no_decay": lambda name, p: False} if o.get("wd_all_params") else {}
-        return [
-            OptimizerSpec(
-                modules=["model"],
-                lr=o["lr"],
-                betas=tuple(o["betas"]),
-                eps=o["eps"],
-                weight_decay=o["weight_decay"],
-                clip=o["clip"] or None,
-                schedule=schedule,
-                **extra,
-            )
-        ]
+        if self.total_steps is None:
+            raise DigitError("the run length is unknown: run the task through a Trainer or pass total_steps")
+        return [self.optim.spec(["model"], self.total_steps)]
 
     def config(self) -> dict[str, Any]:
         return {
             "model": self.cfg.to_dict(),
             "data": self._data_cfg,
-            "train": {**self.optim, "label_smoothing": self.label_smoothing, "nar": not self.cfg.causal},
+            "train": {**self.optim.to_dict(), "nar": not self.cfg.causal},
         }
 
     def _cond(self, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:

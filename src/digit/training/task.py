@@ -50,6 +50,10 @@ Optional hooks (absent = no-op; :class:`TaskBase` provides all defaults)
 ``shard_units(name, module) -> list[nn.Module]``
                                    sub-modules to shard (FSDP2) / compile one by one (transformer blocks); default: the
                                    members of every top-level ``nn.ModuleList``.
+``set_run_length(steps_per_epoch, total_steps)``
+                                   called once by the ``Trainer``, which owns the step count (from ``--steps`` or
+                                   ``--epochs``, see ``digit.training.trainer.total_steps``), before ``optimizers()``:
+                                   schedules over the whole run take their horizon from here.
 ``before_step(step)``              called before the step's first forward (e.g. teacher temperature for this step).
 ``after_optimizer_step(step, phase)``
                                    called right after ``phase``'s optimizer stepped (e.g. DINO's EMA teacher update with
@@ -178,6 +182,9 @@ class TaskBase:
 
     def shard_units(self, name: str, module: nn.Module) -> list[nn.Module]:
         return [m for child in module.children() if isinstance(child, nn.ModuleList) for m in child]
+
+    def set_run_length(self, steps_per_epoch: int, total_steps: int) -> None:
+        pass
 
     def before_step(self, step: int) -> None:
         pass

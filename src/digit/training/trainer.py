@@ -31,8 +31,11 @@ from digit.utils.distributed import barrier, get_dist_info
 from digit.utils.io import atomic_write_json, read_json
 
 STATE_FILE = "train_state.pt"
-# Keys of the "train" config that may change between a run and its resume.
+# Keys of the "train" config that may change between a run and its resume. ``parallel``: checkpoints hold full
+# (gathered) state dicts and each rank's RNG state, so a run may resume under another layout (and runs of
+# `encoder pretrain` from before its default became "none", like the others', still resume).
 MUTABLE_KEYS = {
+    "parallel",
     "steps",
     "epochs",
     "save_every",
@@ -66,6 +69,31 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def steps_per_epoch(n_samples: int, batch_size: int) -> int:
+    """Optimizer steps in one pass over ``n_samples`` with a global batch of ``batch_size`` (drop-last)."""
+    n = n_samples // batch_size
+    if n == 0:
+        raise DigitError(f"dataset has {n_samples} samples, fewer than one global batch of {batch_size}")
+    return n
+
+
+def total_steps(n_samples: int, batch_size: int, *, steps: int | None = None, epochs: float | None = None) -> int:
+    """The run length in optimizer steps: ``steps`` when given, else ``ceil(epochs * steps_per_epoch)`` (at least 1).
+
+    The one place a step count is derived from epochs: the trainer uses it, and so does a task that needs the count
+    before its trainer exists (DINO's schedules)."""
+    if steps is None and epochs is None:
+        raise DigitError("give --steps or --epochs")
+    per_epoch = steps_per_epoch(n_samples, batch_size)
+    if steps is not None:
+        if steps <= 0:
+            raise DigitError(f"--steps must be > 0, got {steps}")
+        return int(steps)
+    if not epochs > 0 or not math.isfinite(epochs):
+        raise DigitError(f"--epochs must be a finite number > 0, got {epochs}")
+    return max(1, math.ceil(epochs * per_epoch))
 
 
 def _seed_for(*parts: int) -> int:
@@ -126,12 +154,9 @@ class Trainer:
             raise DigitError(f"--batch-size {cfg.batch_size} is not divisible by world size x grad accum ({per})")
         self.micro = cfg.batch_size // per
         self.n = len(task.dataset)
-        self.steps_per_epoch = self.n // cfg.batch_size
-        if self.steps_per_epoch == 0:
-            raise DigitError(f"dataset has {self.n} samples, fewer than one global batch of {cfg.batch_size}")
-        if cfg.steps is None and cfg.epochs is None:
-            raise DigitError("give --steps or --epochs")
-        self.total = cfg.steps if cfg.steps is not None else math.ceil(cfg.epochs * self.steps_per_epoch)
+        self.steps_per_epoch = steps_per_epoch(self.n, cfg.batch_size)
+        self.total = total_steps(self.n, cfg.batch_size, steps=cfg.steps, epochs=cfg.epochs)
+        task.set_run_length(self.steps_per_epoch, self.total)
         use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and self.device.type == "cuda")
         self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
         self.config = {"task": task.name, **task.config()}
