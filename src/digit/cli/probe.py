@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
-from typing import Any
 
 from digit.cli.common import add_device_arg, existing_dir, non_negative_int, positive_int
 from digit.errors import DigitError
@@ -69,43 +68,12 @@ def parse_layers(value: str, n_states: int) -> list[int]:
     return sorted(set(layers))
 
 
-def _features(model, tokens, layers, args, device, cache: Path | None, name: str, key: dict[str, Any]):
-    """Extract once; with a cache directory, write straight into an .npy memmap and reuse it when the key matches."""
-    import os
-
-    import numpy as np
-
-    from digit.evaluation.probe import extract_gpt_features
-    from digit.utils.io import atomic_write_json, read_json
-
-    shape = (len(layers), len(tokens), model.config.dim)
-    if cache is None:
-        return extract_gpt_features(model, tokens, layers, batch_size=args.feature_batch_size, device=device, desc=name)
-    f, k = cache / f"{name}_features.npy", cache / f"{name}_features.json"
-    if f.is_file() and k.is_file() and read_json(k) == key:
-        feats = np.load(f, mmap_mode="r")
-        if feats.shape == shape:
-            return feats
-    cache.mkdir(parents=True, exist_ok=True)
-    k.unlink(missing_ok=True)  # the key is written last: a half-finished cache never matches
-    tmp = cache / f".{name}_features.npy.tmp"
-    mm = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=shape)
-    extract_gpt_features(model, tokens, layers, batch_size=args.feature_batch_size, device=device, out=mm, desc=name)
-    mm.flush()
-    del mm
-    os.replace(tmp, f)
-    atomic_write_json(k, key)
-    return np.load(f, mmap_mode="r")
-
-
 def run(args: argparse.Namespace) -> int:
-    import hashlib
-
     import numpy as np
 
     from digit.cli.common import resolve_device
     from digit.data.tokens import read_token_dir
-    from digit.evaluation.probe import summarize, train_linear_probes
+    from digit.evaluation.probe import cached_gpt_features, feature_cache_key, summarize, train_linear_probes
     from digit.models import load_gpt_run
     from digit.utils.io import atomic_write_json, file_sha256
 
@@ -130,18 +98,19 @@ def run(args: argparse.Namespace) -> int:
         rows["train"] = np.sort(pick)
 
     weights_sha = file_sha256(Path(args.run) / "model.safetensors")
-    cache = Path(args.cache_dir) if args.cache_dir else None
     feats = {}
     for name, t in (("train", train), ("val", val)):
         idx = rows[name]
-        key = {
-            "weights_sha256": weights_sha,
-            "tokens": str(Path(t.path).resolve()),
-            "rows": len(t),
-            "subset_sha256": hashlib.sha256(idx.tobytes()).hexdigest(),
-            "layers": layers,
-        }
-        feats[name] = _features(model, np.asarray(t.tokens[idx]), layers, args, device, cache, name, key)
+        feats[name] = cached_gpt_features(
+            model,
+            np.asarray(t.tokens[idx]),
+            layers,
+            cache_dir=args.cache_dir,
+            name=name,
+            key=feature_cache_key(weights_sha, str(Path(t.path).resolve()), len(t), idx, layers),
+            batch_size=args.feature_batch_size,
+            device=device,
+        )
     result = train_linear_probes(
         feats["train"],
         np.asarray(train.labels[rows["train"]]),

@@ -13,6 +13,8 @@ BatchNorm MAE puts before its linear head, so one learning rate suits every laye
 from __future__ import annotations
 
 import math
+import os
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -62,6 +64,58 @@ def extract_gpt_features(
             for j, layer in enumerate(layers):
                 out[j, i : i + len(t)] = states[layer].float().mean(dim=1).cpu().numpy()
     return out
+
+
+def feature_cache_key(weights_sha256: str, tokens_path: str, n_rows: int, rows: np.ndarray, layers: list[int]) -> dict:
+    """What cached features depend on: the weights, the token directory and its size, the rows used, the layers."""
+    import hashlib
+
+    return {
+        "weights_sha256": weights_sha256,
+        "tokens": tokens_path,
+        "rows": int(n_rows),
+        "subset_sha256": hashlib.sha256(np.asarray(rows).tobytes()).hexdigest(),
+        "layers": list(layers),
+    }
+
+
+def cached_gpt_features(
+    model: Any,
+    tokens: np.ndarray,
+    layers: list[int],
+    *,
+    cache_dir: str | os.PathLike | None,
+    name: str,
+    key: dict[str, Any],
+    batch_size: int = 64,
+    device: Any = "cpu",
+) -> np.ndarray:
+    """``extract_gpt_features``, kept in ``cache_dir`` as ``{name}_features.npy`` (a memmap, so features larger than
+    memory work) and reused while ``{name}_features.json`` equals ``key``. Without ``cache_dir``: extracted in memory.
+
+    The key file is removed before and written after the features: a run killed half-way never leaves a cache that
+    matches, and the features are staged in a temporary file renamed into place."""
+    from digit.utils.io import atomic_write_json, read_json
+
+    shape = (len(layers), len(tokens), model.config.dim)
+    if cache_dir is None:
+        return extract_gpt_features(model, tokens, layers, batch_size=batch_size, device=device, desc=name)
+    cache = Path(cache_dir)
+    f, k = cache / f"{name}_features.npy", cache / f"{name}_features.json"
+    if f.is_file() and k.is_file() and read_json(k) == key:
+        feats = np.load(f, mmap_mode="r")
+        if feats.shape == shape:
+            return feats
+    cache.mkdir(parents=True, exist_ok=True)
+    k.unlink(missing_ok=True)
+    tmp = cache / f".{name}_features.npy.tmp"
+    mm = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=shape)
+    extract_gpt_features(model, tokens, layers, batch_size=batch_size, device=device, out=mm, desc=name)
+    mm.flush()
+    del mm
+    os.replace(tmp, f)
+    atomic_write_json(k, key)
+    return np.load(f, mmap_mode="r")
 
 
 def _standardize_stats(feats: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
