@@ -373,6 +373,15 @@ class GPT(nn.Module):
         h = self._blocks(self._embed(self.token_embed(tokens), input_pos), input_pos, kv_len=kv_len)
         return self.head(h[:, -1]).float()
 
+    def decode_block(self, tokens: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
+        """Feed tokens [B, T] at consecutive sequence positions ``input_pos`` [T] after a filled cache; logits
+        [B, T, vocab] for the token after each of them (speculative verification: `digit.sampling.jacobi`).
+
+        Attention goes through the static cache with the causal mask rows of ``input_pos``: causal inside the block,
+        everything before it from the cache, and stale cache entries after it (an earlier, longer block) masked out."""
+        h = self._blocks(self._embed(self.tok_embed(tokens), input_pos), input_pos)
+        return self.head(h).float()
+
     @torch.inference_mode()
     def generate(self, cond: torch.Tensor | None = None, n: int | None = None, **kwargs: Any) -> torch.Tensor:
         """Sample token grids [B, h, w]; keyword arguments as `digit.sampling.generate.generate`."""
