@@ -14,6 +14,7 @@ from digit.errors import DigitError
 from digit.models import GPT, build_config
 from digit.sampling import jacobi
 from digit.sampling.filters import cfg, cfg_scale_at, filter_logits
+from digit.sampling.generate import generate
 from digit.sampling.jacobi import jacobi_generate
 
 
@@ -87,7 +88,7 @@ GREEDY = {
 def test_greedy_equals_standard_decoding(case, window, init):
     kw = GREEDY[case]
     model, labels = class_model(), torch.tensor([0, 1, 2, 3, 1, 0])
-    want = model.generate(cond=labels, generator=torch.Generator().manual_seed(0), **kw).flatten(1)
+    want = generate(model, labels, generator=torch.Generator().manual_seed(0), **kw).flatten(1)
     got, n_forward = jacobi_generate(model, labels, None, Params(**kw), torch.Generator().manual_seed(1), window=window)
     assert got.shape == (6, 16) and got.dtype == torch.long
     assert torch.equal(got, want)
@@ -97,7 +98,7 @@ def test_greedy_equals_standard_decoding(case, window, init):
 def test_greedy_equals_standard_decoding_prefix_model():
     model = prefix_model()
     prefix = torch.randint(0, 11, (4, 6), generator=torch.Generator().manual_seed(3))
-    want = model.generate(cond=prefix, top_k=1).flatten(1)
+    want = generate(model, prefix, top_k=1).flatten(1)
     for init in jacobi.INITS:
         got, _ = jacobi_generate(model, prefix, None, Params(top_k=1), torch.Generator().manual_seed(0), init=init)
         assert torch.equal(got, want)
@@ -159,8 +160,9 @@ def test_distribution_equals_standard_sampling(case, monkeypatch):
     assert probs.sum().item() == pytest.approx(1.0) and int((probs > 0.02).sum()) >= 6  # a spread-out target
     n = 6000
     # the check itself accepts the standard sampler ...
-    standard = model.generate(
-        cond=torch.zeros(n, dtype=torch.long),
+    standard = generate(
+        model,
+        torch.zeros(n, dtype=torch.long),
         generator=torch.Generator().manual_seed(1),
         **{k: getattr(params, k) for k in ("temperature", "top_k", "top_p", "cfg_scale")},
     ).flatten(1)
