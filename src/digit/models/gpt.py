@@ -377,9 +377,13 @@ class GPT(nn.Module):
         """Feed tokens [B, T] at consecutive sequence positions ``input_pos`` [T] after a filled cache; logits
         [B, T, vocab] for the token after each of them (speculative verification: `digit.sampling.jacobi`).
 
-        Attention goes through the static cache with the causal mask rows of ``input_pos``: causal inside the block,
-        everything before it from the cache, and stale cache entries after it (an earlier, longer block) masked out."""
-        h = self._blocks(self._embed(self.tok_embed(tokens), input_pos), input_pos)
+        Causal inside the block, everything before it from the cache; stale entries after it (left by an earlier,
+        longer block) are not read (positions on the CPU in eager mode: only the entries up to the block's end) or
+        are masked out (otherwise: the whole static cache through the mask, as `decode_step`)."""
+        kv_len = None
+        if input_pos.device.type == "cpu" and not torch.compiler.is_compiling():
+            kv_len = int(input_pos[-1]) + 1
+        h = self._blocks(self._embed(self.token_embed(tokens), input_pos), input_pos, kv_len=kv_len)
         return self.head(h).float()
 
     @torch.inference_mode()
