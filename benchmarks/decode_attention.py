@@ -46,6 +46,27 @@ def step_times(model: GPT, rows: int, pos: int, repeats: int, static: bool) -> t
     return statistics.median(walls), statistics.median(cpus)
 
 
+def attention_times(model: GPT, rows: int, filled: int, repeats: int) -> tuple[float, float]:
+    """CPU microseconds of one layer's attention call alone at a fill level: (filled entries, whole cache + mask)."""
+    import torch.nn.functional as F
+
+    cfg, S = model.config, model.cache_len
+    q = torch.randn(rows, cfg.n_heads, 1, cfg.head_dim)
+    k, v = torch.randn(rows, cfg.n_heads, S, cfg.head_dim), torch.randn(rows, cfg.n_heads, S, cfg.head_dim)
+    mask = model.causal_mask[filled - 1 : filled, :S]
+
+    def cpu_us(fn) -> float:
+        fn()
+        c = time.process_time()
+        for _ in range(repeats):
+            fn()
+        return (time.process_time() - c) / repeats * 1e6
+
+    sliced = cpu_us(lambda: F.scaled_dot_product_attention(q, k[:, :, :filled], v[:, :, :filled]))
+    masked = cpu_us(lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask))
+    return sliced, masked
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rows", type=int, default=16, help="batch rows (CFG doubles the batch: 16 = batch 8)")
@@ -65,13 +86,15 @@ def main() -> None:
     C, S = model.config.cond_len, model.cache_len
     print(f"GPT {model.config.dim}d x {model.config.n_layers} layers, {args.rows} rows, cache {S} entries, "
           f"{args.threads} thread(s), median of {args.repeats} steps")  # fmt: skip
-    print(f"{'position':>8} {'filled':>7} | {'sliced ms':>9} {'cpu ms':>7} | {'masked ms':>9} {'cpu ms':>7} | speed-up")
+    print(f"{'position':>8} {'filled':>7} | {'sliced ms':>9} {'cpu ms':>7} | {'masked ms':>9} {'cpu ms':>7} | speed-up"
+          f" | attention call alone (cpu us, sliced / masked)")  # fmt: skip
     for frac in (0.1, 0.25, 0.5, 0.75, 1.0):
         pos = min(S - 1, C + int(frac * (S - C)))
         sw, sc = step_times(model, args.rows, pos, args.repeats, static=False)
         mw, mc = step_times(model, args.rows, pos, args.repeats, static=True)
+        a_s, a_m = attention_times(model, args.rows, pos + 1, 30 * args.repeats)
         print(f"{pos:>8} {pos + 1:>7} | {sw * 1e3:>9.1f} {sc * 1e3:>7.1f} | {mw * 1e3:>9.1f} {mc * 1e3:>7.1f} | "
-              f"{mw / sw:.2f}x wall, {mc / sc:.2f}x cpu")  # fmt: skip
+              f"{mw / sw:.2f}x wall, {mc / sc:.2f}x cpu | {a_s:.0f} / {a_m:.0f}")  # fmt: skip
 
 
 if __name__ == "__main__":
