@@ -197,3 +197,43 @@ def test_shipped_models_give_the_token_ids_of_the_former_layout():
         assert greedy(s1, labels, 2, kv_len=True) == greedy(s1, labels, 2, kv_len=False) == STAGE1_GREEDY
         assert s1(x, labels).argmax(-1).tolist() == STAGE1_TEACHER_FORCED_ARGMAX
         assert greedy(s2, x, 2, kv_len=False) == STAGE2_GREEDY
+
+
+def test_convert_upgrade_rewrites_a_former_run_once(tmp_path, capsys):
+    from digit.cli import main
+
+    model = randomized(tiny("fairseq", "prefix", norm_first=True), seed=5)
+    run = tmp_path / "run"
+    run.mkdir()
+    config = {"model": _old_config(model.config, "fairseq"), "train": {"lr": 1.0}, "data": {}}
+    (run / "config.json").write_text(json.dumps(config))
+    atomic_save_safetensors(run / "model.safetensors", to_fairseq(model.state_dict()))
+    (run / "metrics.jsonl").write_text("{}\n")
+    assert main(["convert", "upgrade", str(run)]) == 0
+    assert "rewritten in the current format" in capsys.readouterr().out
+    from safetensors.torch import load_file
+
+    on_disk = load_file(str(run / "model.safetensors"))
+    assert on_disk.keys() == model.state_dict().keys()
+    new_cfg = json.loads((run / "config.json").read_text())
+    assert new_cfg["model"] == model.config.to_dict() and new_cfg["train"] == {"lr": 1.0}
+    assert (run / "metrics.jsonl").read_text() == "{}\n"  # other files untouched
+    loaded, _ = load_gpt_run(run)
+    tokens, c = torch.randint(0, V, (2, 16)), cond_for(model.config)
+    with torch.no_grad():
+        assert torch.equal(loaded(tokens, c), model(tokens, c))
+    assert main(["convert", "upgrade", str(run)]) == 0
+    assert "already in the current format" in capsys.readouterr().out
+    # refusals: a resumable run, a directory that is not a run, weights that do not fit the config
+    (run / "train_state.pt").write_bytes(b"")
+    assert main(["convert", "upgrade", str(run)]) == 2
+    assert "train_state.pt" in capsys.readouterr().err
+    assert main(["convert", "upgrade", str(tmp_path)]) == 2
+    assert "missing config.json" in capsys.readouterr().err
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "config.json").write_text(json.dumps({"model": _old_config(tiny("fairseq", "none"), "fairseq")}))
+    atomic_save_safetensors(bad / "model.safetensors", to_fairseq(model.state_dict()))
+    assert main(["convert", "upgrade", str(bad)]) == 2
+    assert "do not fit" in capsys.readouterr().err
+    assert json.loads((bad / "config.json").read_text())["model"]["arch"] == "fairseq"  # nothing written

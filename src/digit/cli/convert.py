@@ -2,6 +2,7 @@
 
     digit convert digit --stage1 CKPT [--stage2 CKPT] [--kmeans km_8k.npy] [--dinov2 PTH] [--vqgan CKPT] --out DIR
     digit convert llamagen --gpt c2i_B_256.pt [--vq vq_ds16_c2i.pt] --out DIR
+    digit convert upgrade RUN          # a run directory written before the GPT's one module naming -> current format
 
 Pickled files are read with ``weights_only=True`` first and otherwise with a restricted unpickler that rebuilds only
 tensors, plain containers and config objects (see `digit.convert.unpickler`); a file asking for anything else is
@@ -63,6 +64,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument("--out", required=True, help="output directory")
     g.set_defaults(func=run_llamagen)
 
+    u = sub.add_parser(
+        "upgrade",
+        help="rewrite a former GPT run directory (config with 'arch', LlamaGen / fairseq key names) in the current format",
+        description="Rewrites RUN/config.json and RUN/model.safetensors with the current module names and behaviour "
+        "switches (each file atomically). Not needed to use a former run: it is converted in memory when loaded. "
+        "A run with train_state.pt (resumable) is refused.",
+    )
+    u.add_argument("run", type=existing_path, help="run directory (config.json + model.safetensors)")
+    u.set_defaults(func=run_upgrade)
+
 
 def _staged(args: argparse.Namespace, write) -> int:
     from pathlib import Path
@@ -109,3 +120,11 @@ def run_llamagen(args: argparse.Namespace) -> int:
                                 image_size=args.image_size, n_heads=args.heads)  # fmt: skip
 
     return _staged(args, write)
+
+
+def run_upgrade(args: argparse.Namespace) -> int:
+    from digit.convert.keys import upgrade_run_dir
+
+    changed = upgrade_run_dir(args.run)
+    print(f"{args.run}: {'rewritten in the current format' if changed else 'already in the current format'}")
+    return 0

@@ -14,12 +14,15 @@ one naming, each foreign layout is a pair of pure functions at the boundary).
   one naming (``start_embedding.start``, ``cls_embedding.embedding_table``, ``prefix_embedding.{start,embedding_table}``).
 
 ``upgrade_state_dict`` / ``upgrade_config`` read run directories written before the one naming (their weights are in
-one of the two layouts above, their config has ``arch``); `digit.models.load_gpt_run` applies them in memory.
+one of the two layouts above, their config has ``arch``); `digit.models.load_gpt_run` applies them in memory, and
+``upgrade_run_dir`` (``digit convert upgrade RUN``) rewrites such a directory once.
 """
 
 from __future__ import annotations
 
+import os
 import re
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -216,3 +219,38 @@ def upgrade_config(d: dict[str, Any]) -> dict[str, Any]:
         raise DigitError(f"unknown arch {arch!r} in a model config (choose from {', '.join(ARCHS)})")
     norm_first = True if arch == "llama" else bool(d.get("norm_first"))  # fairseq: None meant post-norm
     return {**d, **ARCHS[arch], "norm_first": norm_first}
+
+
+def upgrade_run_dir(run: str | os.PathLike) -> bool:
+    """Rewrite a former run directory's ``config.json`` and ``model.safetensors`` in the current format (each file
+    atomically; other files untouched). Returns False when there was nothing to do. The model is rebuilt from the
+    result and checked against it before anything is written."""
+    from safetensors.torch import load_file
+
+    from digit.convert import load_exact
+    from digit.models import GPT, GPTConfig
+    from digit.utils.io import atomic_save_safetensors, atomic_write_json, read_json
+
+    run = Path(run)
+    cfg_path, weights = run / "config.json", run / "model.safetensors"
+    for p in (cfg_path, weights):
+        if not p.is_file():
+            raise DigitError(f"{run} is not a GPT run directory (missing {p.name})")
+    config = read_json(cfg_path)
+    if not isinstance(config, dict) or not isinstance(config.get("model"), dict):
+        raise DigitError(f"{cfg_path} has no 'model' section")
+    if (run / "train_state.pt").exists():  # its module and optimizer state are keyed by the former names
+        raise DigitError(f"{run} holds train_state.pt, which would no longer resume after the rewrite; the run loads "
+                         "as it is (converted in memory), or upgrade a copy of config.json + model.safetensors")  # fmt: skip
+    state = load_file(str(weights))
+    old_config, old_weights = "arch" in config["model"], state_dict_layout(state) != "digit"
+    if not (old_config or old_weights):
+        return False
+    model_cfg = GPTConfig.from_dict(config["model"])
+    new_state = upgrade_state_dict(state)
+    load_exact(GPT(model_cfg), new_state, str(weights))  # refuse to write a pair that does not load
+    if old_weights:
+        atomic_save_safetensors(weights, new_state)
+    if old_config:
+        atomic_write_json(cfg_path, {**config, "model": model_cfg.to_dict()})
+    return True
