@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -226,9 +227,9 @@ def test_tar_duplicate_names_keep_the_last_copy(tmp_path, suffix):
 
 
 def test_unreadable_file_is_skipped_when_streaming(tmp_path):
-    root = write_image_folder(tmp_path / "d", classes=("a",), n_per_class=3)
-    (root / "a" / "zz.png").symlink_to(tmp_path / "missing.png")
+    root = write_image_folder(tmp_path / "d", classes=("a",), n_per_class=4)
     src = open_image_source(root)
+    (root / "a" / "img_003.png").unlink()  # gone between listing and reading
     got = {i: err for _, _, i, err in StreamingImageDataset(src, 16)}
     assert sorted(got) == [0, 1, 2, 3] and "unreadable" in got[3] and got[0] is None
 
@@ -246,3 +247,135 @@ def test_outputs_get_umask_permissions(tmp_path):
         os.umask(old)
     assert stat.S_IMODE(out.stat().st_mode) == 0o755
     assert stat.S_IMODE((out / "tokens.npy").stat().st_mode) == 0o644
+
+
+# ---- hostile layouts: links and archive members never mislabel, never vanish uncounted (sources.py docstring)
+
+
+def test_symlink_loop_reads_each_file_once_with_its_own_label(tmp_path):
+    root = write_image_folder(tmp_path / "d", classes=("a", "b"), n_per_class=3)
+    (root / "a" / "loop").symlink_to("..")  # cls/loop -> .. : os.walk(followlinks=True) descended 40 levels
+    (root / "b" / "again").symlink_to(root / "b")
+    src = open_image_source(root)
+    assert [e.key for e in src.entries] == [f"{c}/img_{i:03d}.png" for c in "ab" for i in range(3)]
+    assert src.class_names == ["a", "b"] and src.labels.tolist() == [0, 0, 0, 1, 1, 1]
+    assert [k for k, _ in src.rejected] == ["a/loop", "b/again"]
+    assert all("folder already read" in r for _, r in src.rejected)
+    report = SkipReport(src)
+    assert len(report) == 2 and report.summary().startswith("skipped 2 file(s): a/loop: link to a folder")
+
+
+def test_links_resolving_outside_the_root_are_not_followed_and_duplicates_are_read_once(tmp_path):
+    root = write_image_folder(tmp_path / "d", classes=("a", "b"), n_per_class=2)
+    outside = write_image_folder(tmp_path / "private", classes=("secret",), n_per_class=2)
+    (root / "a" / "leak.png").symlink_to(outside / "secret" / "img_000.png")
+    (root / "c").symlink_to(outside / "secret")  # a whole class from outside the root
+    (root / "b" / "twin.png").symlink_to(root / "a" / "img_000.png")  # a second path to a file already listed
+    (root / ".store").mkdir()
+    (root / ".store" / "x.png").write_bytes((root / "a" / "img_001.png").read_bytes())
+    (root / "b" / "z.png").symlink_to(root / ".store" / "x.png")  # inside the root, reached only by its link: read
+    src = open_image_source(root)
+    assert [e.key for e in src.entries] == ["a/img_000.png", "a/img_001.png", "b/img_000.png", "b/img_001.png",
+                                            "b/z.png"]  # fmt: skip
+    assert src.class_names == ["a", "b"] and src.labels.tolist() == [0, 0, 1, 1, 1]
+    assert dict(src.rejected) == {
+        "a/leak.png": "link leads outside the data root (not followed)",
+        "b/twin.png": "same file as a/img_000.png (read once)",
+        "c": "link leads outside the data root (not followed)",
+    }
+    assert src.read_bytes(4) == (root / ".store" / "x.png").read_bytes()
+
+
+def test_unsafe_and_link_tar_members_are_skipped_counted_and_never_a_class(tmp_path):
+    good = _png(Image.new("RGB", (8, 8), (10, 20, 30)))
+    arc = tmp_path / "hostile.tar"
+    with tarfile.open(arc, "w") as tf:
+
+        def add(name, data=good, kind=tarfile.REGTYPE, link=""):
+            info = tarfile.TarInfo(name)
+            info.type, info.linkname = kind, link
+            info.size = len(data) if kind == tarfile.REGTYPE else 0
+            tf.addfile(info, io.BytesIO(data) if kind == tarfile.REGTYPE else None)
+
+        add("train/cat/0.png")
+        add("train/dog/0.png")
+        add("/tmp/x.jpg")  # became a class named "/" and shifted every label
+        add("../evil.png")
+        add("train/cat/../../up.png")
+        add("train/dog/s.png", kind=tarfile.SYMTYPE, link="/etc/passwd")
+        add("train/dog/h.png", kind=tarfile.LNKTYPE, link="train/cat/0.png")
+    src = open_image_source(arc)
+    assert src.class_names == ["cat", "dog"] and [e.key for e in src.entries] == ["cat/0.png", "dog/0.png"]
+    assert src.labels.tolist() == [0, 1]
+    assert sorted(k for k, _ in src.rejected) == sorted(
+        ["/tmp/x.jpg", "../evil.png", "train/cat/../../up.png", "train/dog/s.png", "train/dog/h.png"]
+    )
+    summary = SkipReport(src).summary()
+    assert summary.startswith("skipped 5 file(s)") and "link member" in summary
+    with pytest.raises(DigitError, match="absolute or climbs"):
+        SkipReport(src, strict=True)
+
+
+def _undecodable_folder(root: Path) -> Path:
+    for c in ("a", "b"):
+        (root / c).mkdir(parents=True)
+        for i in range(4):
+            (root / c / f"{i}.png").write_bytes(b"not an image %d" % i)
+    return root
+
+
+def test_training_on_zero_usable_images_is_refused_and_writes_nothing(tmp_path, capsys):
+    import json
+
+    from conftest import tiny_fit_argv
+    from digit.cli import main
+
+    data = _undecodable_folder(tmp_path / "bad")
+    runs = {
+        "vq": ["vq", "train", "--data", str(data), "--preset", "tiny", "--image-size", "16", "--steps", "1",
+               "--batch-size", "4", "--out", str(tmp_path / "vq")],
+        "fit": tiny_fit_argv(data, tmp_path / "fit", 2),
+        "enc": ["encoder", "pretrain", "--data", str(data), "--encoder", "vit_tiny_patch16_224", "--encoder-kwargs",
+                json.dumps({"patch_size": 4, "embed_dim": 32, "depth": 1, "num_heads": 2}), "--image-size", "16",
+                "--epochs", "1", "--batch-size", "4", "--num-workers", "0", "--no-progress", "--out",
+                str(tmp_path / "enc")],
+    }  # fmt: skip
+    for name, argv in runs.items():
+        capsys.readouterr()
+        assert main(argv) == 2, name
+        err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("digit ")]
+        assert len(err) == 1 and "no usable images" in err[0] and "skipped 8 file(s)" in err[0], (name, err)
+        assert not (tmp_path / name).exists(), name
+
+
+def test_vq_train_reports_skipped_files(tmp_path, capsys):
+    import warnings
+
+    from digit.cli import main
+
+    data = write_image_folder(tmp_path / "imgs", classes=("a",), n_per_class=4)
+    (data / "a" / "broken.png").write_bytes(b"not a png")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        argv = [
+            "vq",
+            "train",
+            "--data",
+            str(data),
+            "--preset",
+            "tiny",
+            "--image-size",
+            "16",
+            "--steps",
+            "2",
+            "--batch-size",
+            "5",
+            "--disc-weight",
+            "0",
+            "--perceptual-weight",
+            "0",
+            "--out",
+            str(tmp_path / "run"),
+        ]
+        assert main(argv) == 0  # fmt: skip
+    assert "skipped 1 file(s): broken.png: not an image" in capsys.readouterr().out  # one folder: unwrapped

@@ -24,6 +24,7 @@ import torch
 from digit.errors import DigitError
 from digit.recipes.ship import MANIFEST, MODEL_PARTS
 from digit.utils.io import atomic_write_bytes, read_json
+from digit.utils.outputs import mark_dir
 
 # the recipe steps the demo needs to get models (the claims' measurements are the full recipe's business)
 TRAINING_STEPS = ("split", "encoder", "tokenizer", "tokens-train", "tokens-val", "vq", "vq-tokens-train",
@@ -157,7 +158,7 @@ def run_demo(
 
     t_start = time.perf_counter()
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    mark_dir(out, "demo")
     folder = Path(models) if models is not None else shipped_models()
     trained_here = None
     if not models_complete(folder):

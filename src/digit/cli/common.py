@@ -84,6 +84,13 @@ def json_object(value: str) -> dict[str, Any]:
     return v
 
 
+def add_output_args(p: argparse.ArgumentParser, help: str) -> None:
+    """``--out DIR`` and ``--overwrite`` for a command that writes a directory (rules: `digit.utils.outputs`)."""
+    p.add_argument("--out", required=True, help=f"{help} (an existing non-empty folder is refused unless it is this "
+                   "command's own earlier output, or --overwrite; never one holding or inside an input)")  # fmt: skip
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out that this command did not write")
+
+
 def add_device_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
 

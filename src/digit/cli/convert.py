@@ -78,21 +78,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _staged(args: argparse.Namespace, write) -> int:
     from pathlib import Path
 
-    from digit.errors import DigitError
-    from digit.utils.io import replace_dir, staging_dir
+    from digit.utils.outputs import output_dir
 
     out = Path(args.out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.overwrite:
-        raise DigitError(f"{out} exists and is not empty (pass --overwrite to replace it)")
-    tmp = staging_dir(out)
-    try:
+    inputs = [getattr(args, k, None) for k in ("stage1", "stage2", "kmeans", "dinov2", "vqgan", "gpt", "vq")]
+    with output_dir(out, kind=f"convert {args.source}", inputs=inputs, overwrite=args.overwrite).stage() as tmp:
         written = write(tmp)
-    except BaseException:
-        import shutil
-
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    replace_dir(tmp, out)
     for piece, path in written.items():
         print(f"{piece}: {out / Path(path).name}")
     return 0

@@ -38,9 +38,12 @@ def run(args: argparse.Namespace) -> int:
     from digit.cli.common import resolve_device
     from digit.demo import run_demo
     from digit.errors import DigitError
+    from digit.utils.outputs import claim_dir
 
     if args.top_k < 0:
         raise DigitError(f"--top-k must be >= 0, got {args.top_k}")
+    # a growing folder (a rerun reuses fallback models trained in it): ours or new, never a foreign one
+    claim_dir(args.out, kind="demo", inputs=(args.models, args.data), is_legacy=lambda d: (d / "report.md").is_file())
     report = run_demo(
         args.out,
         args.models,

@@ -147,9 +147,8 @@ def run_pretrain(args: argparse.Namespace) -> int:
             f"views rendered on {'the GPU' if task.render_on_device else 'CPU workers'}"
         )
         for rep in task.reports:
-            if len(rep):
-                print(rep.summary())
-    last = Trainer(task, tcfg, args.out, resume=args.resume).fit()
+            print(rep.summary())
+    last = Trainer(task, tcfg, args.out, resume=args.resume, inputs=(args.data, args.val)).fit()
     if main:
         summary = {k: last[k] for k in ("loss", "knn_top1", "images_per_s") if k in last}
         print(f"encoder directory: {args.out} ({json.dumps(summary)})")

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import argparse
 
-from digit.cli.common import add_device_arg, existing_dir, non_negative_int, positive_int, unit_fraction
+from digit.cli.common import (
+    add_device_arg,
+    add_output_args,
+    existing_dir,
+    non_negative_int,
+    positive_int,
+    unit_fraction,
+)
 
 
 def register(sub) -> None:
@@ -38,9 +45,8 @@ def register(sub) -> None:
                    help="MaskGIT decoding steps, NAR decoder (default 8: DiGIT's released inference script)")  # fmt: skip
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=positive_int, default=16)
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     add_device_arg(p)
-    p.add_argument("--out", required=True, help="output directory")
+    add_output_args(p, "output directory")
     p.set_defaults(func=run)
 
 
@@ -52,11 +58,11 @@ def run(args: argparse.Namespace) -> int:
     from digit.cli.common import resolve_device
     from digit.errors import DigitError
     from digit.pipeline import SamplingConfig, generate_images, image_grid, load_pipeline, resolve_labels, save_png
-    from digit.utils.io import atomic_write, atomic_write_json, replace_dir, staging_dir
+    from digit.utils.io import atomic_write, atomic_write_json
+    from digit.utils.outputs import output_dir
 
     out = Path(args.out)
-    if out.exists() and any(out.iterdir()) and not args.overwrite:
-        raise DigitError(f"{out} exists and is not empty (pass --overwrite to replace it)")
+    target = output_dir(out, kind="generate", inputs=(args.stage1, args.decoder, args.vq), overwrite=args.overwrite)
     device = resolve_device(args.device)
     pipe = load_pipeline(args.stage1, args.vq, args.decoder, device=device)  # refuses mismatches, samples nothing
     labels = resolve_labels(pipe, args.n, args.classes)
@@ -83,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
     captions = [
         (names[v] if v < len(names) else f"class {v}") if v >= 0 else f"#{i}" for i, v in enumerate(res.labels.tolist())
     ]
-    tmp = staging_dir(out)
+    tmp = target.begin()
     (tmp / "images").mkdir()
     for i, img in enumerate(res.images):
         save_png(tmp / "images" / f"{i:06d}.png", img)
@@ -107,7 +113,7 @@ def run(args: argparse.Namespace) -> int:
         "seconds": res.seconds,
         "images_per_s": len(labels) / max(total, 1e-9),
     })  # fmt: skip
-    replace_dir(tmp, out)
+    target.publish(tmp)
     print(
         f"wrote {len(labels)} images to {out} ({len(labels) / max(total, 1e-9):.2f} img/s; "
         + ", ".join(f"{k} {v:.2f}s" for k, v in res.seconds.items())

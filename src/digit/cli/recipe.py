@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from digit.cli.common import existing_dir, existing_path, non_negative_int
+from digit.cli.common import add_output_args, existing_dir, existing_path, non_negative_int
 
 
 def register(subparsers) -> None:
@@ -50,20 +50,22 @@ def register(subparsers) -> None:
         "validation images.",
     )
     s.add_argument("--recipe", type=existing_dir, required=True, help="a finished `digit recipe cifar10` directory")
-    s.add_argument("--out", required=True, help="model folder to write (e.g. src/digit/assets/cifar10)")
+    add_output_args(s, "model folder to write (e.g. src/digit/assets/cifar10)")
     s.set_defaults(func=run_ship)
 
 
 def run_cifar10(args: argparse.Namespace) -> int:
     from digit.recipes.cifar10 import cifar10_steps
     from digit.recipes.report import write_summary
-    from digit.recipes.runner import command_line, run_steps
+    from digit.recipes.runner import DONE_DIR, command_line, run_steps
+    from digit.utils.outputs import claim_dir
 
     steps = cifar10_steps(str(Path(args.data).resolve()), size=args.size, seed=args.seed)
     if args.dry_run:
         for i, step in enumerate(steps, 1):
             print(f"[{i}/{len(steps)}] {step.name}: {step.what}\n    $ {command_line(step)}")
         return 0
+    claim_dir(args.out, kind="recipe", inputs=(args.data,), is_legacy=lambda d: (d / DONE_DIR).is_dir())
     print(f"digit recipe cifar10 ({args.size}): {len(steps)} steps in {args.out}", flush=True)
     results = run_steps(steps, args.out, log=lambda m: print(m, flush=True))
     md = write_summary(args.out, results, size=args.size)
@@ -73,8 +75,10 @@ def run_cifar10(args: argparse.Namespace) -> int:
 
 def run_ship(args: argparse.Namespace) -> int:
     from digit.recipes.ship import ship_models
+    from digit.utils.outputs import output_dir
 
-    out = ship_models(args.recipe, args.out)
+    target = output_dir(args.out, kind="recipe ship", inputs=(args.recipe,), overwrite=args.overwrite)
+    out = ship_models(args.recipe, target)
     for f in sorted(out.rglob("*")):
         if f.is_file():
             print(f"{f}  {f.stat().st_size / 2**20:.2f} MiB")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from digit.cli.common import add_device_arg, existing_dir
+from digit.cli.common import add_device_arg, add_output_args, existing_dir
 from digit.errors import DigitError
 
 # meta keys that write_token_dir computes itself; the rest of the training meta (tokenizer config, ...) is copied
@@ -51,7 +51,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step")
     add_device_arg(p)
-    p.add_argument("--out", required=True, help="output token directory")
+    add_output_args(p, "output token directory")
     p.set_defaults(func=run)
 
 
@@ -132,7 +132,9 @@ def run(args: argparse.Namespace) -> int:
     from digit.data.tokens import write_token_dir
     from digit.models import load_gpt_run
     from digit.sampling.generate import generate
+    from digit.utils.outputs import output_dir
 
+    out_dir = output_dir(args.out, kind="sample", inputs=(args.run, args.prefix_tokens), overwrite=args.overwrite)
     device = resolve_device(args.device)
     model, config = load_gpt_run(args.run, device=device)
     mcfg = model.config
@@ -183,7 +185,7 @@ def run(args: argparse.Namespace) -> int:
     class_names = meta.get("class_names") or []
     num_classes = mcfg.num_classes if mcfg.cond == "class" else meta.get("num_classes", len(class_names))
     write_token_dir(
-        args.out,
+        out_dir,
         out,
         labels,
         vocab_size=mcfg.vocab_size,

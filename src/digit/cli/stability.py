@@ -60,8 +60,7 @@ def run(args: argparse.Namespace) -> int:
                 yield b["images"]
 
     result = token_stability(tok, batches(), args.snr, seed=args.seed, total=len(ds))
-    if result["n_images"] == 0:
-        raise DigitError(f"no decodable images in {args.data}")
+    skipped.require_usable(result["n_images"])
     result["tokenizer"] = str(args.tokenizer)
     result["data"] = str(args.data)
     print(format_table(result))

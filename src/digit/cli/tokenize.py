@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from digit.cli.common import add_device_arg, existing_dir, non_negative_int, positive_int
+from digit.cli.common import add_device_arg, add_output_args, existing_dir, non_negative_int, positive_int
 
 
 def register(sub) -> None:
@@ -29,7 +29,7 @@ def register(sub) -> None:
         help="encoder precision: auto = bf16 on CUDA, fp32 on CPU (bf16 on CPU is faster, ids may flip at ties)",
     )
     add_device_arg(p)
-    p.add_argument("--out", required=True, help="output token directory")
+    add_output_args(p, "output token directory")
     p.set_defaults(func=run)
 
 
@@ -42,7 +42,9 @@ def run(args: argparse.Namespace) -> int:
     from digit.tokenizers import load_tokenizer
     from digit.tokenizers.apply import tokenize_to_dir
     from digit.utils.distributed import init_distributed
+    from digit.utils.outputs import output_dir
 
+    out = output_dir(args.out, kind="tokenize", inputs=(args.data, args.tokenizer), overwrite=args.overwrite)
     dist = init_distributed()
     device = (
         resolve_device(args.device)
@@ -62,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
     report = tokenize_to_dir(
         tok,
         source,
-        args.out,
+        out,
         batch_size=args.batch_size,
         workers=args.workers,
         flip=args.flip,

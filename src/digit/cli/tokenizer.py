@@ -6,6 +6,7 @@ import argparse
 
 from digit.cli.common import (
     add_device_arg,
+    add_output_args,
     existing_path,
     json_object,
     non_negative_int,
@@ -97,21 +98,30 @@ def register(sub) -> None:
     f.add_argument("--batch-size", type=positive_int, default=64)
     f.add_argument("--seed", type=int, default=0)
     add_device_arg(f)
-    f.add_argument("--out", required=True, help="output tokenizer directory")
+    add_output_args(f, "output tokenizer directory")
     f.set_defaults(func=run_fit)
 
     c = tsub.add_parser("from-centroids", help="wrap an existing codebook (e.g. DiGIT's km_8k.npy) as a tokenizer")
     add_encoder_args(c)
     c.add_argument("--centroids", type=existing_path, required=True, help=".npy float [K, D] codebook")
     add_device_arg(c)
-    c.add_argument("--out", required=True, help="output tokenizer directory")
+    add_output_args(c, "output tokenizer directory")
     c.set_defaults(func=run_from_centroids)
+
+
+def _inputs(args: argparse.Namespace, data) -> tuple:
+    from pathlib import Path
+
+    encoder_dir = Path(args.encoder) if Path(args.encoder).exists() else None
+    return (data, encoder_dir, args.encoder_weights)
 
 
 def run_fit(args: argparse.Namespace) -> int:
     from digit.data.sources import open_image_source
     from digit.tokenizers.fit import fit_tokenizer
+    from digit.utils.outputs import output_dir
 
+    target = output_dir(args.out, kind="tokenizer", inputs=_inputs(args, args.data), overwrite=args.overwrite)
     device = resolve_device(args.device)
     source = open_image_source(args.data, args.layout)
     encoder = build_encoder_from_args(args, device)
@@ -132,8 +142,9 @@ def run_fit(args: argparse.Namespace) -> int:
         augment=not args.no_augment,
         limit=args.limit,
     )
-    tok.save(args.out)
     print(f"{report.skipped.summary()}")
+    tok.save(tmp := target.begin())
+    target.publish(tmp)
     print(
         f"fitted K={args.clusters} on {report.n_features_used} of {report.n_features_seen} patch features "
         f"from {report.n_images} images -> {args.out}"
@@ -143,11 +154,14 @@ def run_fit(args: argparse.Namespace) -> int:
 
 def run_from_centroids(args: argparse.Namespace) -> int:
     from digit.tokenizers.discriminative import DiscriminativeTokenizer, load_centroids
+    from digit.utils.outputs import output_dir
 
+    target = output_dir(args.out, kind="tokenizer", inputs=_inputs(args, args.centroids), overwrite=args.overwrite)
     device = resolve_device(args.device)
     centroids = load_centroids(args.centroids)
     encoder = build_encoder_from_args(args, device)
     tok = DiscriminativeTokenizer(encoder, centroids, extra={"centroids_source": str(args.centroids)})
-    tok.save(args.out)
+    tok.save(tmp := target.begin())
+    target.publish(tmp)
     print(f"tokenizer K={tok.vocab_size} D={tok.dim} grid {tok.grid_size} -> {args.out}")
     return 0

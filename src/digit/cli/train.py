@@ -147,7 +147,10 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
         eval_batch_size=max(1, args.batch_size // max(1, dist.world_size * args.grad_accum)),
     )
-    trainer = Trainer(task, cfg, args.out, resume=args.resume)  # the trainer counts the steps (--steps or --epochs)
+    inputs = (args.tokens, args.prefix_tokens, args.val_tokens, args.val_prefix_tokens)
+    trainer = Trainer(
+        task, cfg, args.out, resume=args.resume, inputs=inputs
+    )  # the trainer counts the steps (--steps or --epochs)
     if dist.is_main:
         n = sum(p.numel() for p in task.model.parameters())
         print(

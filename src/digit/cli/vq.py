@@ -6,6 +6,7 @@ import argparse
 
 from digit.cli.common import (
     add_device_arg,
+    add_output_args,
     add_trainer_args,
     existing_dir,
     existing_path,
@@ -57,7 +58,7 @@ def register(sub) -> None:
     r.add_argument("--batch-size", type=positive_int, default=32)
     r.add_argument("--grid", type=positive_int, default=16, help="image pairs shown in grid.png")
     add_device_arg(r)
-    r.add_argument("--out", required=True, help="output directory (metrics.json, grid.png)")
+    add_output_args(r, "output directory (metrics.json, grid.png)")
     r.set_defaults(func=run_reconstruct)
 
 
@@ -65,7 +66,7 @@ def run_train(args: argparse.Namespace) -> int:
     import torch
 
     from digit.cli.common import resolve_device
-    from digit.data.datasets import ImageDataset
+    from digit.data.datasets import ImageDataset, require_usable_image
     from digit.data.sources import open_image_source
     from digit.tokenizers.vq import VQModel, build_vq_config
     from digit.tokenizers.vq_train import VQLossConfig, VQTask, lpips_or_warn
@@ -90,6 +91,7 @@ def run_train(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)  # identical init on every rank
     vq = VQModel(cfg)
     source = open_image_source(args.data, args.layout)
+    require_usable_image(source)  # refuse before the run directory is written
     dataset = ImageDataset(source, cfg.image_size, train=True, seed=args.seed)
     n_eval = min(len(source), 64)
     eval_ds = ImageDataset(source, cfg.image_size, train=False, seed=args.seed)
@@ -121,13 +123,15 @@ def run_train(args: argparse.Namespace) -> int:
             f"VQ {args.preset}: {n_params / 1e6:.2f}M params, {cfg.codebook_size} codes, grid {cfg.grid_size}; "
             f"data {source.describe()}"
         )
-    last = Trainer(task, tcfg, args.out, resume=args.resume, device=device).fit()
+    inputs = (args.data, args.lpips_weights)
+    last = Trainer(task, tcfg, args.out, resume=args.resume, device=device, inputs=inputs).fit()
     if dist.is_main:
         shown = {
             k: round(v, 4)
             for k, v in last.items()
             if k in ("generator_rec_loss", "generator_psnr", "val_psnr", "generator_perplexity", "generator_dead_codes")
         }
+        print(task.skipped.summary())
         print(f"wrote {args.out} {shown}")
     if dist.enabled:
         torch.distributed.destroy_process_group()
@@ -143,19 +147,22 @@ def run_reconstruct(args: argparse.Namespace) -> int:
     from digit.tokenizers.reconstruct import reconstruct
     from digit.tokenizers.vq import VQModel
     from digit.utils.io import atomic_write_json
+    from digit.utils.outputs import output_dir
 
+    target = output_dir(args.out, kind="vq reconstruct", inputs=(args.vq, args.data), overwrite=args.overwrite)
     device = resolve_device(args.device)
     vq = VQModel.load(args.vq, device=device)
     source = open_image_source(args.data, args.layout)
     res = reconstruct(vq, source, batch_size=args.batch_size, limit=args.limit, keep=args.grid)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = target.begin()
     m = {**res.metrics, "vq": str(Path(args.vq).resolve()), "data": str(source.path)}
     save_png(out / "grid.png", res.side_by_side())
     atomic_write_json(out / "metrics.json", m)
+    out = target.publish(out)
     print(
         f"PSNR {m['psnr']:.2f} dB  SSIM {m['ssim']:.4f}  codebook usage {m['codes_used']}/{m['codebook_size']} "
         f"({100 * m['codebook_usage']:.1f}%), perplexity {m['codebook_perplexity']:.1f}  on {m['n_images']} images"
     )
+    print(res.skipped.summary())
     print(f"wrote {out / 'metrics.json'} and {out / 'grid.png'}")
     return 0

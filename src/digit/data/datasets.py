@@ -118,6 +118,24 @@ def image_loader(dataset: Dataset, batch_size: int, workers: int = 0, **kwargs) 
     )
 
 
+def require_usable_image(source: ImageSource, limit: int | None = None) -> None:
+    """Decode entries in storage order until one is a usable image; if none is, the standard zero-usable error.
+
+    For trainers, which must refuse before writing a run: normally costs one decode; all of them only when all fail."""
+    report = SkipReport(source)
+    n = len(source) if limit is None else min(limit, len(source))
+    for i, data in source.iter_bytes(lambda i: i < n):
+        if isinstance(data, OSError):
+            report.add([(i, f"unreadable ({data})")])
+            continue
+        try:
+            decode_image(data)
+            return
+        except BadImage as e:
+            report.add([(i, str(e))])
+    report.require_usable(0)
+
+
 @dataclass
 class SkipReport:
     """Counts the files a run skipped; reports them once at the end. With ``strict`` the first one is an error."""
@@ -127,13 +145,18 @@ class SkipReport:
     skipped: list[tuple[str, str]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
+        self._keys = {k for k, _ in self.skipped}
         for key in self.source.loose_files:
             self.add_key(key, "outside any class folder")
+        for key, reason in self.source.rejected:
+            self.add_key(key, reason)
 
     def add_key(self, key: str, reason: str) -> None:
         if self.strict:
             raise DigitError(f"{self.source.path}: {key}: {reason}")
-        self.skipped.append((key, reason))
+        if key not in self._keys:  # a file that fails every epoch is one skipped file
+            self._keys.add(key)
+            self.skipped.append((key, reason))
 
     def add(self, failures: list[tuple[int, str]]) -> None:
         for index, reason in failures:
@@ -141,6 +164,11 @@ class SkipReport:
 
     def __len__(self) -> int:
         return len(self.skipped)
+
+    def require_usable(self, n_usable: int) -> None:
+        """The one refusal of a run left with no image to work on (called before anything is written)."""
+        if n_usable <= 0:
+            raise DigitError(f"no usable images in {self.source.path}: {self.summary()}")
 
     def summary(self, max_listed: int = 5) -> str:
         if not self.skipped:

@@ -6,6 +6,16 @@ single top-level folder is unwrapped in both (the CIFAR-10 archive holds ``train
 
 Which files are images is decided by decoding, not by extension, so a stray ``README.txt`` is skipped and counted like
 a truncated JPEG. Hidden files and folders (``.DS_Store``, ``__MACOSX``) are ignored outright.
+
+Hostile layouts never mislabel and never vanish silently: what is refused is listed in ``ImageSource.rejected`` and
+counted in the end-of-run skip summary.
+
+* Folder links are followed only where they resolve inside the data root, and every real file and folder is read at
+  most once: the plain (link-free) path wins, then the first link path in sorted order. A link out of the root, a
+  broken link, a link to a folder already read (a loop such as ``cls/loop -> ..``) and a second path to a file
+  already listed are rejected.
+* Archive members that are links (symbolic or hard), devices or FIFOs, or whose name is absolute (``/tmp/x.jpg``) or
+  climbs (``../x.jpg``), are rejected; they never become an entry or a class.
 """
 
 from __future__ import annotations
@@ -73,6 +83,7 @@ class ImageSource:
     entries: list[Entry]
     class_names: list[str]
     loose_files: list[str] = field(default_factory=list)  # files beside class folders: reported as skipped
+    rejected: list[tuple[str, str]] = field(default_factory=list)  # (path, reason): links/members refused (docstring)
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -103,19 +114,66 @@ class ImageSource:
         return f"{self.path} ({len(self)} files, {kind})"
 
 
+def _inside(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
+
+
+def _walk_folder(root: Path) -> tuple[list[PurePosixPath], list[tuple[str, str]]]:
+    """(relative paths of the files to read, rejected (path, reason)) under the rules in the module docstring."""
+    root_real = os.path.realpath(root)
+    files: dict[str, PurePosixPath] = {}  # real path -> the one relative path it is read through
+    rejected: list[tuple[str, str]] = []
+    seen_dirs = {root_real}
+    links: list[tuple[PurePosixPath, str]] = []  # (relative path of a link, its full path), resolved after plain paths
+
+    def scan(full: str, rel: PurePosixPath, real_dir: str) -> None:
+        """Plain entries of one folder tree (no link followed; ``real_dir`` is its real path); links are queued."""
+        with os.scandir(full) as it:
+            entries = sorted(it, key=lambda e: e.name)
+        for e in entries:
+            if _hidden((e.name,)):
+                continue
+            r = PurePosixPath(*rel.parts, e.name)
+            if e.is_symlink():
+                links.append((r, e.path))
+            elif e.is_dir(follow_symlinks=False):
+                seen_dirs.add(os.path.join(real_dir, e.name))
+                scan(e.path, r, os.path.join(real_dir, e.name))
+            elif e.is_file(follow_symlinks=False):
+                files.setdefault(os.path.join(real_dir, e.name), r)
+            else:
+                rejected.append((str(r), "not a regular file"))
+
+    scan(str(root), PurePosixPath(), root_real)
+    while links:  # breadth-first over link paths, in sorted order: each real folder and file once
+        links.sort(key=lambda x: str(x[0]))
+        rel, full = links.pop(0)
+        real = os.path.realpath(full)
+        if not _inside(real, root_real):
+            rejected.append((str(rel), "link leads outside the data root (not followed)"))
+        elif not os.path.exists(real):
+            rejected.append((str(rel), "broken link"))
+        elif os.path.isdir(real):
+            if real in seen_dirs:
+                rejected.append((str(rel), "link to a folder already read (loop or duplicate; not followed)"))
+            else:
+                seen_dirs.add(real)
+                scan(full, rel, real)
+        elif real in files:
+            rejected.append((str(rel), f"same file as {files[real]} (read once)"))
+        elif os.path.isfile(real):
+            files[real] = rel
+        else:
+            rejected.append((str(rel), "not a regular file"))
+    return sorted(files.values(), key=str), sorted(rejected)
+
+
 class FolderSource(ImageSource):
     def __init__(self, root: Path, layout: str):
-        files: list[PurePosixPath] = []
-        for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-            rel = Path(dirpath).relative_to(root)
-            dirnames[:] = [d for d in dirnames if not _hidden((d,))]
-            for fn in filenames:
-                p = PurePosixPath(*rel.parts, fn)
-                if not _hidden(p.parts):
-                    files.append(p)
+        files, rejected = _walk_folder(root)
         prefix, rel_paths = _unwrap(files, keep_dirs=layout == "imagefolder")
         entries, classes, loose = _index(rel_paths, layout)
-        super().__init__(Path(root), entries, classes, loose)
+        super().__init__(Path(root), entries, classes, loose, rejected)
         self._prefix = prefix
 
     def read_bytes(self, index: int) -> bytes:
@@ -130,16 +188,15 @@ class TarSource(ImageSource):
     def __init__(self, path: Path, layout: str):
         try:
             with tarfile.open(path, "r:*") as tf:
-                members = [m for m in tf.getmembers() if m.isfile()]
+                members, rejected = _safe_members(tf.getmembers())
         except (tarfile.TarError, OSError, EOFError) as e:
             raise DigitError(f"cannot read archive {path}: {e}") from e
-        members = [m for m in members if not _hidden(PurePosixPath(m.name).parts)]
         # an archive appended to (tar -r/-u) can hold a name twice: the last copy wins, as on extraction
         last = {str(PurePosixPath(m.name)): m for m in members}
         members = [m for m in members if last[str(PurePosixPath(m.name))] is m]
         prefix, rel_paths = _unwrap([PurePosixPath(m.name) for m in members], keep_dirs=layout == "imagefolder")
         entries, classes, loose = _index(rel_paths, layout)
-        super().__init__(Path(path), entries, classes, loose)
+        super().__init__(Path(path), entries, classes, loose, rejected)
         by_key = {prefix + str(p): m for p, m in zip(rel_paths, members)}
         by_key = {str(PurePosixPath(k)): v for k, v in by_key.items()}
         self._members = [by_key[str(PurePosixPath(prefix + e.key))] for e in entries]
@@ -188,6 +245,26 @@ class TarSource(ImageSource):
     def __setstate__(self, state):
         self.__dict__.update(state)
         self._lock = threading.Lock()
+
+
+def _safe_members(members: list[tarfile.TarInfo]) -> tuple[list[tarfile.TarInfo], list[tuple[str, str]]]:
+    """Regular files with a relative, non-climbing, non-hidden name; the rest of the non-folder members rejected."""
+    keep, rejected = [], []
+    for m in members:
+        if m.isdir():
+            continue
+        name = PurePosixPath(m.name)
+        if name.is_absolute() or ".." in name.parts:
+            rejected.append((m.name, "member name is absolute or climbs out with '..' (not extracted)"))
+        elif _hidden(name.parts):
+            continue
+        elif m.issym() or m.islnk():
+            rejected.append((m.name, f"link member -> {m.linkname} (not followed)"))
+        elif not m.isfile():
+            rejected.append((m.name, "not a regular file"))
+        else:
+            keep.append(m)
+    return keep, rejected
 
 
 def _is_plain_tar(path: Path) -> bool:

@@ -18,7 +18,8 @@ from typing import Any
 import numpy as np
 
 from digit.errors import DigitError
-from digit.utils.io import atomic_save_numpy, atomic_write_json, read_json, replace_dir, staging_dir
+from digit.utils.io import atomic_save_numpy, atomic_write_json, read_json
+from digit.utils.outputs import OutputDir, as_output
 
 FORMAT = "digit.tokens"
 FORMAT_VERSION = 1
@@ -71,7 +72,7 @@ class TokenDirectory:
 
 
 def write_token_dir(
-    out: str | os.PathLike,
+    out: str | os.PathLike | OutputDir,
     tokens: np.ndarray,
     labels: np.ndarray | None,
     *,
@@ -81,7 +82,8 @@ def write_token_dir(
     views: list[str] | None = None,
     extra_meta: dict[str, Any] | None = None,
 ) -> Path:
-    """Write a token directory atomically (a staging directory renamed into place)."""
+    """Write a token directory atomically (a staging directory renamed into place). A plain path may replace only an
+    earlier token directory (see `digit.utils.outputs`); the CLI passes its own ``OutputDir``."""
     tokens = np.asarray(tokens)
     if tokens.ndim != 3:
         raise ValueError(f"tokens must be [N, h, w], got shape {tokens.shape}")
@@ -109,13 +111,12 @@ def write_token_dir(
         "n_rows": n,
         **(extra_meta or {}),
     }
-    final = Path(out)
-    tmp = staging_dir(final)
-    atomic_save_numpy(tmp / "tokens.npy", tokens.astype(token_dtype(vocab_size), copy=False))
-    atomic_save_numpy(tmp / "labels.npy", labels)
-    atomic_write_json(tmp / "meta.json", meta)
-    replace_dir(tmp, final)
-    return final
+    target = as_output(out, "tokens")
+    with target.stage() as tmp:
+        atomic_save_numpy(tmp / "tokens.npy", tokens.astype(token_dtype(vocab_size), copy=False))
+        atomic_save_numpy(tmp / "labels.npy", labels)
+        atomic_write_json(tmp / "meta.json", meta)
+    return target.path
 
 
 def read_token_dir(path: str | os.PathLike, mmap: bool = True) -> TokenDirectory:

@@ -20,6 +20,7 @@ from typing import Any
 
 from digit.errors import DigitError
 from digit.utils.io import atomic_write_json, read_json
+from digit.utils.outputs import mark_dir
 
 DONE_DIR = ".recipe"
 
@@ -63,7 +64,7 @@ def run_steps(
 ) -> list[StepResult]:
     """Run ``steps`` in order inside ``root``. Returns one result per step (skipped ones carry their recorded time)."""
     root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
+    mark_dir(root, "recipe")  # the caller checked it with claim_dir: a recipe directory of ours, or new
     results = []
     for i, step in enumerate(steps, 1):
         marker = _marker(root, step)

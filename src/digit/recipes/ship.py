@@ -12,24 +12,26 @@ import shutil
 from pathlib import Path
 
 from digit.errors import DigitError
-from digit.utils.io import atomic_write_json, file_sha256, read_json, replace_dir, staging_dir
+from digit.utils.io import atomic_write_json, file_sha256, read_json
+from digit.utils.outputs import OutputDir, as_output
 
 MODEL_PARTS = ("tokenizer", "vq", "stage1", "stage2")
 MANIFEST = "models.json"
 
 
-def ship_models(recipe: str | os.PathLike, out: str | os.PathLike, images_per_class: int = 1) -> Path:
+def ship_models(recipe: str | os.PathLike, out: str | os.PathLike | OutputDir, images_per_class: int = 1) -> Path:
     from digit.data.decode import decode_image
     from digit.tokenizers.encoder import ENCODER_WEIGHTS
 
-    recipe, out = Path(recipe), Path(out)
+    target = as_output(out, "recipe ship")
+    recipe, out = Path(recipe), target.path
     need = ["tokenizer/tokenizer.json", "tokenizer/centroids.npy", "vq/tokenizer.json", "vq/model.safetensors",
             "stage1/config.json", "stage1/model.safetensors", "stage2/config.json", "stage2/model.safetensors",
             "data/val"]  # fmt: skip
     missing = [n for n in need if not (recipe / n).exists()]
     if missing:
         raise DigitError(f"{recipe} is not a finished recipe directory (missing {', '.join(missing)})")
-    tmp = staging_dir(out)
+    tmp = target.begin()
     try:
         tok_cfg = read_json(recipe / "tokenizer" / "tokenizer.json")
         weights = tok_cfg["encoder"]["weights"]
@@ -72,7 +74,7 @@ def ship_models(recipe: str | os.PathLike, out: str | os.PathLike, images_per_cl
                 "sha256": {str(p.relative_to(tmp)): file_sha256(p) for p in files},
             },
         )
-        replace_dir(tmp, out)
+        target.publish(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

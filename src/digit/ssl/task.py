@@ -180,12 +180,14 @@ class DINOTask(TaskBase):
 
     def _images(self, source, what: str, indices: np.ndarray):
         """-> (indexable images, labels by position, map source indices -> positions); decodes ``indices`` once."""
-        from digit.data.datasets import ImageDataset
+        from digit.data.datasets import ImageDataset, require_usable_image
 
         if not self.cfg.cache:
+            require_usable_image(source)
             return ImageDataset(source, self.cfg.load_size, train=False), np.asarray(source.labels), lambda idx: idx
         images, pos, report = decode_all(source, indices, self.cfg.load_size, f"decode {what}", not self.quiet)
         self.reports.append(report)
+        report.require_usable(len(images))
 
         def to_pos(idx: np.ndarray) -> np.ndarray:
             p = pos[idx]

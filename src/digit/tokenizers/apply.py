@@ -17,6 +17,7 @@ from digit.data.tokens import token_dtype, write_token_dir
 from digit.errors import DigitError
 from digit.utils.distributed import barrier, get_dist_info
 from digit.utils.io import atomic_write_json, read_json
+from digit.utils.outputs import OutputDir, as_output
 
 
 def tokenize_shard(
@@ -76,7 +77,7 @@ def _merge(parts: list[dict[str, Any]], source: ImageSource, n_views: int) -> tu
 def tokenize_to_dir(
     tokenizer,
     source: ImageSource,
-    out: str | os.PathLike,
+    out: str | os.PathLike | OutputDir,
     *,
     batch_size: int = 64,
     workers: int = 0,
@@ -88,8 +89,13 @@ def tokenize_to_dir(
 ) -> SkipReport | None:
     """Write the token directory (rank 0). Under torchrun every rank tokenizes its shard and rank 0 merges them."""
     dist = get_dist_info()
-    out = Path(out)
+    target = as_output(out, "tokens")
+    out = target.path
     shard_dir = out.with_name(f".{out.name}.shards")
+    if dist.enabled:  # shards or error notes of an earlier, killed run must not be merged into this one
+        if dist.is_main:
+            shutil.rmtree(shard_dir, ignore_errors=True)
+        barrier()
     try:
         part = tokenize_shard(
             tokenizer,
@@ -132,6 +138,13 @@ def tokenize_to_dir(
     tokens, labels, failures = _merge(parts, source, n_views)
     report = SkipReport(source, strict=strict)
     report.add(failures)
+    try:
+        report.require_usable(len(tokens))
+    except DigitError:
+        if dist.enabled:  # release the ranks waiting for the merge
+            shutil.rmtree(shard_dir, ignore_errors=True)
+            barrier()
+        raise
     meta = {
         "tokenizer": tokenizer.config(),
         "source": {
@@ -142,7 +155,7 @@ def tokenize_to_dir(
         **(extra_meta or {}),
     }
     write_token_dir(
-        out,
+        target,
         tokens,
         labels if source.labeled else None,
         vocab_size=tokenizer.vocab_size,

@@ -91,6 +91,7 @@ def fit_tokenizer(
         limit=limit,
         progress=progress,
     )
+    report.skipped.require_usable(report.n_images)
     centroids = fit_kmeans(feats, clusters, niter=niter, seed=seed, verbose=False)
     extra = {
         "kmeans": {

@@ -13,8 +13,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from digit.errors import DigitError
-
 
 @dataclass(kw_only=True)
 class Reconstruction:
@@ -23,6 +21,7 @@ class Reconstruction:
     metrics: dict[str, Any]
     originals: np.ndarray
     reconstructions: np.ndarray
+    skipped: Any = None  # the SkipReport (its summary is printed like every image-reading command's)
 
     def side_by_side(self, pairs_per_row: int = 4) -> np.ndarray:
         """One uint8 grid image: original | reconstruction, pair after pair, ``pairs_per_row`` pairs per row."""
@@ -65,8 +64,7 @@ def reconstruct(
         ids.append(q.ids.reshape(-1).cpu())
         if sum(len(p[0]) for p in pairs) < keep:
             pairs.append((to_uint8(orig), to_uint8(rec)))
-    if not psnrs:
-        raise DigitError("no decodable images to reconstruct")
+    skipped.require_usable(len(psnrs))
     all_ids = torch.cat(ids)
     stats = codebook_stats(all_ids, vq.vocab_size)
     metrics = {
@@ -83,4 +81,5 @@ def reconstruct(
         metrics=metrics,
         originals=np.concatenate([p[0] for p in pairs])[:keep],
         reconstructions=np.concatenate([p[1] for p in pairs])[:keep],
+        skipped=skipped,
     )

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from digit.data.datasets import SkipReport
 from digit.errors import DigitError
 from digit.tokenizers.vq import VQModel
 from digit.training.task import OptimizerSpec, TaskBase
@@ -202,6 +203,8 @@ class VQTask(TaskBase):
         )
         self.data_config = data_config or {}
         self.eval_images = eval_images  # uint8 [N, 3, S, S], a fixed held-out set for PSNR at evaluate()
+        source = getattr(dataset, "source", None)  # files this process skipped, for the end-of-run summary
+        self.skipped = SkipReport(source) if source is not None else None
         k = vq.cfg.codebook_size
         self.last_used = torch.full((k,), -1, dtype=torch.long)  # last step each code was chosen
         self._fakes: list[tuple[int, torch.Tensor]] = []  # detached reconstructions for the discriminator phase
@@ -228,7 +231,7 @@ class VQTask(TaskBase):
         from digit.data.datasets import collate_skip
 
         b = collate_skip(samples)
-        return {"images": b["images"], "skipped": torch.tensor(len(b["failures"]))}
+        return {"images": b["images"], "skipped": torch.tensor(len(b["failures"])), "failures": b["failures"]}
 
     def count(self, batch: Any) -> int:
         return int(batch["images"].shape[0])
@@ -237,6 +240,8 @@ class VQTask(TaskBase):
         return self.disc is not None and step >= self.loss.disc_start
 
     def compute_loss(self, batch: Any, step: int, phase: str) -> tuple[torch.Tensor, dict[str, Any]]:
+        if self.skipped is not None:
+            self.skipped.add(batch.get("failures", []))
         if not len(batch["images"]):  # every file of this micro-batch failed to decode: a zero step
             module = self.disc if phase == "discriminator" else self.vq
             return sum(p.sum() for p in module.parameters()) * 0.0, {}

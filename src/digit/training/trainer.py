@@ -13,6 +13,7 @@ import hashlib
 import json
 import math
 import time
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ from digit.training.parallel import apply_parallel, compile_blocks
 from digit.training.task import OptimizerSpec, TaskBase
 from digit.utils.distributed import barrier, get_dist_info
 from digit.utils.io import atomic_write_json, read_json
+from digit.utils.outputs import claim_dir, mark_dir
 
 STATE_FILE = "train_state.pt"
 # Keys of the "train" config that may change between a run and its resume. ``parallel``: checkpoints hold full
@@ -143,8 +145,11 @@ class Trainer:
         *,
         resume: bool = False,
         device: torch.device | None = None,
+        inputs: Iterable[str | Path | None] = (),
     ) -> None:
+        """``inputs``: the paths the run reads (data, tokens, ...); a run directory may not overlap any of them."""
         self.task, self.cfg, self.out, self.resume = task, cfg, Path(out), resume
+        self.inputs = list(inputs)
         self.dist = get_dist_info()
         self.device = device or (
             torch.device(f"cuda:{self.dist.local_rank}") if torch.cuda.is_available() else torch.device("cpu")
@@ -165,6 +170,7 @@ class Trainer:
     # ------------------------------------------------------------ set-up
     def _prepare_dir(self) -> dict | None:
         cfg_path, state_path = self.out / "config.json", self.out / STATE_FILE
+        claim_dir(self.out, kind="run", inputs=self.inputs, is_legacy=lambda d: (d / "config.json").is_file())
         if cfg_path.exists() and not self.resume:
             raise DigitError(f"{self.out} already holds a run; pass --resume to continue it or choose another --out")
         state = None
@@ -176,7 +182,7 @@ class Trainer:
                 state = ckpt.load_train_state(state_path)
         barrier()  # every rank has checked the directory before rank 0 writes into it
         if self.dist.is_main:
-            self.out.mkdir(parents=True, exist_ok=True)
+            mark_dir(self.out, "run")
             atomic_write_json(cfg_path, self.config)
             self._truncate_metrics(state["step"] if state else 0)
         barrier()

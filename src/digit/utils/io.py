@@ -18,6 +18,12 @@ def _umask() -> int:
     return mask
 
 
+def temp_prefix(name: str) -> str:
+    """Prefix of a temp file / staging directory for ``name``: hidden, and naming this process so that a later run can
+    tell a leftover of a killed process (removed by ``digit.utils.outputs.remove_stale_temps``) from a live one."""
+    return f".{name}.pid{os.getpid()}."
+
+
 def file_sha256(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
     """sha256 of a file's bytes, read in chunks (weights files can be large)."""
     h = hashlib.sha256()
@@ -31,7 +37,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path
     """Call ``write(tmp_path)`` then rename the temp file over ``path`` (same directory, so rename is atomic)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path.name), suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -99,6 +105,6 @@ def staging_dir(final_dir: str | os.PathLike) -> Path:
     """A fresh empty sibling directory to write an output directory into before ``replace_dir``."""
     final_dir = Path(final_dir)
     final_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final_dir.name}.", suffix=".tmp", dir=final_dir.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(final_dir.name), suffix=".tmp", dir=final_dir.parent))
     os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700
     return tmp
