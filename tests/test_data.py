@@ -379,3 +379,12 @@ def test_vq_train_reports_skipped_files(tmp_path, capsys):
         ]
         assert main(argv) == 0  # fmt: skip
     assert "skipped 1 file(s): broken.png: not an image" in capsys.readouterr().out  # one folder: unwrapped
+
+
+def test_eval_image_folders_follow_the_same_link_rule(tmp_path):
+    from digit.evaluation.images import open_image_set
+
+    root = write_image_folder(tmp_path / "gen", classes=("a", "b"), n_per_class=2)
+    (root / "a" / "loop").symlink_to("..")  # rglob descended into the loop
+    s = open_image_set(root)
+    assert len(s.dataset) == 4 and any("a/loop: link to a folder already read" in n for n in s.notes)

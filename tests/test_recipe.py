@@ -245,7 +245,8 @@ def test_demo_runs_on_the_shipped_reference_models(tmp_path):
 
 
 def test_demo_refuses_a_folder_that_is_not_a_model_folder(tmp_path, capsys):
-    assert main(["demo", "--models", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
+    (tmp_path / "m").mkdir()
+    assert main(["demo", "--models", str(tmp_path / "m"), "--out", str(tmp_path / "o")]) == 2
     assert "is not a demo model folder" in capsys.readouterr().err
 
 
@@ -267,7 +268,8 @@ def test_recipe_cli_refuses_bad_input(tmp_path, capsys):
     assert main(["recipe", "cifar10", "--data", str(tmp_path), "--out", str(tmp_path / "o"), "--dry-run"]) == 0
     printed = capsys.readouterr().out
     assert printed.count("$ digit ") == 20 and "encoder pretrain" in printed
-    assert main(["recipe", "ship", "--recipe", str(tmp_path), "--out", str(tmp_path / "m")]) == 2
+    (tmp_path / "r").mkdir()
+    assert main(["recipe", "ship", "--recipe", str(tmp_path / "r"), "--out", str(tmp_path / "m")]) == 2
     assert "not a finished recipe directory" in capsys.readouterr().err
 
 

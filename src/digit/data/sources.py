@@ -118,7 +118,7 @@ def _inside(path: str, root: str) -> bool:
     return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
 
 
-def _walk_folder(root: Path) -> tuple[list[PurePosixPath], list[tuple[str, str]]]:
+def walk_folder(root: Path) -> tuple[list[PurePosixPath], list[tuple[str, str]]]:
     """(relative paths of the files to read, rejected (path, reason)) under the rules in the module docstring."""
     root_real = os.path.realpath(root)
     files: dict[str, PurePosixPath] = {}  # real path -> the one relative path it is read through
@@ -170,7 +170,7 @@ def _walk_folder(root: Path) -> tuple[list[PurePosixPath], list[tuple[str, str]]
 
 class FolderSource(ImageSource):
     def __init__(self, root: Path, layout: str):
-        files, rejected = _walk_folder(root)
+        files, rejected = walk_folder(root)
         prefix, rel_paths = _unwrap(files, keep_dirs=layout == "imagefolder")
         entries, classes, loose = _index(rel_paths, layout)
         super().__init__(Path(root), entries, classes, loose, rejected)

@@ -242,13 +242,18 @@ def open_image_set(path: str | Path, image_size: int | None = None) -> ImageSet:
             s = _open_npz(path / "samples.npz", image_size)
             s.sampling = s.sampling or read_sampling_meta(path)
             return s
-        files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_EXTS and p.is_file())
+        from digit.data.sources import walk_folder  # links: the data layer's rule (inside the root, each file once)
+
+        found, rejected = walk_folder(path)
+        files = [path / p for p in found if p.suffix.lower() in IMAGE_EXTS]
         if not files and (path / "tokens.npy").is_file():
             raise DigitError(f"{path} is a token directory: decode it to images first (`digit generate`)")
         if not files:
             raise DigitError(f"no images ({', '.join(IMAGE_EXTS)}) under {path}")
         res = (image_size, image_size) if image_size is not None else None
         s = ImageSet(path, "folder", _FileDataset(files, image_size), res, None, read_sampling_meta(path))
+        if rejected:
+            s.notes.append(f"skipped {len(rejected)} link(s): " + "; ".join(f"{k}: {r}" for k, r in rejected[:5]))
         if any(f.suffix.lower() in (".jpg", ".jpeg", ".webp") for f in files[:1000]):
             s.notes.append("lossy-compressed files present: this may shift the metrics")
         return s
