@@ -603,6 +603,7 @@ def test_generate_official_on_converted_stage2(tmp_path):
 def test_cli_writes_directories_the_pipeline_accepts(tmp_path, capsys):
     from digit.cli import main
     from digit.pipeline import load_pipeline
+    from digit.utils.outputs import MARKER  # the output directory's "written by digit" marker
 
     torch.save(mage_state(), tmp_path / "vqgan.ckpt")
     np.save(tmp_path / "km.npy", torch.randn(K, ENC_D).numpy())
@@ -616,7 +617,7 @@ def test_cli_writes_directories_the_pipeline_accepts(tmp_path, capsys):
             str(tmp_path / "dinov2.pth"), "--vqgan", str(tmp_path / "vqgan.ckpt"), "--grid", "2", "2",
             "--image-size", "28", "--dinov2-heads", "1", "--out", str(out)]  # fmt: skip
     assert main(argv) == 0
-    assert sorted(p.name for p in out.iterdir()) == ["stage1", "stage2", "tokenizer", "vqgan"]
+    assert sorted(p.name for p in out.iterdir() if p.name != MARKER) == ["stage1", "stage2", "tokenizer", "vqgan"]
     pipe = load_pipeline(out / "stage1", out / "vqgan", out / "stage2")
     assert pipe.kind == "digit-nar" and pipe.num_classes == C
     assert main(argv) == 2 and "exists and is not empty" in capsys.readouterr().err

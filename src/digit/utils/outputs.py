@@ -116,7 +116,10 @@ def _restore_interrupted(final: Path) -> None:
     """A kill between replace_dir's two renames leaves the previous output as ``.NAME.old``: put it back."""
     old = final.with_name(f".{final.name}.old")
     if old.is_dir() and not final.exists():
-        os.replace(old, final)
+        try:
+            os.replace(old, final)
+        except OSError:  # another rank of this torchrun job restored it first
+            pass
     elif old.is_dir():
         shutil.rmtree(old, ignore_errors=True)
 
