@@ -620,7 +620,9 @@ def test_cli_writes_directories_the_pipeline_accepts(tmp_path, capsys):
     assert sorted(p.name for p in out.iterdir() if p.name != MARKER) == ["stage1", "stage2", "tokenizer", "vqgan"]
     pipe = load_pipeline(out / "stage1", out / "vqgan", out / "stage2")
     assert pipe.kind == "digit-nar" and pipe.num_classes == C
-    assert main(argv) == 2 and "exists and is not empty" in capsys.readouterr().err
+    assert main(argv) == 0  # its own earlier output is replaced; a folder holding anything else needs --overwrite
+    (out / "stage1" / "notes.txt").write_text("mine")
+    assert main(argv) == 2 and "is not empty and is not an earlier `digit convert digit`" in capsys.readouterr().err
     assert main(["convert", "digit", "--stage1", str(tmp_path / "km.npy"), "--out", str(tmp_path / "x")]) == 2
 
 

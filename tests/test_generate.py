@@ -178,8 +178,10 @@ def test_generate_writes_the_declared_files(pieces, decoder, capsys) -> None:
     meta = json.loads((out / "meta.json").read_text())
     assert meta["kind"] == {"dec_ar": "digit-ar", "dec_nar": "digit-nar", None: "llamagen"}[decoder]
     assert set(meta["seconds"]) == {"stage1", "stage2", "vq"}
-    # same seed -> same images; the existing output is refused without --overwrite
-    assert main(args) == 2
+    # same seed -> same images; generate's own earlier output is replaced, one holding a foreign file needs --overwrite
+    assert main(args) == 0
+    (out / "notes.txt").write_text("mine")
+    assert main(args) == 2 and (out / "notes.txt").is_file()
     assert main([*args, "--overwrite"]) == 0
     assert np.array_equal(np.load(out / "samples.npz")["images"], npz["images"])
 
