@@ -26,6 +26,7 @@ COMMAND_MODULES = [
     "eval",
     "probe",
     "encoder",
+    "weights",
     "convert",
     "recipe",
 ]

@@ -19,16 +19,28 @@ from digit.cli.common import (
 def add_encoder_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("encoder")
     g.add_argument(
-        "--encoder", required=True, help="timm ViT name (e.g. vit_base_patch14_reg4_dinov2) or an encoder DIR"
+        "--encoder",
+        required=True,
+        help="timm ViT name (e.g. vit_base_patch14_reg4_dinov2), timm CNN name (e.g. tf_efficientnet_lite0) "
+        "or an encoder DIR",
     )
     g.add_argument("--encoder-kwargs", type=json_object, default={}, help="JSON passed to timm, e.g. '{\"depth\": 2}'")
     w = g.add_mutually_exclusive_group()
-    w.add_argument("--encoder-weights", type=existing_path, help="local timm/safetensors file or original DINOv2 .pth")
+    w.add_argument(
+        "--encoder-weights",
+        type=weights_arg,
+        help="local timm/safetensors file, original DINOv2 .pth, or 'auto': the weights of an installed package "
+        "(see `digit weights`)",
+    )
     w.add_argument("--pretrained", action="store_true", help="timm/HF hub weights (needs internet or a warm cache)")
     w.add_argument("--random-init", action="store_true", help="random weights: tests and demos only")
     g.add_argument("--image-size", type=positive_int, help="encoder input size (default: the encoder's own)")
     g.add_argument(
-        "--layer", type=positive_int, default=3, help="features after block L-N, then the final norm (default 3)"
+        "--layer",
+        type=layer_arg,
+        default=None,
+        help="ViT: features after block L-N, then the final norm (default 3); CNN: strideS picks the feature map of "
+        "stride S (e.g. stride16), N the N-th map from the end (default stride16); the grid is image size / stride",
     )
     g.add_argument("--encoder-seed", type=int, default=0, help="seed for --random-init weights")
     g.add_argument(
@@ -47,9 +59,36 @@ def add_encoder_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+def weights_arg(value: str):
+    return "auto" if value == "auto" else existing_path(value)
+
+
+def layer_arg(value: str):
+    from digit.errors import DigitError
+    from digit.tokenizers.cnn_encoder import parse_layer
+
+    try:
+        return parse_layer(value)
+    except DigitError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def default_layer(encoder: str) -> int | str:
+    """3 (DiGIT's ViT default), stride16 for a timm CNN."""
+    from pathlib import Path
+
+    if Path(encoder).is_dir():
+        return 3
+    from digit.tokenizers.cnn_encoder import is_cnn_name
+
+    return "stride16" if is_cnn_name(encoder) else 3
+
+
 def build_encoder_from_args(args: argparse.Namespace, device):
     from digit.tokenizers.encoder import build_encoder
 
+    if args.layer is None:
+        args.layer = default_layer(args.encoder)
     enc = build_encoder(
         args.encoder,
         args.encoder_kwargs,

@@ -16,6 +16,15 @@ from digit.errors import DigitError
 from digit.utils.io import atomic_write_json, read_json
 
 
+def split_roles(n: int, val_count: int, seed: int = 0, used: int | None = None) -> np.ndarray:
+    """The seeded split as an array over the source's entries: 0 unused, 1 train, 2 val (what split_folders writes)."""
+    perm = np.random.default_rng(seed).permutation(n)
+    role = np.zeros(n, dtype=np.int8)
+    role[perm[: n if used is None else used]] = 1
+    role[perm[:val_count]] = 2
+    return role
+
+
 def split_folders(
     data: str | os.PathLike, out: str | os.PathLike, val_count: int, seed: int = 0, limit: int | None = None
 ) -> dict:
@@ -41,10 +50,7 @@ def split_folders(
     }
     if marker.is_file() and read_json(marker) == summary:
         return summary
-    perm = np.random.default_rng(seed).permutation(len(src))
-    role = np.zeros(len(src), dtype=np.int8)  # 0 unused, 1 train, 2 val
-    role[perm[:used]] = 1
-    role[perm[:val_count]] = 2
+    role = split_roles(len(src), val_count, seed=seed, used=used)
     for split in ("train", "val"):
         for name in src.class_names:
             (out / split / name).mkdir(parents=True, exist_ok=True)

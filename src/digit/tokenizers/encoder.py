@@ -240,19 +240,24 @@ def build_encoder(
     random_init: bool = False,
     pretrained: bool = False,
     image_size: int | None = None,
-    layer: int = 3,
+    layer: int | str = 3,
     seed: int = 0,
     pos_embed_interpolation: str = "auto",
 ) -> Encoder:
     """Build a frozen encoder from a timm name, or from an encoder directory when ``name`` is a directory.
 
     ``pos_embed_interpolation`` says how loaded weights' position table is resampled to ``image_size``
-    (:func:`resolve_pos_embed_interpolation`: ``auto`` is DiGIT's way for DINOv2 weights, timm's otherwise)."""
+    (:func:`resolve_pos_embed_interpolation`: ``auto`` is DiGIT's way for DINOv2 weights, timm's otherwise).
+    timm CNN names (EfficientNet, ResNet, ...) go to ``digit.tokenizers.cnn_encoder`` (``layer`` may be ``strideS``,
+    ``weights`` may be ``"auto"``: the packaged weights of ``digit.weights``)."""
     kwargs = dict(kwargs or {})
     if Path(name).is_dir():
         if weights is not None or pretrained:
             raise DigitError("an encoder directory carries its own weights; drop --encoder-weights / --pretrained")
         return load_encoder_dir(name, layer=layer, image_size=image_size)
+    cnn = _cnn_encoder_or_none(name, kwargs, weights, random_init, pretrained, image_size, layer, seed)
+    if cnn is not None:
+        return cnn
     if sum(bool(x) for x in (weights is not None, random_init, pretrained)) != 1:
         if weights is None and not random_init and not pretrained:
             raise DigitError(MISSING_WEIGHTS_HELP)
@@ -281,8 +286,36 @@ def build_encoder(
     return Encoder(model, layer=layer, image_size=image_size or _model_image_size(model), source=source)
 
 
+def _cnn_encoder_or_none(name, kwargs, weights, random_init, pretrained, image_size, layer, seed):
+    """The CNN path (digit.tokenizers.cnn_encoder) for timm CNN names; checks the ViT-only options otherwise."""
+    from digit.tokenizers.cnn_encoder import build_cnn_encoder, is_cnn_name, parse_layer
+
+    if is_cnn_name(name):
+        return build_cnn_encoder(
+            name,
+            kwargs,
+            weights=weights,
+            random_init=random_init,
+            pretrained=pretrained,
+            image_size=image_size,
+            layer=layer,
+            seed=seed,
+        )
+    if weights is not None and str(weights) == "auto":
+        from digit.weights import encoder_entry
+
+        encoder_entry(name)  # raises: packaged weights exist only for the CNNs the registry names
+    if not isinstance(parse_layer(layer), int):
+        raise DigitError(f"--layer {layer}: strideS picks a CNN feature map; for a ViT, --layer N counts blocks")
+    return None
+
+
 def encoder_from_config(cfg: dict[str, Any], directory: str | os.PathLike | None = None) -> Encoder:
     """Rebuild the encoder a tokenizer.json describes (weights stored beside it, a file, an encoder dir, or the hub)."""
+    if cfg.get("family") == "cnn":
+        from digit.tokenizers.cnn_encoder import cnn_encoder_from_config
+
+        return cnn_encoder_from_config(cfg, directory)
     w = cfg.get("weights", {})
     kind = w.get("kind")
     image_size, layer = int(cfg["image_size"]), int(cfg["layer"])
