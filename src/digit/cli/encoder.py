@@ -34,7 +34,12 @@ def register(subparsers) -> None:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     q.add_argument("--data", type=existing_path, required=True, help="image folder or .tar/.tar.gz archive")
-    q.add_argument("--encoder", required=True, help="timm ViT name, e.g. vit_tiny_patch16_224")
+    q.add_argument(
+        "--encoder",
+        required=True,
+        help="timm ViT name (e.g. vit_tiny_patch16_224) or timm CNN name (e.g. tf_efficientnet_lite0: DINO on the "
+        "final feature map, no iBOT)",
+    )
     q.add_argument("--encoder-kwargs", type=json_object, default={}, help='JSON passed to timm, e.g. {"patch_size": 4}')
     val = q.add_mutually_exclusive_group()
     val.add_argument("--val", type=existing_path, default=None, help="labelled validation images for the kNN monitor")

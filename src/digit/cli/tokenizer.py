@@ -77,10 +77,15 @@ def default_layer(encoder: str) -> int | str:
     """3 (DiGIT's ViT default), stride16 for a timm CNN."""
     from pathlib import Path
 
-    if Path(encoder).is_dir():
-        return 3
     from digit.tokenizers.cnn_encoder import is_cnn_name
 
+    if Path(encoder).is_dir():
+        cfg = Path(encoder) / "encoder.json"
+        if cfg.is_file():
+            from digit.utils.io import read_json
+
+            return "stride16" if is_cnn_name(str(read_json(cfg).get("name", ""))) else 3
+        return 3
     return "stride16" if is_cnn_name(encoder) else 3
 
 

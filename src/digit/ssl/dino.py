@@ -262,8 +262,10 @@ class DINOStudent(nn.Module):
 
     def __init__(self, vit: nn.Module, cfg: DINOConfig) -> None:
         super().__init__()
-        self.backbone = ViTBackbone(vit, mask_token=cfg.ibot_weight > 0)
-        self.head = DINOHead(vit.embed_dim, cfg.out_dim, cfg.hidden_dim, cfg.bottleneck_dim, cfg.head_layers)
+        from digit.ssl.cnn_backbone import make_backbone
+
+        self.backbone = make_backbone(vit, mask_token=cfg.ibot_weight > 0)  # a ViT, or a timm CNN
+        self.head = DINOHead(self.backbone.embed_dim, cfg.out_dim, cfg.hidden_dim, cfg.bottleneck_dim, cfg.head_layers)
         self.freeze_prototypes = False  # DINO keeps the last layer fixed during the first epoch
 
     def forward(

@@ -112,6 +112,9 @@ class DINOTask(TaskBase):
             )
         vit = enc.model.train().requires_grad_(True)
         patch = enc.patch_size
+        if getattr(enc, "family", "vit") == "cnn":  # a timm CNN: any crop size, its own input normalisation
+            patch = 1
+            cfg = replace(cfg, crops=replace(cfg.crops, mean=enc.mean_std[0], std=enc.mean_std[1]))
         cfg = self.cfg = resolve_sizes(cfg, enc.image_size, patch)
         for size, what in ((cfg.image_size, "--image-size"), (cfg.local_size, "--local-size")):
             if size % patch:
@@ -200,7 +203,7 @@ class DINOTask(TaskBase):
         return {"student": self.student, "teacher": self.teacher, "criterion": self.criterion}
 
     def shard_units(self, name: str, module: nn.Module) -> list[nn.Module]:
-        return list(module.backbone.vit.blocks) if name in ("student", "teacher") else []
+        return list(getattr(module.backbone.vit, "blocks", [])) if name in ("student", "teacher") else []
 
     def optimizers(self) -> list[OptimizerSpec]:
         cfg, total = self.cfg, self.total_steps

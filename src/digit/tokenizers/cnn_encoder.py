@@ -230,6 +230,10 @@ def cnn_encoder_from_config(cfg: dict[str, Any], directory: Any = None) -> CNNEn
 
     w = cfg.get("weights", {})
     kind = w.get("kind")
+    if kind == "dir":  # an encoder directory from `digit encoder pretrain`
+        from digit.tokenizers.encoder import load_encoder_dir
+
+        return load_encoder_dir(w["path"], layer=cfg["layer"], image_size=int(cfg["image_size"]))
     model = create_cnn(cfg["name"], cfg.get("kwargs", {}))
     if kind == "package":
         entry = packaged.encoder_entry(cfg["name"])
@@ -259,3 +263,21 @@ def cnn_encoder_from_config(cfg: dict[str, Any], directory: Any = None) -> CNNEn
         mean=tuple(cfg["mean"]),
         std=tuple(cfg["std"]),
     )
+
+
+def load_cnn_encoder_dir(path: Any, cfg: dict[str, Any], *, layer: int | str, image_size: int) -> CNNEncoder:
+    """A CNN encoder directory (``digit encoder pretrain`` output): its weights, the normalisation it trained with."""
+    from pathlib import Path
+
+    from digit.tokenizers.encoder import ENCODER_WEIGHTS, read_state_dict
+
+    path = Path(path)
+    model = create_cnn(cfg["name"], cfg.get("kwargs", {}))
+    load_cnn_state_dict(model, read_state_dict(path / ENCODER_WEIGHTS), str(path / ENCODER_WEIGHTS))
+    mean, std = _norm_of(model)  # DINO trains a CNN with these (digit.ssl.task)
+    source = {
+        "name": cfg["name"],
+        "kwargs": cfg.get("kwargs", {}),
+        "weights": {"kind": "dir", "path": str(path.resolve())},
+    }
+    return CNNEncoder(model, layer=layer, image_size=image_size, source=source, mean=mean, std=std)

@@ -371,6 +371,10 @@ def load_encoder_dir(path: str | os.PathLike, *, layer: int = 3, image_size: int
         raise DigitError(f"{path} is not an encoder directory (needs {ENCODER_JSON} and {ENCODER_WEIGHTS})")
     cfg = read_json(path / ENCODER_JSON)
     size = image_size or int(cfg["image_size"])
+    from digit.tokenizers.cnn_encoder import is_cnn_name, load_cnn_encoder_dir
+
+    if is_cnn_name(cfg["name"]):
+        return load_cnn_encoder_dir(path, cfg, layer=layer, image_size=size)
     model = _create_timm(cfg["name"], cfg.get("kwargs", {}), size)
     load_state_dict_into(model, read_state_dict(path / ENCODER_WEIGHTS), str(path / ENCODER_WEIGHTS))
     source = {
