@@ -18,6 +18,8 @@ tokenizer on the same validation images.
 
     PYTHONPATH=src python benchmarks/encoders_cifar10.py --data ../shared/data/cifar10-train.tar.gz \
         --bank 2000 --val 1000 --stab 200 --out results/encoders.json
+    PYTHONPATH=src python benchmarks/encoders_cifar10.py --data ../shared/data/cifar10-train.tar.gz \
+        --bank 2000 --val 1000 --stab 200 --noise-at native --skip-shipped --out results/encoders-native-noise.json
 """
 
 from __future__ import annotations
@@ -77,17 +79,25 @@ def feature_maps(encoder, images: torch.Tensor, size: int, batch: int = 50) -> t
     return torch.cat(out)
 
 
-def noisy_feature_maps(encoder, images: torch.Tensor, size: int, batch: int) -> list[torch.Tensor]:
-    """[clean, snr30, snr20, snr10] features, noise exactly as digit stability draws it (seed 0, batches in order)."""
+def noisy_feature_maps(encoder, images: torch.Tensor, size: int, batch: int, native: bool = False) -> list:
+    """[clean, snr30, snr20, snr10] features, noise exactly as digit stability draws it (seed 0, batches in order).
+
+    ``native``: the noise is added to the normalised 32 px image, which is then upsampled (bicubic) inside the encoder,
+    as a tokenizer that takes 32 px input would do; otherwise to the upsampled encoder input (digit stability on a
+    tokenizer whose image size is the encoder's)."""
     gen = torch.Generator().manual_seed(0)
     outs: list[list[torch.Tensor]] = [[] for _ in range(len(SNRS) + 1)]
+
+    def up(x: torch.Tensor) -> torch.Tensor:
+        return F.interpolate(x, size=(size, size), mode="bicubic", align_corners=False) if native else x
+
     with torch.inference_mode():
         for s in range(0, len(images), batch):
-            x = encoder.normalize(resize(images[s : s + batch], size))
+            x = encoder.normalize(images[s : s + batch] if native else resize(images[s : s + batch], size))
             z = torch.randn(x.shape, generator=gen, dtype=torch.float32)
-            outs[0].append(encoder(x))
+            outs[0].append(encoder(up(x)))
             for j, snr in enumerate(SNRS):
-                outs[j + 1].append(encoder(x + noise_sigma(x, snr) * z))
+                outs[j + 1].append(encoder(up(x + noise_sigma(x, snr) * z)))
     return [torch.cat(o) for o in outs]
 
 
@@ -121,7 +131,7 @@ def measure_encoder(name: str, size: int, layer: str, images: dict, args) -> dic
     bank = feature_maps(enc, images["bank"], size)
     val = feature_maps(enc, images["val"], size)
     knn = knn_accuracy(bank.mean(1), images["bank_y"], val.mean(1), images["val_y"], num_classes=10)
-    noisy = noisy_feature_maps(enc, images["val"][: args.stab], size, args.batch)
+    noisy = noisy_feature_maps(enc, images["val"][: args.stab], size, args.batch, native=args.noise_at == "native")
     t_feat = time.time() - t0
     rng = np.random.default_rng(0)
     pick = torch.as_tensor(np.stack([rng.choice(bank.shape[1], 16, replace=False) for _ in range(len(bank))]))
@@ -140,7 +150,7 @@ def measure_encoder(name: str, size: int, layer: str, images: dict, args) -> dic
         rates = [float((i != ids[0]).float().mean()) for i in ids[1:]]
         used = int(torch.unique(ids[0]).numel())
         routes.append({"route": route, "K": k, "change_rate": rates, "codes_used": used})
-        if route == "raw" and k == 512:
+        if route == "raw" and k == 512 and args.noise_at == "input":
             routes[-1]["check_token_stability_first_batch"] = check_with_token_stability(enc, cents, images, size, args)
             first = [float((i[: args.batch] != ids[0][: args.batch]).float().mean()) for i in ids[1:]]
             routes[-1]["loop_first_batch"] = first
@@ -193,6 +203,14 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=50)
     p.add_argument("--encoders", nargs="+", default=list(ENCODERS), choices=list(ENCODERS))
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument(
+        "--noise-at",
+        choices=("input", "native"),
+        default="input",
+        help="input: noise on the upsampled encoder input (digit stability on a 128/256 px tokenizer); native: on the "
+        "32 px image, upsampled inside the encoder (a tokenizer taking 32 px input)",
+    )
+    p.add_argument("--skip-shipped", action="store_true", help="do not re-measure the shipped tokenizers")
     p.add_argument("--out", required=True)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -205,7 +223,7 @@ def main() -> None:
     val, val_y = load_images(src, val_idx)
     images = {"bank": bank, "bank_y": bank_y, "val": val, "val_y": val_y}
     result = {"settings": vars(args), "snr_db": list(SNRS), "shipped": [], "encoders": []}
-    for kind in ("vq", "tokenizer"):
+    for kind in () if args.skip_shipped else ("vq", "tokenizer"):
         result["shipped"].append(measure_shipped(kind, images, args))
         print(json.dumps(result["shipped"][-1]), flush=True)
     for name in args.encoders:
