@@ -12,7 +12,6 @@ one-line reason) before any weights are loaded or any sampling starts.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from dataclasses import dataclass, field
@@ -22,34 +21,23 @@ from typing import Any
 import numpy as np
 import torch
 
+from digit.data.tokens import same_tokenizer as _same_tokenizer
 from digit.errors import DigitError
 from digit.sampling.maskgit import DIGIT_NAR_STEPS
-from digit.utils.io import read_json
 
 # ----------------------------------------------------------------------------------------------- compatibility
 
 
-def _read_config(path: Path, what: str) -> dict[str, Any]:
-    if not path.is_file():
-        raise DigitError(f"{path.parent} is not a {what} (no {path.name})")
-    cfg = read_json(path)
-    if not isinstance(cfg, dict):
-        raise DigitError(f"{path} is not a JSON object")
-    return cfg
+def _read_run_config(run: Path) -> dict[str, Any]:
+    from digit.models import read_run_config
+
+    return read_run_config(run)[0]  # validated: model keys and types checked
 
 
 def _tok_meta(run_cfg: dict[str, Any], key: str) -> dict[str, Any] | None:
     meta = (run_cfg.get("data") or {}).get(key) or {}
     tok = meta.get("tokenizer")
     return tok if isinstance(tok, dict) else None
-
-
-def _same_tokenizer(a: dict[str, Any], b: dict[str, Any]) -> bool:
-    """Two tokenizer configs name the same codebook (the codebook fingerprint when both have one)."""
-    fa, fb = a.get("codebook_fingerprint"), b.get("codebook_fingerprint")
-    if fa is not None and fb is not None:
-        return fa == fb
-    return json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
 
 
 def _grid(x: Any) -> tuple[int, int] | None:
@@ -135,20 +123,15 @@ def load_pipeline(
 ) -> Pipeline:
     """Check the three pieces from their configs, then load them (models in eval mode)."""
     from digit.models import load_gpt_run
-    from digit.tokenizers.vq import VQModel
+    from digit.tokenizers.vq import VQModel, read_vq_config
 
     s1_dir, vq_dir = Path(stage1), Path(vq)
-    s1_cfg = _read_config(s1_dir / "config.json", "run directory")
-    vq_cfg = _read_config(vq_dir / "tokenizer.json", "tokenizer directory")
-    dec_cfg = _read_config(Path(decoder) / "config.json", "run directory") if decoder is not None else None
-    for name, c in (("--stage1", s1_cfg), ("--decoder", dec_cfg)):
-        if c is not None and not isinstance(c.get("model"), dict):
-            raise DigitError(f"{name} run has no 'model' section in config.json")
+    s1_cfg = _read_run_config(s1_dir)
+    vq_cfg = read_vq_config(vq_dir)
+    dec_cfg = _read_run_config(Path(decoder)) if decoder is not None else None
     kind = check_pipeline(s1_cfg, vq_cfg, dec_cfg)
     s1_model, s1_cfg = load_gpt_run(s1_dir, device=device)
-    vq_model = VQModel.load(vq_dir, device=device)
-    if vq_model.codebook_fingerprint() != vq_cfg.get("codebook_fingerprint", vq_model.codebook_fingerprint()):
-        raise DigitError(f"{vq_dir}: model.safetensors does not match tokenizer.json (codebook fingerprint differs)")
+    vq_model = VQModel.load(vq_dir, device=device)  # also checks the codebook against tokenizer.json
     dec_model = None
     special = None
     if decoder is not None:

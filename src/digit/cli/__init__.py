@@ -8,10 +8,12 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
+import os
 import sys
 
 from digit import __version__
 from digit.errors import DigitError
+from digit.utils.artifacts import VERIFY_ENV
 
 # Order = order in `digit --help`.
 COMMAND_MODULES = [
@@ -38,6 +40,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="Autoregressive image generation and understanding over a stable, discriminative latent space.",
     )
     parser.add_argument("--version", action="version", version=f"digit {__version__}")
+    parser.add_argument(
+        "--no-verify-weights",
+        action="store_true",
+        help="skip the sha256 check of weights files on load (for very large files; same as DIGIT_VERIFY_WEIGHTS=0)",
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in COMMAND_MODULES:
         mod_name = f"digit.cli.{name}"
@@ -50,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    saved_env = os.environ.get(VERIFY_ENV)
+    if args.no_verify_weights:
+        os.environ[VERIFY_ENV] = "0"
     try:
         result = args.func(args)
     except DigitError as e:
@@ -58,4 +68,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"digit {args.command}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        if saved_env is None:
+            os.environ.pop(VERIFY_ENV, None)
+        else:
+            os.environ[VERIFY_ENV] = saved_env
     return int(result or 0)

@@ -72,18 +72,19 @@ def run(args: argparse.Namespace) -> int:
     import numpy as np
 
     from digit.cli.common import resolve_device
-    from digit.data.tokens import read_token_dir
+    from digit.data.tokens import check_provenance, read_token_dir
     from digit.evaluation.probe import cached_gpt_features, feature_cache_key, summarize, train_linear_probes
     from digit.models import load_gpt_run
     from digit.utils.io import atomic_write_json, file_sha256
 
     device = resolve_device(args.device)
-    model, _ = load_gpt_run(args.run, device=device)
+    model, run_config = load_gpt_run(args.run, device=device)
     cfg = model.config
     n_states = cfg.n_layers + 1
     layers = parse_layers(args.layers, n_states)
     train, val = read_token_dir(args.tokens), read_token_dir(args.val_tokens)
     for t in (train, val):
+        check_provenance(t, (run_config.get("data") or {}).get("meta"), "tokenizer")
         if tuple(t.grid) != tuple(cfg.grid):
             raise DigitError(f"{t.path}: token grid {t.grid} differs from the model's {tuple(cfg.grid)}")
         if t.vocab_size > cfg.vocab_size:

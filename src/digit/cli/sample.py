@@ -99,7 +99,7 @@ def _validate(args: argparse.Namespace, model_cfg: Any, model_dict: dict) -> Non
         raise DigitError("give -n N")
 
 
-def _conditions(args, model_cfg):
+def _conditions(args, model_cfg, config):
     """(cond tensor [N] / [N, P] or None, labels array [N], number of samples)."""
     import numpy as np
     import torch
@@ -108,9 +108,10 @@ def _conditions(args, model_cfg):
         labels = np.asarray(class_list(model_cfg.num_classes, args.classes, args.n, args.per_class), dtype=np.int64)
         return torch.from_numpy(labels), labels, len(labels)
     if model_cfg.cond == "prefix":
-        from digit.data.tokens import read_token_dir
+        from digit.data.tokens import check_provenance, read_token_dir
 
         pre = read_token_dir(args.prefix_tokens)
+        check_provenance(pre, (config.get("data") or {}).get("prefix_meta"), "prefix tokenizer")
         if tuple(pre.grid) != tuple(model_cfg.prefix_grid):
             raise DigitError(f"prefix grid {pre.grid} differs from the model's {tuple(model_cfg.prefix_grid)}")
         if pre.vocab_size > model_cfg.prefix_vocab_size:
@@ -141,7 +142,7 @@ def run(args: argparse.Namespace) -> int:
     _validate(args, mcfg, config["model"])
     if not mcfg.causal:
         raise DigitError("this run is a bidirectional (MaskGIT) model; `digit sample` drives autoregressive runs")
-    cond, labels, n = _conditions(args, mcfg)
+    cond, labels, n = _conditions(args, mcfg, config)
     gen = torch.Generator(device=device).manual_seed(args.seed)
     T = mcfg.seq_len
     batches = [(s, min(s + args.batch_size, n)) for s in range(0, n, args.batch_size)]

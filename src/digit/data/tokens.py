@@ -10,6 +10,7 @@ With several views (e.g. `--flip`), rows are stacked view-major: row ``v * n_ima
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +19,8 @@ from typing import Any
 import numpy as np
 
 from digit.errors import DigitError
-from digit.utils.io import atomic_save_numpy, atomic_write_json, read_json
+from digit.utils.artifacts import GRID, INT, OBJECT, POSITIVE_INT, STR, STR_LIST, int_range, load_npy, read_json_object
+from digit.utils.io import atomic_save_numpy, atomic_write_json
 from digit.utils.outputs import OutputDir, as_output
 
 FORMAT = "digit.tokens"
@@ -119,20 +121,66 @@ def write_token_dir(
     return target.path
 
 
+META_SCHEMA = {
+    "format?": STR,
+    "grid": GRID,
+    "vocab_size": POSITIVE_INT,
+    "num_classes?": INT,
+    "class_names?": STR_LIST,
+    "views?": STR_LIST,
+    "n_images?": INT,
+    "n_rows?": INT,
+    "tokenizer?": OBJECT,
+    "source?": OBJECT,
+}
+
+
 def read_token_dir(path: str | os.PathLike, mmap: bool = True) -> TokenDirectory:
+    """Open and check a token directory: meta.json's keys, tokens' dtype / shape / id range, labels against both."""
     path = Path(path)
     if not path.is_dir():
         raise DigitError(f"token directory not found: {path}")
     missing = [f for f in ("tokens.npy", "labels.npy", "meta.json") if not (path / f).is_file()]
     if missing:
         raise DigitError(f"{path} is not a token directory (missing {', '.join(missing)})")
-    meta = read_json(path / "meta.json")
+    meta_path, tokens_path, labels_path = path / "meta.json", path / "tokens.npy", path / "labels.npy"
+    meta = read_json_object(meta_path, META_SCHEMA)
     if meta.get("format", FORMAT) != FORMAT:
-        raise DigitError(f"{path}: unknown format {meta.get('format')!r}")
-    tokens = np.load(path / "tokens.npy", mmap_mode="r" if mmap else None)
-    labels = np.load(path / "labels.npy")
-    if tokens.ndim != 3 or len(labels) != len(tokens):
-        raise DigitError(f"{path}: tokens {tokens.shape} and labels {labels.shape} do not match")
+        raise DigitError(f"{meta_path}: unknown format {meta.get('format')!r}")
+    # float ids would be truncated silently on the way to an embedding table: only integer files are token files
+    tokens = load_npy(tokens_path, kinds="ui", ndim=3, mmap=mmap, what="token array")
+    labels = load_npy(labels_path, kinds="ui", ndim=1, what="label array")
     if list(tokens.shape[1:]) != list(meta["grid"]):
-        raise DigitError(f"{path}: tokens grid {tokens.shape[1:]} differs from meta grid {meta['grid']}")
-    return TokenDirectory(path=path, tokens=tokens, labels=labels, meta=meta)
+        raise DigitError(f"{tokens_path}: grid {list(tokens.shape[1:])} differs from meta.json's {meta['grid']}")
+    if len(labels) != len(tokens):
+        raise DigitError(f"{labels_path}: {len(labels)} labels for {len(tokens)} token rows")
+    if meta.get("n_rows") is not None and meta["n_rows"] != len(tokens):
+        raise DigitError(f"{meta_path}: n_rows {meta['n_rows']}, but tokens.npy holds {len(tokens)} rows")
+    lo, hi = int_range(tokens)
+    if lo < 0 or hi >= meta["vocab_size"]:
+        raise DigitError(f"{tokens_path}: ids span [{lo}, {hi}], outside the vocabulary [0, {meta['vocab_size']})")
+    lo, hi = int_range(labels)
+    n_cls = meta.get("num_classes") or 0
+    if lo < -1 or (n_cls and hi >= n_cls):
+        raise DigitError(f"{labels_path}: labels span [{lo}, {hi}], outside -1 (unlabeled) .. {max(n_cls - 1, 0)}")
+    return TokenDirectory(path=path, tokens=tokens, labels=np.asarray(labels, dtype=np.int64), meta=meta)
+
+
+def same_tokenizer(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Two tokenizer configs name the same codebook (the codebook fingerprint when both have one)."""
+    fa, fb = a.get("codebook_fingerprint"), b.get("codebook_fingerprint")
+    if fa is not None and fb is not None:
+        return fa == fb
+    return json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
+
+
+def check_provenance(tokens: TokenDirectory, trained_meta: dict[str, Any] | None, what: str) -> None:
+    """Refuse tokens made by another tokenizer than the one a model was trained on (``trained_meta``: the token
+    directory meta recorded in the run's config). Equal K and grid are not enough: another codebook's id 7 is another
+    centroid. Checked only when both sides record their tokenizer, as `digit generate` does."""
+    trained = (trained_meta or {}).get("tokenizer")
+    given = tokens.meta.get("tokenizer")
+    if isinstance(trained, dict) and isinstance(given, dict) and not same_tokenizer(given, trained):
+        fp = given.get("codebook_fingerprint"), trained.get("codebook_fingerprint")
+        detail = f" (codebook {fp[0]} vs {fp[1]})" if all(fp) else ""
+        raise DigitError(f"{tokens.path}: made by another tokenizer than the {what} the run was trained on{detail}")

@@ -106,10 +106,10 @@ class InceptionExtractor:
 
         with tempfile.TemporaryDirectory() as tmp:
             if self.weights.suffix == ".safetensors":
-                from safetensors.torch import load_file
+                from digit.utils.artifacts import load_safetensors
 
                 path = Path(tmp) / "inception.pth"
-                torch.save(load_file(str(self.weights)), path)
+                torch.save(load_safetensors(self.weights), path)
             else:
                 load_weights(self.weights)  # refuses anything but plain tensors before torch-fidelity unpickles it
                 path = self.weights

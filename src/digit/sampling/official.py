@@ -68,14 +68,16 @@ def fairseq_filter(
 
 def load_special_rows(run_dir: str | os.PathLike) -> torch.Tensor:
     """The special-symbol output rows [S, dim] a converted DiGIT run keeps beside its weights."""
-    from safetensors.torch import load_file
-
     from digit.convert import SPECIALS_FILE
+    from digit.utils.artifacts import load_safetensors
 
     path = Path(run_dir) / SPECIALS_FILE
     if not path.is_file():
         raise DigitError(f"{run_dir} has no {SPECIALS_FILE}: official sampling needs a run from `digit convert digit`")
-    return load_file(str(path))["output_special.weight"]
+    rows = load_safetensors(path).get("output_special.weight")
+    if rows is None or rows.ndim != 2:
+        raise DigitError(f"{path}: expected an 'output_special.weight' matrix")
+    return rows
 
 
 @contextmanager

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from digit.errors import DigitError
-from digit.utils.io import read_json
+from digit.utils.artifacts import STR, read_json_object
 
 
 def load_tokenizer(directory: str | os.PathLike, device: torch.device | str = "cpu"):
@@ -17,7 +17,7 @@ def load_tokenizer(directory: str | os.PathLike, device: torch.device | str = "c
     cfg_path = directory / "tokenizer.json"
     if not cfg_path.is_file():
         raise DigitError(f"{directory} is not a tokenizer directory (no tokenizer.json)")
-    kind = read_json(cfg_path).get("type")
+    kind = read_json_object(cfg_path, {"type": STR})["type"]
     if kind == "discriminative":
         from digit.tokenizers.discriminative import DiscriminativeTokenizer
 

@@ -12,7 +12,8 @@ import torch
 
 from digit.errors import DigitError
 from digit.tokenizers.encoder import ENCODER_WEIGHTS, Encoder, encoder_from_config
-from digit.utils.io import atomic_save_numpy, atomic_save_safetensors, atomic_write_json, read_json
+from digit.utils.artifacts import GRID, OBJECT, POSITIVE_INT, STR, load_npy, read_json_object
+from digit.utils.io import atomic_save_numpy, atomic_save_safetensors, atomic_write_json
 
 TOKENIZER_JSON = "tokenizer.json"
 CENTROIDS = "centroids.npy"
@@ -23,13 +24,18 @@ def load_centroids(path: str | os.PathLike) -> np.ndarray:
     path = Path(path)
     if not path.is_file():
         raise DigitError(f"codebook not found: {path}")
-    try:
-        c = np.load(path, allow_pickle=False)
-    except ValueError as e:
-        raise DigitError(f"{path} is not a plain .npy array: {e}") from e
-    if c.ndim != 2 or not np.issubdtype(c.dtype, np.floating):
-        raise DigitError(f"{path}: expected a float [K, D] codebook, got {c.dtype} {c.shape}")
-    return np.ascontiguousarray(c, dtype=np.float32)
+    c = load_npy(path, kinds="f", ndim=2, what="codebook")
+    if c.shape[0] < 1 or c.shape[1] < 1:
+        raise DigitError(f"{path}: empty codebook {list(c.shape)}")
+    c = np.ascontiguousarray(c, dtype=np.float32)
+    if not np.isfinite(c).all():
+        raise DigitError(f"{path}: the codebook holds NaN or infinite values")
+    return c
+
+
+def codebook_fingerprint(centroids: np.ndarray) -> str:
+    """sha256 (16 hex) of the float32 centroid bytes."""
+    return hashlib.sha256(np.ascontiguousarray(centroids, dtype=np.float32).tobytes()).hexdigest()[:16]
 
 
 def nearest_centroid(
@@ -126,7 +132,7 @@ class DiscriminativeTokenizer(torch.nn.Module):
 
     def codebook_fingerprint(self) -> str:
         """A short hash of the centroids: tells two fits with identical settings apart (stage-2 pairing checks)."""
-        return hashlib.sha256(self.centroids.detach().cpu().numpy().tobytes()).hexdigest()[:16]
+        return codebook_fingerprint(self.centroids.detach().cpu().numpy())
 
     def save(self, directory: str | os.PathLike) -> Path:
         out = Path(directory)
@@ -142,12 +148,56 @@ class DiscriminativeTokenizer(torch.nn.Module):
     @classmethod
     def load(cls, directory: str | os.PathLike, device: torch.device | str = "cpu") -> DiscriminativeTokenizer:
         directory = Path(directory)
-        cfg = read_json(directory / TOKENIZER_JSON)
-        encoder = encoder_from_config(cfg["encoder"], directory)
+        cfg_path = directory / TOKENIZER_JSON
+        cfg = read_json_object(cfg_path, TOKENIZER_SCHEMA)
+        weights = cfg["encoder"]["weights"]
+        if weights["kind"] in ("dir", "file") and not isinstance(weights.get("path"), str):
+            raise DigitError(f"{cfg_path}: 'encoder.weights.path' must be a string for kind {weights['kind']!r}")
+        # the codebook first: it is cheap to check and must agree with tokenizer.json before the encoder is built
+        centroids = load_centroids(directory / CENTROIDS)
+        check_codebook(centroids, cfg, directory / CENTROIDS)
+        try:
+            encoder = encoder_from_config(cfg["encoder"], directory)
+        except DigitError as e:
+            raise (e if str(directory) in str(e) else DigitError(f"{cfg_path}: {e}")) from e
         extra = {
             k: v
             for k, v in cfg.items()
             if k not in {"type", "encoder", "layer", "image_size", "grid", "vocab_size", "dim", "codebook_fingerprint"}
         }
-        tok = cls(encoder, load_centroids(directory / CENTROIDS), extra=extra)
+        tok = cls(encoder, centroids, extra=extra)
+        if "grid" in cfg and list(tok.grid_size) != list(cfg["grid"]):
+            raise DigitError(f"{cfg_path}: grid {cfg['grid']} differs from the encoder's {list(tok.grid_size)}")
         return tok.to(device).eval()
+
+
+TOKENIZER_SCHEMA = {
+    "type": STR,
+    "encoder": {
+        "name": STR,
+        "image_size": POSITIVE_INT,
+        "layer": POSITIVE_INT,
+        "kwargs?": OBJECT,
+        "weights": {"kind": STR, "path?": STR, "sha256?": STR},
+    },
+    "grid?": GRID,
+    "vocab_size?": POSITIVE_INT,
+    "dim?": POSITIVE_INT,
+    "codebook_fingerprint?": STR,
+}
+
+
+def check_codebook(centroids: np.ndarray, cfg: dict[str, Any], path: Path) -> None:
+    """Refuse a centroids.npy that is not the codebook tokenizer.json describes (size, width, fingerprint)."""
+    k, d = centroids.shape
+    cfg_path = path.parent / TOKENIZER_JSON
+    if cfg.get("vocab_size") is not None and k != cfg["vocab_size"]:
+        raise DigitError(f"{path}: {k} centroids, but {cfg_path} says vocab_size {cfg['vocab_size']}")
+    if cfg.get("dim") is not None and d != cfg["dim"]:
+        raise DigitError(f"{path}: centroids of width {d}, but {cfg_path} says dim {cfg['dim']}")
+    want = cfg.get("codebook_fingerprint")
+    if want is not None and codebook_fingerprint(centroids) != want:
+        raise DigitError(
+            f"{path}: the centroids' fingerprint differs from the one in {cfg_path}; one of them is corrupt or was "
+            "replaced"
+        )

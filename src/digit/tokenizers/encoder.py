@@ -21,7 +21,8 @@ from torch import nn
 
 from digit.errors import DigitError
 from digit.tokenizers.protocol import to_unit_float
-from digit.utils.io import atomic_save_safetensors, atomic_write_json, file_sha256, read_json
+from digit.utils.artifacts import OBJECT, POSITIVE_INT, STR, read_json_object
+from digit.utils.io import atomic_save_safetensors, atomic_write_json, file_sha256
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -131,9 +132,9 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise DigitError(f"encoder weights not found: {path}")
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+        from digit.utils.artifacts import load_safetensors
 
-        return load_file(str(path))
+        return load_safetensors(path)
     from digit.utils.safe_pickle import load_weights
 
     sd = load_weights(path)
@@ -213,7 +214,11 @@ def load_state_dict_into(
     if isinstance(model, vision_transformer.VisionTransformer):
         state_dict = vision_transformer.checkpoint_filter_fn(dict(state_dict), model)
     state_dict = {k: v.float() for k, v in state_dict.items() if not k.startswith(("head.", "fc_norm."))}
-    missing, unexpected = model.load_state_dict(state_dict, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(state_dict, strict=False)
+    except RuntimeError as e:  # shape mismatches: torch lists them after a header line
+        detail = [ln.strip() for ln in str(e).splitlines() if ln.strip()][-1]
+        raise DigitError(f"{origin} does not fit the encoder ({detail})") from e
     missing = [k for k in missing if not k.startswith(("head.", "fc_norm."))]
     if missing or unexpected:
         raise DigitError(
@@ -369,7 +374,7 @@ def load_encoder_dir(path: str | os.PathLike, *, layer: int = 3, image_size: int
     path = Path(path)
     if not (path / ENCODER_JSON).is_file() or not (path / ENCODER_WEIGHTS).is_file():
         raise DigitError(f"{path} is not an encoder directory (needs {ENCODER_JSON} and {ENCODER_WEIGHTS})")
-    cfg = read_json(path / ENCODER_JSON)
+    cfg = read_json_object(path / ENCODER_JSON, {"name": STR, "image_size": POSITIVE_INT, "kwargs?": OBJECT})
     size = image_size or int(cfg["image_size"])
     from digit.tokenizers.cnn_encoder import is_cnn_name, load_cnn_encoder_dir
 

@@ -318,21 +318,15 @@ class VQModel(nn.Module):
 
     @classmethod
     def load(cls, directory: str | os.PathLike, device: torch.device | str | None = None) -> VQModel:
-        from safetensors.torch import load_file
-
-        from digit.utils.io import read_json
+        from digit.utils.artifacts import config_from_dict, load_safetensors
 
         directory = Path(directory)
         meta_path, weights = directory / "tokenizer.json", directory / "model.safetensors"
-        if not meta_path.is_file():
-            raise DigitError(f"{directory} is not a tokenizer directory (no tokenizer.json)")
-        meta = read_json(meta_path)
-        if meta.get("type") != TOKENIZER_TYPE:
-            raise DigitError(f"{directory} holds a {meta.get('type')!r} tokenizer, not a VQ tokenizer")
+        meta = read_vq_config(directory)
         if not weights.is_file():
             raise DigitError(f"{directory}: model.safetensors is missing")
-        model = cls(VQConfig.from_dict(meta["model"]))
-        state = load_file(str(weights), device="cpu")
+        model = cls(config_from_dict(VQConfig, meta["model"], meta_path, "model"))
+        state = load_safetensors(weights)
         try:
             missing, unexpected = model.load_state_dict(state, strict=False)
         except RuntimeError as e:  # shape mismatches
@@ -341,12 +335,38 @@ class VQModel(nn.Module):
             raise DigitError(
                 f"{weights}: weights do not fit the config (missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})"
             )
+        want = meta.get("codebook_fingerprint")
+        if want is not None and model.codebook_fingerprint() != want:
+            raise DigitError(f"{weights}: its codebook does not match {meta_path} (codebook fingerprint differs)")
         model.eval()
         return model.to(device) if device is not None else model
 
     @classmethod
     def from_preset(cls, preset: str, **overrides: Any) -> VQModel:
         return cls(build_vq_config(preset, **overrides))
+
+
+def read_vq_config(directory: str | os.PathLike) -> dict[str, Any]:
+    """A VQ tokenizer directory's validated ``tokenizer.json`` (no weights loaded)."""
+    from digit.utils.artifacts import GRID, OBJECT, POSITIVE_INT, STR, check_schema, config_from_dict, read_json_object
+
+    directory = Path(directory)
+    meta_path = directory / "tokenizer.json"
+    if not meta_path.is_file():
+        raise DigitError(f"{directory} is not a tokenizer directory (no tokenizer.json)")
+    meta = read_json_object(meta_path, {"type": STR})
+    if meta["type"] != TOKENIZER_TYPE:
+        raise DigitError(f"{directory} holds a {meta['type']!r} tokenizer, not a VQ tokenizer")
+    check_schema(
+        meta, {"model": OBJECT, "vocab_size": POSITIVE_INT, "grid": GRID, "codebook_fingerprint?": STR}, meta_path
+    )
+    cfg = config_from_dict(VQConfig, meta["model"], meta_path, "model")
+    if cfg.codebook_size != meta["vocab_size"] or list(cfg.grid_size) != list(meta["grid"]):
+        raise DigitError(
+            f"{meta_path}: vocab_size {meta['vocab_size']} / grid {meta['grid']} disagree with its model section "
+            f"({cfg.codebook_size} codes, grid {list(cfg.grid_size)})"
+        )
+    return meta
 
 
 # Names the tokenizer registry may use.

@@ -112,9 +112,9 @@ class LPIPS(nn.Module):
         if not path.is_file():
             raise DigitError(f"LPIPS weights not found: {path}")
         if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
+            from digit.utils.artifacts import load_safetensors
 
-            state = load_file(str(path))
+            state = load_safetensors(path)
         else:
             state = load_weights(path)
         model = cls()

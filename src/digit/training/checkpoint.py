@@ -104,21 +104,71 @@ def load_optimizer_state(container: nn.Module, opt: torch.optim.Optimizer, saved
     name_to_idx = {n: i for i, n in enumerate(flat)}
     saved_names = [n for g in saved["param_groups"] for n in g["params"]]
     if saved_names != flat:
-        raise ValueError("optimizer parameters differ from the checkpoint's")
+        from digit.errors import DigitError
+
+        raise DigitError("the optimizer's parameters differ from the checkpoint's")
     state = {name_to_idx[n]: s for n, s in saved["state"].items()}
     groups = [{**g, "params": [name_to_idx[n] for n in g["params"]]} for g in saved["param_groups"]]
     opt.load_state_dict({"state": state, "param_groups": groups})
 
 
 # ---------------------------------------------------------------- file
+# The keys a resume reads, and what each must be.
+STATE_KINDS = {
+    "step": int,
+    "epoch": int,
+    "batch_in_epoch": int,
+    "config": dict,
+    "modules": dict,
+    "optimizers": dict,
+    "ema": dict,
+    "rng": list,
+}
+
+
 def save_train_state(path: str | os.PathLike, state: dict[str, Any]) -> Path:
-    return atomic_torch_save(path, {"format": FORMAT, "version": VERSION, **state})
+    """Write the state with the sha256 of its contents (``load_train_state`` recomputes it: flipped bytes are caught)."""
+    from digit.utils.artifacts import object_sha256
+
+    body = {"format": FORMAT, "version": VERSION, **state}
+    return atomic_torch_save(path, {**body, "sha256": object_sha256(body)})
 
 
 def load_train_state(path: str | os.PathLike) -> dict[str, Any]:
     from digit.errors import DigitError
+    from digit.utils.artifacts import object_sha256, verify_enabled
 
     state = load_weights(path)
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise DigitError(f"{path} is not a digit training state")
+    for key, kind in STATE_KINDS.items():
+        if key not in state:
+            raise DigitError(f"{path}: missing key '{key}'; the training state is incomplete")
+        if not isinstance(state[key], kind) or (kind is int and isinstance(state[key], bool)):
+            raise DigitError(f"{path}: '{key}' must be a {kind.__name__}, got {type(state[key]).__name__}")
+    if not state["rng"]:
+        raise DigitError(f"{path}: 'rng' holds no random-number states")
+    digest = state.pop("sha256", None)
+    if digest is not None and verify_enabled() and object_sha256(state) != digest:
+        raise DigitError(
+            f"{path}: the contents' sha256 differs from the one recorded when it was written; corrupt file"
+        )
     return state
+
+
+def check_module_state(path: str | os.PathLike, name: str, module: nn.Module, state: Any) -> None:
+    """Refuse (naming the file) a saved state dict whose keys or shapes do not fit ``module``."""
+    from digit.errors import DigitError
+
+    if not isinstance(state, dict):
+        raise DigitError(f"{path}: no state for module '{name}'")
+    expected = module.state_dict() if not is_sharded(module) else None
+    if expected is None:  # sharded: shapes are checked by set_model_state_dict against the full shapes
+        return
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise DigitError(f"{path}: module '{name}' does not fit (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    for k, v in state.items():
+        if not torch.is_tensor(v) or tuple(v.shape) != tuple(expected[k].shape):
+            got = tuple(v.shape) if torch.is_tensor(v) else type(v).__name__
+            raise DigitError(f"{path}: module '{name}' {k} is {got}, the model has {tuple(expected[k].shape)}")

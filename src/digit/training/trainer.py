@@ -28,8 +28,10 @@ from digit.training.ema import EMA
 from digit.training.optim import build_adamw, clip_grad_norm, set_hyperparameters
 from digit.training.parallel import apply_parallel, compile_blocks
 from digit.training.task import OptimizerSpec, TaskBase
+from digit.utils.artifacts import read_json_object
 from digit.utils.distributed import barrier, get_dist_info
-from digit.utils.io import atomic_write_json, read_json
+from digit.utils.io import atomic_write_json
+from digit.utils.locking import lock_on_main_rank
 from digit.utils.outputs import claim_dir, mark_dir
 
 STATE_FILE = "train_state.pt"
@@ -171,13 +173,14 @@ class Trainer:
     def _prepare_dir(self) -> dict | None:
         cfg_path, state_path = self.out / "config.json", self.out / STATE_FILE
         claim_dir(self.out, kind="run", inputs=self.inputs, is_legacy=lambda d: (d / "config.json").is_file())
+        self._lock = lock_on_main_rank(self.out, self.dist.is_main, self.dist.enabled)  # after the claim: ours
         if cfg_path.exists() and not self.resume:
             raise DigitError(f"{self.out} already holds a run; pass --resume to continue it or choose another --out")
         state = None
         if self.resume and cfg_path.exists():
-            diffs = compare_configs(read_json(cfg_path), self.config)
+            diffs = compare_configs(read_json_object(cfg_path), self.config)
             if diffs:
-                raise DigitError(f"cannot resume {self.out}: its config differs ({', '.join(diffs[:5])})")
+                raise DigitError(f"{cfg_path}: cannot resume this run, its config differs ({', '.join(diffs[:5])})")
             if state_path.exists():
                 state = ckpt.load_train_state(state_path)
         barrier()  # every rank has checked the directory before rank 0 writes into it
@@ -229,15 +232,23 @@ class Trainer:
         self.emas = {m: EMA(self.modules[m], cfg.ema) for m in ema_names} if cfg.ema > 0 else {}
 
     def _restore(self, state: dict) -> int:
+        path = self.out / STATE_FILE
         for name, m in self.modules.items():
-            ckpt.load_full_state_dict(m, state["modules"][name])
-        for spec, opt in zip(self.specs, self.optimizers):
-            ckpt.load_optimizer_state(self.container, opt, state["optimizers"][spec.name])
-        for name, e in self.emas.items():
-            e.load_full_state_dict(state["ema"][name])
-        self.task.load_state_dict(state.get("task", {}))
-        rngs = state["rng"]
-        ckpt.set_rng_state(rngs[self.dist.rank % len(rngs)])
+            ckpt.check_module_state(path, name, m, state["modules"].get(name))
+        try:
+            for name, m in self.modules.items():
+                ckpt.load_full_state_dict(m, state["modules"][name])
+            for spec, opt in zip(self.specs, self.optimizers):
+                ckpt.load_optimizer_state(self.container, opt, state["optimizers"][spec.name])
+            for name, e in self.emas.items():
+                e.load_full_state_dict(state["ema"][name])
+            self.task.load_state_dict(state.get("task", {}))
+            rngs = state["rng"]
+            ckpt.set_rng_state(rngs[self.dist.rank % len(rngs)])
+        except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as e:
+            # the state passed the key checks of load_train_state but its contents do not fit this run
+            what = f"no entry {e}" if isinstance(e, KeyError) else str(e).strip().splitlines()[0]
+            raise DigitError(f"{path}: cannot resume from it ({what})") from e
         return int(state["step"])
 
     def _checkpoint(self, step: int) -> None:
@@ -308,6 +319,15 @@ class Trainer:
 
     # ------------------------------------------------------------ loop
     def fit(self) -> dict[str, float]:
+        """Train to ``total`` steps, holding the run directory's lock throughout (a second process is refused)."""
+        self._lock = None
+        try:
+            return self._fit()
+        finally:
+            if self._lock is not None:
+                self._lock.release()
+
+    def _fit(self) -> dict[str, float]:
         from tqdm import tqdm
 
         cfg, task = self.cfg, self.task

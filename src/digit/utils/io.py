@@ -61,8 +61,10 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
 
 
 def read_json(path: str | os.PathLike) -> Any:
-    with open(path) as f:
-        return json.load(f)
+    """Parse a JSON file; a malformed one is a DigitError naming it (``digit.utils.artifacts`` checks keys too)."""
+    from digit.utils.artifacts import read_json_file
+
+    return read_json_file(path)
 
 
 def atomic_save_numpy(path: str | os.PathLike, array) -> Path:
@@ -76,9 +78,13 @@ def atomic_save_numpy(path: str | os.PathLike, array) -> Path:
 
 
 def atomic_save_safetensors(path: str | os.PathLike, tensors: dict, metadata: dict[str, str] | None = None) -> Path:
+    """Write a safetensors file whose header records the sha256 of its tensors (checked by ``load_safetensors``)."""
     from safetensors.torch import save_file
 
+    from digit.utils.artifacts import DIGEST_KEY, tensors_sha256
+
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    metadata = {**(metadata or {}), DIGEST_KEY: tensors_sha256(tensors)}
     return atomic_write(path, lambda p: save_file(tensors, str(p), metadata=metadata))
 
 

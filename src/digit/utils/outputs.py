@@ -28,6 +28,7 @@ from pathlib import Path
 
 from digit.errors import DigitError
 from digit.utils.io import atomic_write_json, replace_dir, staging_dir
+from digit.utils.locking import LOCK_FILE
 
 MARKER = ".digit-output.json"
 _TEMP = re.compile(r"^\..+\.pid(\d+)\..*\.tmp$")
@@ -209,7 +210,7 @@ def claim_dir(
     if final.exists() and not final.is_dir():
         raise DigitError(f"{flag} {out} exists and is not a directory")
     remove_stale_temps(final)
-    if final.is_dir() and any(final.iterdir()):
+    if final.is_dir() and any(p.name != LOCK_FILE for p in final.iterdir()):  # a killed run's lock alone: empty
         marker = read_marker(final)
         if not ((marker or {}).get("kind") == kind or (marker is None and is_legacy(final))):
             raise DigitError(f"{flag} {out} is not empty and is not a digit {kind} directory; choose a new folder")
