@@ -19,7 +19,18 @@ from typing import Any
 import numpy as np
 
 from digit.errors import DigitError
-from digit.utils.artifacts import GRID, INT, OBJECT, POSITIVE_INT, STR, STR_LIST, int_range, load_npy, read_json_object
+from digit.utils.artifacts import (
+    GRID,
+    INT,
+    OBJECT,
+    POSITIVE_INT,
+    STR,
+    STR_LIST,
+    Kind,
+    int_range,
+    load_npy,
+    read_json_object,
+)
 from digit.utils.io import atomic_save_numpy, atomic_write_json
 from digit.utils.outputs import OutputDir, as_output
 
@@ -131,7 +142,7 @@ META_SCHEMA = {
     "n_images?": INT,
     "n_rows?": INT,
     "tokenizer?": OBJECT,
-    "source?": OBJECT,
+    "source?": Kind("an object or a string", lambda v: isinstance(v, (dict, str))),  # `digit sample` names itself
 }
 
 
