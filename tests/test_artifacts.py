@@ -426,3 +426,21 @@ def test_probe_refuses_tokens_of_another_tokenizer(built, tmp_path, capsys):
     argv = ["probe", "--run", str(built / "s1"), "--tokens", str(built / "vqtok"), "--val-tokens", str(other)]
     rc, err = run_cli([*argv, "--epochs", "1"], capsys)
     assert rc == 2 and str(other) in err
+
+
+@pytest.mark.parametrize("damage", ["features", "key"])
+def test_damaged_probe_feature_cache_is_a_miss(tmp_path, damage):
+    """A cache is not an artifact to refuse: a truncated features file or key file is extracted again."""
+    from digit.evaluation.probe import cached_gpt_features, extract_gpt_features, feature_cache_key
+    from digit.models import build_config
+    from digit.models.gpt import GPT
+
+    torch.manual_seed(0)
+    model = GPT(build_config("tiny", vocab_size=32, grid=(4, 4), n_layers=2, dim=32, n_heads=4)).eval()
+    tokens, layers = np.random.default_rng(0).integers(0, 32, size=(6, 4, 4)), [0, 2]
+    key = feature_cache_key("0" * 64, "/t", 6, np.arange(6), layers)
+    cached_gpt_features(model, tokens, layers, cache_dir=tmp_path, name="train", key=key, batch_size=4)
+    truncate(tmp_path / ("train_features.npy" if damage == "features" else "train_features.json"))
+    got = cached_gpt_features(model, tokens, layers, cache_dir=tmp_path, name="train", key=key, batch_size=4)
+    np.testing.assert_array_equal(np.asarray(got), extract_gpt_features(model, tokens, layers, batch_size=4))
+    assert json.loads((tmp_path / "train_features.json").read_text()) == key

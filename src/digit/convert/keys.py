@@ -225,28 +225,24 @@ def upgrade_run_dir(run: str | os.PathLike) -> bool:
     """Rewrite a former run directory's ``config.json`` and ``model.safetensors`` in the current format (each file
     atomically; other files untouched). Returns False when there was nothing to do. The model is rebuilt from the
     result and checked against it before anything is written."""
-    from safetensors.torch import load_file
-
     from digit.convert import load_exact
-    from digit.models import GPT, GPTConfig
-    from digit.utils.io import atomic_save_safetensors, atomic_write_json, read_json
+    from digit.models import GPT, read_run_config
+    from digit.utils.artifacts import load_safetensors
+    from digit.utils.io import atomic_save_safetensors, atomic_write_json
 
     run = Path(run)
     cfg_path, weights = run / "config.json", run / "model.safetensors"
     for p in (cfg_path, weights):
         if not p.is_file():
             raise DigitError(f"{run} is not a GPT run directory (missing {p.name})")
-    config = read_json(cfg_path)
-    if not isinstance(config, dict) or not isinstance(config.get("model"), dict):
-        raise DigitError(f"{cfg_path} has no 'model' section")
+    config, model_cfg = read_run_config(run)  # validated; model_cfg is the upgraded model section
     if (run / "train_state.pt").exists():  # its module and optimizer state are keyed by the former names
         raise DigitError(f"{run} holds train_state.pt, which would no longer resume after the rewrite; the run loads "
                          "as it is (converted in memory), or upgrade a copy of config.json + model.safetensors")  # fmt: skip
-    state = load_file(str(weights))
+    state = load_safetensors(weights)
     old_config, old_weights = "arch" in config["model"], state_dict_layout(state) != "digit"
     if not (old_config or old_weights):
         return False
-    model_cfg = GPTConfig.from_dict(config["model"])
     new_state = upgrade_state_dict(state)
     load_exact(GPT(model_cfg), new_state, str(weights))  # refuse to write a pair that does not load
     if old_weights:

@@ -79,6 +79,15 @@ def feature_cache_key(weights_sha256: str, tokens_path: str, n_rows: int, rows: 
     }
 
 
+def _cached_key(path: Path) -> Any:
+    from digit.utils.io import read_json
+
+    try:
+        return read_json(path)
+    except DigitError:  # damaged key file: a cache miss
+        return None
+
+
 def cached_gpt_features(
     model: Any,
     tokens: np.ndarray,
@@ -95,16 +104,19 @@ def cached_gpt_features(
 
     The key file is removed before and written after the features: a run killed half-way never leaves a cache that
     matches, and the features are staged in a temporary file renamed into place."""
-    from digit.utils.io import atomic_write_json, read_json
+    from digit.utils.io import atomic_write_json
 
     shape = (len(layers), len(tokens), model.config.dim)
     if cache_dir is None:
         return extract_gpt_features(model, tokens, layers, batch_size=batch_size, device=device, desc=name)
     cache = Path(cache_dir)
     f, k = cache / f"{name}_features.npy", cache / f"{name}_features.json"
-    if f.is_file() and k.is_file() and read_json(k) == key:
-        feats = np.load(f, mmap_mode="r")
-        if feats.shape == shape:
+    if f.is_file() and k.is_file() and _cached_key(k) == key:
+        try:
+            feats = np.load(f, mmap_mode="r", allow_pickle=False)
+        except (ValueError, OSError, EOFError):  # a damaged cache is a miss: extract again
+            feats = None
+        if feats is not None and feats.shape == shape and feats.dtype == np.float32:
             return feats
     cache.mkdir(parents=True, exist_ok=True)
     k.unlink(missing_ok=True)
