@@ -82,9 +82,9 @@ def default_layer(encoder: str) -> int | str:
     if Path(encoder).is_dir():
         cfg = Path(encoder) / "encoder.json"
         if cfg.is_file():
-            from digit.utils.io import read_json
+            from digit.utils.artifacts import STR, read_json_object
 
-            return "stride16" if is_cnn_name(str(read_json(cfg).get("name", ""))) else 3
+            return "stride16" if is_cnn_name(read_json_object(cfg, {"name": STR})["name"]) else 3
         return 3
     return "stride16" if is_cnn_name(encoder) else 3
 

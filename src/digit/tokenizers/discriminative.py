@@ -12,7 +12,7 @@ import torch
 
 from digit.errors import DigitError
 from digit.tokenizers.encoder import ENCODER_WEIGHTS, Encoder, encoder_from_config
-from digit.utils.artifacts import GRID, OBJECT, POSITIVE_INT, STR, load_npy, read_json_object
+from digit.utils.artifacts import GRID, OBJECT, POSITIVE_INT, STR, Kind, load_npy, read_json_object
 from digit.utils.io import atomic_save_numpy, atomic_save_safetensors, atomic_write_json
 
 TOKENIZER_JSON = "tokenizer.json"
@@ -176,7 +176,10 @@ TOKENIZER_SCHEMA = {
     "encoder": {
         "name": STR,
         "image_size": POSITIVE_INT,
-        "layer": POSITIVE_INT,
+        "layer": Kind(  # N blocks from the end (ViT), or a CNN feature map "strideS"
+            "a positive integer or 'strideS'",
+            lambda v: POSITIVE_INT.test(v) or (isinstance(v, str) and v[:6] == "stride"),
+        ),
         "kwargs?": OBJECT,
         "weights": {"kind": STR, "path?": STR, "sha256?": STR},
     },
