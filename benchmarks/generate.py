@@ -27,7 +27,8 @@ import torch  # noqa: E402
 
 from digit.models.gpt import GPT  # noqa: E402
 from digit.models.presets import build_config  # noqa: E402
-from digit.pipeline import Pipeline, SamplingConfig, generate_images  # noqa: E402
+from digit.pipeline import Pipeline, generate_images  # noqa: E402
+from digit.sampling.params import SamplingParams  # noqa: E402
 from digit.tokenizers.vq import VQModel  # noqa: E402
 
 # preset -> (stage-1 GPT preset, stage-1 grid, stage-1 vocab, VQ overrides of the "tiny" VQ preset)
@@ -63,9 +64,9 @@ def build(preset: str, kind: str, device: torch.device) -> Pipeline:
 
 def bench(pipe: Pipeline, n: int, batch_size: int) -> dict[str, float]:
     labels = torch.arange(n).remainder(10).numpy()
-    generate_images(pipe, labels[:batch_size], SamplingConfig(top_k=100), batch_size=batch_size)  # warm-up
+    generate_images(pipe, labels[:batch_size], SamplingParams(top_k=100), batch_size=batch_size)  # warm-up
     t0 = time.perf_counter()
-    res = generate_images(pipe, labels, SamplingConfig(top_k=100), batch_size=batch_size, seed=1)
+    res = generate_images(pipe, labels, SamplingParams(top_k=100), batch_size=batch_size, seed=1)
     wall = time.perf_counter() - t0
     out = {"images_per_s": n / wall}
     for stage, s in res.seconds.items():

@@ -31,6 +31,7 @@ from digit.convert.keys import to_llamagen  # noqa: E402
 from digit.models import GPT, build_config  # noqa: E402
 from digit.sampling.filters import cfg, filter_logits, sample_from_logits  # noqa: E402
 from digit.sampling.generate import generate  # noqa: E402
+from digit.sampling.params import SamplingParams  # noqa: E402
 
 PAGE = 4096
 
@@ -108,7 +109,7 @@ def time_ours(model, labels, args, seed=0) -> tuple[dict, torch.Tensor]:
     res: dict = {}
     gen = torch.Generator().manual_seed(seed)
     with peak_rss(res):
-        out = generate(model, labels, cfg_scale=args.cfg_scale, top_k=args.top_k, generator=gen, compile=args.compile)
+        out = generate(model, labels, args.params, generator=gen, compile=args.compile)
     model.clear_cache()
     return res, out
 
@@ -155,8 +156,8 @@ def time_reference(model: GPT, labels, args) -> tuple[dict, float]:
             c.seq_len,
             cfg_scale=args.cfg_scale,
             top_k=args.top_k,
-            temperature=1.0,
-            top_p=1.0,
+            temperature=args.params.temperature,
+            top_p=args.params.top_p,
             sample_logits=True,
         )
     return res, diff
@@ -167,8 +168,9 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--big-batch", type=int, default=64, help="second batch size for the scaling figure (0 = skip)")
     p.add_argument("--grid", type=int, default=16, help="token grid side (16 -> 256 tokens)")
-    p.add_argument("--cfg-scale", type=float, default=4.0)
-    p.add_argument("--top-k", type=int, default=2000)
+    SamplingParams.add_arguments(
+        p, only=("temperature", "top_k", "top_p", "cfg_scale"), defaults=SamplingParams(cfg_scale=4.0, top_k=2000)
+    )
     p.add_argument("--reference", default=None, help="path of a LlamaGen checkout to time its generate too")
     p.add_argument("--naive-full", action="store_true", help="run the naive sampler end to end (slow)")
     p.add_argument("--skip-naive", action="store_true", help="leave the naive sampler out")
@@ -176,6 +178,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--quick", action="store_true", help="smoke run: tiny model, 8x8 grid, batch 4 and 8")
     args = p.parse_args()
+    args.params = SamplingParams.from_args(args, base=SamplingParams(cfg_scale=4.0, top_k=2000))
+    args.cfg_scale, args.top_k = args.params.cfg_scale, args.params.top_k
     if args.quick:
         args.grid, args.batch_size, args.big_batch, args.naive_full = 8, 4, 8, True
     if args.threads:

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from digit.convert.keys import to_llamagen
 from digit.convert.llamagen import convert_llamagen, convert_llamagen_gpt
 from digit.errors import DigitError
+from digit.sampling.generate import generate
 
 DIM, HEADS, LAYERS, VOCAB, CLASSES, FFN = 64, 4, 2, 32, 5, 192
 IMAGE, GRID = 48, 3  # 48 px / 16 -> 3x3 tokens
@@ -172,5 +173,5 @@ def test_vq_and_cli_end_to_end(tmp_path):
     torch.testing.assert_close(vq.decode(ids), src.decode(ids), atol=0, rtol=0)
     pipe = load_pipeline(out / "gpt", out / "vq")
     assert pipe.kind == "llamagen" and pipe.num_classes == CLASSES
-    tokens = pipe.stage1.generate(cond=torch.tensor([1, 2]), cfg_scale=2.0, generator=torch.Generator().manual_seed(5))
+    tokens = generate(pipe.stage1, cond=torch.tensor([1, 2]), cfg_scale=2.0, generator=torch.Generator().manual_seed(5))
     assert tokens.shape == (2, GRID, GRID) and int(tokens.max()) < VOCAB

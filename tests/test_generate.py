@@ -16,7 +16,9 @@ from digit.data.tokens import write_token_dir
 from digit.errors import DigitError
 from digit.models import load_gpt_run
 from digit.pipeline import check_pipeline, image_grid, load_pipeline, resolve_labels
+from digit.sampling.generate import generate
 from digit.sampling.maskgit import maskgit_decode
+from digit.sampling.params import SamplingParams
 from digit.tokenizers.vq import VQModel
 
 N, CLASSES = 4, ["ant", "bee", "cat", "dog"]
@@ -109,7 +111,7 @@ def test_ar_decoder_overfits_and_decodes_back(pieces) -> None:
     model, cfg = load_gpt_run(pieces["root"] / "dec_ar")
     assert cfg["model"]["cond"] == "prefix" and cfg["model"]["causal"] is True
     prefix = torch.from_numpy(pieces["disc"].reshape(N, -1)).long()
-    out = model.generate(cond=prefix, top_k=1, generator=torch.Generator().manual_seed(0))
+    out = generate(model, cond=prefix, top_k=1, generator=torch.Generator().manual_seed(0))
     assert _decode_accuracy(out, pieces["vqt"]) >= MIN_DECODE_ACCURACY["dec_ar"]
 
 
@@ -118,11 +120,11 @@ def test_nar_decoder_overfits_and_decodes_back(pieces) -> None:
     model, cfg = load_gpt_run(pieces["root"] / "dec_nar")
     assert cfg["model"]["causal"] is False
     prefix = torch.from_numpy(pieces["disc"].reshape(N, -1)).long()
-    out = maskgit_decode(model, prefix, steps=8, top_k=1, generator=torch.Generator().manual_seed(0))
+    out = maskgit_decode(model, prefix, nar_steps=8, top_k=1, generator=torch.Generator().manual_seed(0))
     acc = _decode_accuracy(out, pieces["vqt"])
     assert acc >= MIN_DECODE_ACCURACY["dec_nar"], acc
     # the prefix matters: each grid is decoded from its own prefix, not from another one's
-    swapped = maskgit_decode(model, prefix.roll(1, 0), steps=8, top_k=1, generator=torch.Generator().manual_seed(0))
+    swapped = maskgit_decode(model, prefix.roll(1, 0), nar_steps=8, top_k=1, generator=torch.Generator().manual_seed(0))
     assert _decode_accuracy(swapped, np.roll(pieces["vqt"], 1, 0)) >= MIN_DECODE_ACCURACY["dec_nar"]
     assert _decode_accuracy(swapped, pieces["vqt"]) < 0.5
 
@@ -130,11 +132,9 @@ def test_nar_decoder_overfits_and_decodes_back(pieces) -> None:
 def test_nar_decoding_defaults_to_digits_8_steps_everywhere(pieces) -> None:
     """DiGIT's inference script runs exactly 8 MaskGIT iterations (`--iter-decode-max-iter 8
     --iter-decode-force-max-iter`), not fairseq's default of 10: every entry point defaults to it."""
-    import inspect
-
     from digit.cli import build_parser
-    from digit.pipeline import SamplingConfig
-    from digit.sampling.generate import generate
+    from digit.pipeline import decoder_defaults
+    from digit.sampling.generate import generate, sample
     from digit.sampling.maskgit import DIGIT_NAR_STEPS
 
     assert DIGIT_NAR_STEPS == 8
@@ -147,16 +147,15 @@ def test_nar_decoding_defaults_to_digits_8_steps_everywhere(pieces) -> None:
         assert len(calls) == 8  # one forward pass per step
         generate(model, cond=prefix, top_k=1)
         assert len(calls) == 16
+        assert sample(model, prefix, None, SamplingParams(top_k=1)).forward_passes == 8
     finally:
         hook.remove()
-    assert inspect.signature(maskgit_decode).parameters["steps"].default == DIGIT_NAR_STEPS
-    assert inspect.signature(generate).parameters["nar_steps"].default == DIGIT_NAR_STEPS
-    assert SamplingConfig().decoder_steps == DIGIT_NAR_STEPS
+    assert SamplingParams().nar_steps == DIGIT_NAR_STEPS and decoder_defaults("digit-nar").nar_steps == DIGIT_NAR_STEPS
     root = pieces["root"]
     args = build_parser().parse_args(
         ["generate", "--stage1", str(root / "s1"), "--vq", str(root / "vq"), "-n", "1", "--out", "x"]
     )
-    assert args.decoder_steps == DIGIT_NAR_STEPS
+    assert SamplingParams.from_args(args, prefix="decoder-", base=decoder_defaults("digit-nar")).nar_steps == 8
 
 
 @pytest.mark.parametrize("decoder", ["dec_ar", "dec_nar", None])
@@ -197,6 +196,54 @@ def test_generate_classes_by_name_and_index(pieces) -> None:
         resolve_labels(pipe, None, ["zebra"])
     with pytest.raises(DigitError, match="outside"):
         resolve_labels(pipe, None, ["7"])
+
+
+@pytest.mark.parametrize("decoder", ["dec_ar", "dec_nar"])
+def test_generate_sampling_flags_passes_and_classes_with_n(pieces, decoder) -> None:
+    """`generate` takes `sample`'s flags (--cfg-interval / --cfg-schedule), the decoder's temperature and steps,
+    -n together with --classes, and records every parameter and the model forward passes per stage."""
+    root = pieces["root"]
+    out = root / f"gen_params_{decoder}"
+    assert main(["generate", "--stage1", str(root / "s1_vq"), "--vq", str(root / "vq"), "--classes", "dog", "1",
+                 "-n", "5", "--batch-size", "2", "--cfg-scale", "2", "--cfg-schedule", "linear", "--cfg-interval",
+                 "3", "--top-k", "9", "--seed", "2", "--out", str(root / f"gen_llamagen_{decoder}")]) == 0  # fmt: skip
+    meta = json.loads((root / f"gen_llamagen_{decoder}" / "meta.json").read_text())
+    assert (
+        meta["sampling"]["stage1"]
+        == SamplingParams(cfg_scale=2.0, cfg_schedule="linear", cfg_interval=3, top_k=9).to_dict()
+    )
+    assert meta["sampling"]["decoder"] is None
+    assert meta["forward_passes"] == {"stage1": 3 * 16, "stage2": 0}  # 3 batches x (prefill + 15 steps)
+    assert np.load(root / f"gen_llamagen_{decoder}" / "samples.npz")["labels"].tolist() == [3, 1, 3, 1, 3]
+
+    assert main(["generate", "--stage1", str(root / "s1"), "--decoder", str(root / decoder), "--vq", str(root / "vq"),
+                 "-n", "3", "--batch-size", "2", "--decoder-temperature", "0.5", "--decoder-steps", "3",
+                 "--out", str(out)]) == 0  # fmt: skip
+    meta = json.loads((out / "meta.json").read_text())
+    ar = decoder == "dec_ar"
+    assert (
+        meta["sampling"]["decoder"] == SamplingParams(temperature=0.5, nar_steps=3, top_p=0.8 if ar else 1.0).to_dict()
+    )
+    # stage 1: 2x2 tokens -> 4 passes per batch; decoder: 16 AR passes or 3 MaskGIT steps per batch
+    assert meta["forward_passes"] == {"stage1": 2 * 4, "stage2": 2 * (16 if ar else 3)}
+
+
+def test_generate_decoder_flags_need_a_decoder(pieces, capsys) -> None:
+    root = pieces["root"]
+    assert main(["generate", "--stage1", str(root / "s1_vq"), "--vq", str(root / "vq"), "-n", "1",
+                 "--decoder-temperature", "0.5", "--out", str(root / "never")]) == 2  # fmt: skip
+    assert "--decoder-* sampling flags need a --decoder" in capsys.readouterr().err
+    assert not (root / "never").exists()
+
+
+def test_generated_images_do_not_depend_on_the_batch_size(pieces) -> None:
+    root = pieces["root"]
+    base = ["generate", "--stage1", str(root / "s1"), "--decoder", str(root / "dec_nar"), "--vq", str(root / "vq"),
+            "-n", "5", "--seed", "4"]  # fmt: skip
+    assert main([*base, "--batch-size", "2", "--out", str(root / "bs2")]) == 0
+    assert main([*base, "--batch-size", "5", "--out", str(root / "bs5")]) == 0
+    a, b = (np.load(root / d / "samples.npz")["images"] for d in ("bs2", "bs5"))
+    assert np.array_equal(a, b)
 
 
 def _run_cfg(path: Path) -> dict:

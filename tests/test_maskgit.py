@@ -47,7 +47,7 @@ def test_decoding_follows_the_schedule_and_never_changes_fixed_tokens() -> None:
     torch.manual_seed(0)
     T, V, steps = 16, 5, 8
     model = Recorder(torch.randn(1, T, V), (4, 4))
-    out = maskgit_decode(model, None, n=3, steps=steps, generator=torch.Generator().manual_seed(0))
+    out = maskgit_decode(model, None, n=3, nar_steps=steps, generator=torch.Generator().manual_seed(0))
     assert out.shape == (3, 4, 4) and out.dtype == torch.long
     assert int(out.max()) < V  # nothing left masked
     assert len(model.inputs) == steps
@@ -70,7 +70,7 @@ def test_least_confident_are_remasked() -> None:
     p = torch.linspace(0.55, 0.99, T)
     logits = torch.log(torch.stack([p, 1 - p], -1))[None]
     model = Recorder(logits, (2, 4))
-    maskgit_decode(model, None, n=1, steps=4, choice_temperature=0.0, top_k=1)  # top-1: every position picks 0
+    maskgit_decode(model, None, n=1, nar_steps=4, nar_temperature=0.0, top_k=1)  # top-1: every position picks 0
     kept_after_first = model.inputs[1][0] != V
     n_kept = int(kept_after_first.sum())
     assert n_kept == T - remask_count(mask_schedule(T, 4)[0], T, last=False)

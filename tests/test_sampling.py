@@ -14,11 +14,11 @@ from digit.sampling import (
     cfg,
     cfg_scale_at,
     filter_logits,
-    generate,
     sample_from_logits,
     top_k_filter,
     top_p_filter,
 )
+from digit.sampling.generate import generate
 from digit.utils.io import atomic_save_safetensors
 
 NEG = float("-inf")
@@ -113,7 +113,8 @@ def test_cfg_through_the_model(schedule, interval):
     sets come from plain full forwards on the generated grid with the labels and with the null class."""
     model, s = class_model(), 3.0
     labels = torch.tensor([0, 1, 2, 3, 1])
-    grids = model.generate(
+    grids = generate(
+        model,
         cond=labels,
         temperature=1e-7,
         cfg_scale=s,
@@ -130,14 +131,14 @@ def test_cfg_through_the_model(schedule, interval):
         guided = null_logits[:, i] + scale * (cond_logits[:, i] - null_logits[:, i])
         assert torch.equal(guided.argmax(-1), tokens[:, i]), i
     # guidance changes the result compared to the conditional model alone
-    plain = model.generate(cond=labels, temperature=1e-7).flatten(1)
+    plain = generate(model, cond=labels, temperature=1e-7).flatten(1)
     assert not torch.equal(plain, tokens)
 
 
 def test_unguided_greedy_equals_full_forward_argmax():
     model = class_model(1)
     labels = torch.tensor([3, 0])
-    tokens = model.generate(cond=labels, temperature=0.0).flatten(1)
+    tokens = generate(model, cond=labels, temperature=0.0).flatten(1)
     with torch.no_grad():
         assert torch.equal(model(tokens, labels).argmax(-1), tokens)
 
@@ -145,7 +146,7 @@ def test_unguided_greedy_equals_full_forward_argmax():
 def test_generate_reproducible_and_top_k_respected():
     model = class_model(2)
     labels = torch.tensor([0, 1, 2, 3])
-    run = lambda seed, **kw: model.generate(cond=labels, generator=torch.Generator().manual_seed(seed), **kw)  # noqa: E731
+    run = lambda seed, **kw: generate(model, cond=labels, generator=torch.Generator().manual_seed(seed), **kw)  # noqa: E731
     a, b, c = run(7, top_k=5), run(7, top_k=5), run(8, top_k=5)
     assert a.shape == (4, 4, 4) and a.dtype == torch.long
     assert torch.equal(a, b) and not torch.equal(a, c)
@@ -156,15 +157,15 @@ def test_generate_reproducible_and_top_k_respected():
     assert int(rank.max()) < 5  # every sampled token is within the top 5
     # unconditional models take n
     unc = GPT(build_config("tiny")).eval()
-    assert unc.generate(n=3, generator=torch.Generator().manual_seed(0)).shape == (3, 4, 4)
+    assert generate(unc, n=3, generator=torch.Generator().manual_seed(0)).shape == (3, 4, 4)
 
 
 def test_generate_refusals():
     model = class_model()
     labels = torch.tensor([0])
-    with pytest.raises(DigitError, match="top-p"):
+    with pytest.raises(DigitError, match=r"top_p must be a number in \(0, 1\]"):
         generate(model, labels, top_p=0.0)
-    with pytest.raises(DigitError, match="top-k"):
+    with pytest.raises(DigitError, match="top_k must be an integer >= 0"):
         generate(model, labels, top_k=-1)
     with pytest.raises(DigitError, match="class-conditional"):
         generate(GPT(build_config("tiny")), n=2, cfg_scale=2.0)
@@ -235,9 +236,9 @@ def test_cli_sample_writes_token_dir(tmp_path):
     "extra,message",
     [
         (["--classes", "4", "-n", "2"], "class id 4 was not trained"),
-        (["-n", "2", "--top-p", "0"], "top-p"),
-        (["-n", "2", "--top-p", "1.5"], "top-p"),
-        (["-n", "2", "--top-k", "-3"], "top-k"),
+        (["-n", "2", "--top-p", "0"], "--top-p must be a number in (0, 1]"),
+        (["-n", "2", "--top-p", "1.5"], "--top-p must be a number in (0, 1]"),
+        (["-n", "2", "--top-k", "-3"], "--top-k must be an integer >= 0"),
         (["-n", "0"], "-n must be positive"),
         (["-n", "2", "--cfg-scale", "3"], "class dropout"),
     ],

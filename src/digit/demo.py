@@ -117,6 +117,7 @@ def _load_images(folder: Path, size: int) -> tuple[torch.Tensor, list[str]]:
 def tokenizer_at_work(models: Path, pipe: Any, seed: int, scale: int = 96) -> tuple[np.ndarray, dict[str, Any]]:
     """image | token map | stage-2 re-rendering from the discriminative tokens | VQ reconstruction, one row each."""
     from digit.pipeline import to_uint8
+    from digit.sampling.generate import generate
     from digit.tokenizers import load_tokenizer
 
     tok = load_tokenizer(models / "tokenizer", device=pipe.device)
@@ -124,7 +125,7 @@ def tokenizer_at_work(models: Path, pipe: Any, seed: int, scale: int = 96) -> tu
     g = torch.Generator(device=pipe.device).manual_seed(seed)
     with torch.no_grad():
         ids = tok.encode(x.to(pipe.device))  # [N, h, w]
-        vq_ids = pipe.decoder.generate(cond=ids.reshape(len(x), -1), top_p=0.8, generator=g)
+        vq_ids = generate(pipe.decoder, cond=ids.reshape(len(x), -1), top_p=0.8, generator=g)
         rerender = to_uint8(pipe.vq.decode(vq_ids))
         recon = to_uint8(pipe.vq.decode(pipe.vq.encode(x.to(pipe.device))))
     if hasattr(pipe.decoder, "clear_cache"):
@@ -154,7 +155,8 @@ def run_demo(
     fallback_size: str = "small",
     log=print,
 ) -> Path:
-    from digit.pipeline import SamplingConfig, generate_images, load_pipeline, save_png
+    from digit.pipeline import generate_images, load_pipeline, save_png
+    from digit.sampling.params import SamplingParams
 
     t_start = time.perf_counter()
     out = Path(out)
@@ -176,7 +178,7 @@ def run_demo(
 
     t0 = time.perf_counter()
     labels = np.repeat(np.arange(pipe.num_classes), per_class)
-    sampling = SamplingConfig(cfg_scale=cfg_scale, top_k=top_k)
+    sampling = SamplingParams(cfg_scale=cfg_scale, top_k=top_k)
     gen = generate_images(pipe, labels, sampling, batch_size=max(len(labels), 1), seed=seed, progress=True)
     t_gen = time.perf_counter() - t0
     tiles = _upscale(gen.images, 64)

@@ -23,7 +23,7 @@ import torch
 
 from digit.data.tokens import same_tokenizer as _same_tokenizer
 from digit.errors import DigitError
-from digit.sampling.maskgit import DIGIT_NAR_STEPS
+from digit.sampling.params import SamplingParams
 
 # ----------------------------------------------------------------------------------------------- compatibility
 
@@ -143,19 +143,9 @@ def load_pipeline(
     return Pipeline(s1_model, s1_cfg, vq_model, dec_model, dec_cfg, kind, special)
 
 
-@dataclass(kw_only=True)
-class SamplingConfig:
-    cfg_scale: float = 1.0
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-    decoder_temperature: float = 1.0
-    decoder_top_k: int = 0
-    decoder_top_p: float | None = None  # None: 0.8 for an AR decoder (DiGIT), 1.0 for MaskGIT
-    decoder_steps: int = DIGIT_NAR_STEPS  # DiGIT's setting (digit.sampling.maskgit)
-    # fairseq's rules for a converted DiGIT AR decoder (digit.sampling.official): specials banned after normalising,
-    # top-p on probabilities that are not renormalised. Needs the run's official_head.safetensors.
-    decoder_official: bool = False
+def decoder_defaults(kind: str) -> SamplingParams:
+    """The stage-2 decoder's sampling defaults: top-p 0.8 for an AR decoder (DiGIT), no filter for MaskGIT."""
+    return SamplingParams(top_p=0.8 if kind == "digit-ar" else 1.0)
 
 
 @dataclass
@@ -164,11 +154,16 @@ class GenerationResult:
     labels: np.ndarray  # int64 [N], -1 unconditional
     tokens: np.ndarray  # stage-1 tokens [N, h, w]
     seconds: dict[str, float] = field(default_factory=dict)  # per stage: stage1, stage2, vq
+    forward_passes: dict[str, int] = field(default_factory=dict)  # model forward passes per stage, all batches
+    indices: np.ndarray | None = None  # which images of the run these are (all of them in one process)
 
 
 def resolve_labels(pipe: Pipeline, n: int | None, classes: list[str] | None) -> np.ndarray:
-    """-n N (class-balanced cycle over all classes for a class-conditional model) or --classes C ... -> labels."""
+    """Labels from -n N and/or --classes C ... (indices or names): -n alone cycles over every class (class-balanced),
+    -n with --classes cycles over the listed ones, --classes alone gives one image per listed class."""
     k = pipe.num_classes
+    if n is not None and n < 1:
+        raise DigitError(f"-n must be positive, got {n}")
     if classes:
         if not k:
             raise DigitError("--classes given but the stage-1 model is unconditional")
@@ -184,8 +179,9 @@ def resolve_labels(pipe: Pipeline, n: int | None, classes: list[str] | None) -> 
             if not 0 <= v < k:
                 raise DigitError(f"class {v} outside [0, {k})")
             out.append(v)
-        return np.asarray(out, dtype=np.int64)
-    if n is None or n < 1:
+        chosen = np.asarray(out, dtype=np.int64)
+        return chosen if n is None else chosen[np.arange(n) % len(chosen)]
+    if n is None:
         raise DigitError("give -n N or --classes C ...")
     return (np.arange(n) % k).astype(np.int64) if k else np.full(n, -1, dtype=np.int64)
 
@@ -203,71 +199,73 @@ def _sync(device: torch.device) -> None:
 def generate_images(
     pipe: Pipeline,
     labels: np.ndarray,
-    sampling: SamplingConfig | None = None,
+    stage1: SamplingParams | None = None,
+    decoder: SamplingParams | None = None,
     *,
+    decoder_official: bool = False,
     batch_size: int = 16,
     seed: int = 0,
+    compile: bool = False,
     progress: bool = False,
+    shard: tuple[int, int] = (0, 1),
 ) -> GenerationResult:
-    """Run the whole pipeline over ``labels`` in batches. Batch ``b`` uses a generator seeded with (seed, b)."""
+    """Run the whole pipeline over ``labels`` in batches. Image ``i`` draws from its own generator seeded from
+    (seed, i) through both stages (`digit.sampling.seeds`), so its pixels do not depend on the batch size.
+
+    ``decoder``: the stage-2 decoder's parameters (default `decoder_defaults`); ``decoder_official``: fairseq's rules
+    for a converted DiGIT AR decoder (`digit.sampling.official`: specials banned after normalising, top-p on
+    probabilities that are not renormalised; needs the run's official_head.safetensors).
+    ``shard=(rank, world_size)``: only the batches ``b`` with ``b % world_size == rank`` (torchrun); the result holds
+    those images (``indices``), and `merge_results` of every rank's result is the single-process result."""
     from tqdm import tqdm
 
-    from digit.sampling.maskgit import maskgit_decode
+    from digit.sampling.generate import check_params, sample
+    from digit.sampling.seeds import batch_ranges, image_generators
 
-    s = sampling or SamplingConfig()
+    s1 = stage1 or SamplingParams()
+    dec = decoder or decoder_defaults(pipe.kind)
+    check_params(pipe.stage1, s1)
+    if pipe.decoder is not None:
+        check_params(pipe.decoder, dec)
+    if decoder_official and pipe.decoder_special_rows is None:
+        raise DigitError("official sampling needs a converted DiGIT decoder (official_head.safetensors)")
     dev = pipe.device
     n = len(labels)
     images, tokens = [], []
     secs = {"stage1": 0.0, "stage2": 0.0, "vq": 0.0}
-    dec_top_p = s.decoder_top_p if s.decoder_top_p is not None else (0.8 if pipe.kind == "digit-ar" else 1.0)
-    bar = tqdm(total=n, desc="generate", unit="img", disable=not progress)
-    for b, start in enumerate(range(0, n, batch_size)):
-        lab = labels[start : start + batch_size]
-        g = torch.Generator(device=dev).manual_seed(int(seed) * 1_000_003 + b)
+    passes = {"stage1": 0, "stage2": 0}
+    mine = batch_ranges(n, batch_size, *shard)
+    bar = tqdm(total=sum(e - s for s, e in mine), desc="generate", unit="img", disable=not progress)
+    for start, end in mine:
+        lab = labels[start:end]
+        g = image_generators(seed, range(start, end), dev)
         cond = torch.as_tensor(lab, device=dev) if pipe.num_classes else None
         t0 = time.perf_counter()
-        ids = pipe.stage1.generate(
-            cond=cond,
-            n=len(lab),
-            temperature=s.temperature,
-            top_k=s.top_k,
-            top_p=s.top_p,
-            cfg_scale=s.cfg_scale,
-            generator=g,
-        )
+        out = sample(pipe.stage1, cond, len(lab), s1, generator=g, compile=compile)
+        ids = out.tokens
+        passes["stage1"] += out.forward_passes
         _sync(dev)
         t1 = time.perf_counter()
         vq_ids = ids
         if pipe.decoder is not None:
             prefix = ids.reshape(len(lab), -1)
-            if pipe.kind == "digit-nar":
-                vq_ids = maskgit_decode(
-                    pipe.decoder,
-                    prefix,
-                    steps=s.decoder_steps,
-                    temperature=s.decoder_temperature,
-                    top_k=s.decoder_top_k,
-                    top_p=dec_top_p,
-                    generator=g,
-                )
-            elif s.decoder_official:
+            if decoder_official:
                 from digit.sampling.official import generate_official
 
-                if pipe.decoder_special_rows is None:
-                    raise DigitError("official sampling needs a converted DiGIT decoder (official_head.safetensors)")
                 vq_ids = generate_official(
                     pipe.decoder,
                     pipe.decoder_special_rows,
                     cond=prefix,
-                    temperature=s.decoder_temperature,
-                    top_k=s.decoder_top_k,
-                    top_p=dec_top_p,
+                    temperature=dec.temperature,
+                    top_k=dec.top_k,
+                    top_p=dec.top_p,
                     generator=g,
                 )
+                passes["stage2"] += pipe.decoder.config.seq_len
             else:
-                vq_ids = pipe.decoder.generate(
-                    cond=prefix, temperature=s.decoder_temperature, top_k=s.decoder_top_k, top_p=dec_top_p, generator=g
-                )
+                out = sample(pipe.decoder, prefix, None, dec, generator=g, compile=compile)
+                vq_ids = out.tokens
+                passes["stage2"] += out.forward_passes
         _sync(dev)
         t2 = time.perf_counter()
         images.append(to_uint8(pipe.vq.decode(vq_ids)))
@@ -282,7 +280,29 @@ def generate_images(
     for m in (pipe.stage1, pipe.decoder):
         if m is not None and hasattr(m, "clear_cache"):
             m.clear_cache()
-    return GenerationResult(np.concatenate(images), np.asarray(labels, dtype=np.int64), np.concatenate(tokens), secs)
+    indices = np.concatenate([np.arange(s, e) for s, e in mine]) if mine else np.zeros(0, dtype=np.int64)
+    if not mine:  # a rank with no batch (more ranks than batches)
+        return GenerationResult(
+            np.zeros((0, 0, 0, 3), np.uint8), labels[:0], np.zeros((0, 0, 0)), secs, passes, indices
+        )
+    return GenerationResult(
+        np.concatenate(images),
+        np.asarray(labels, dtype=np.int64)[indices],
+        np.concatenate(tokens),
+        secs,
+        passes,
+        indices,
+    )
+
+
+def merge_results(parts: list[GenerationResult]) -> GenerationResult:
+    """Every rank's `generate_images` result -> the whole run's, in image order (seconds: the slowest rank's)."""
+    parts = [p for p in parts if len(p.indices)]
+    order = np.argsort(np.concatenate([p.indices for p in parts]), kind="stable")
+    cat = lambda name: np.concatenate([getattr(p, name) for p in parts])[order]  # noqa: E731
+    seconds = {k: max(p.seconds[k] for p in parts) for k in parts[0].seconds}
+    passes = {k: sum(p.forward_passes[k] for p in parts) for k in parts[0].forward_passes}
+    return GenerationResult(cat("images"), cat("labels"), cat("tokens"), seconds, passes, cat("indices"))
 
 
 # ----------------------------------------------------------------------------------------------- image files

@@ -233,3 +233,12 @@ def trainer_config(args: argparse.Namespace, **fixed: Any):
         "progress": not args.no_progress,
     }
     return TrainConfig(**{**values, **fixed})
+
+
+def resolve_rank_device(name: str | None, local_rank: int = 0):
+    """``--device`` if given; otherwise this torchrun rank's GPU (cuda:LOCAL_RANK), or the CPU."""
+    import torch
+
+    if name or not torch.cuda.is_available():
+        return resolve_device(name)
+    return torch.device(f"cuda:{local_rank}")

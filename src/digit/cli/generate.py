@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import argparse
 
-from digit.cli.common import (
-    add_device_arg,
-    add_output_args,
-    existing_dir,
-    non_negative_int,
-    positive_int,
-    unit_fraction,
-)
+from digit.cli.common import add_device_arg, add_output_args, existing_dir, positive_int
+from digit.cli.sample import AR_FIELDS
+from digit.sampling.params import SamplingParams
+
+# the stage-2 decoder's copy: AR (top-p 0.8 by default, DiGIT) or MaskGIT (its steps and confidence noise)
+DECODER_FIELDS = ("temperature", "top_k", "top_p", "nar_steps", "nar_temperature")
 
 
 def register(sub) -> None:
@@ -21,30 +19,33 @@ def register(sub) -> None:
         description="DiGIT: --stage1 RUN --decoder RUN --vq DIR (the decoder turns discriminative tokens into VQ "
         "tokens, AR or MaskGIT). LlamaGen: --stage1 RUN --vq DIR (the GPT samples VQ tokens). Writes grid.png, one "
         "PNG per image under images/, samples.npz (uint8 [N, H, W, 3] + labels) and meta.json. Mismatched pieces are "
-        "refused before sampling.",
+        "refused before sampling. Sharded: `torchrun --nproc_per_node N -m digit -- generate ...` (rank 0 writes the same "
+        "output as one process).",
     )
     p.add_argument("--stage1", type=existing_dir, required=True, help="stage-1 GPT run directory")
     p.add_argument("--decoder", type=existing_dir, help="stage-2 decoder run (prefix-conditioned on stage-1 tokens)")
     p.add_argument("--vq", type=existing_dir, required=True, help="VQ tokenizer directory")
-    who = p.add_mutually_exclusive_group(required=True)
-    who.add_argument("-n", type=positive_int, help="number of images (class-balanced for a class-conditional model)")
-    who.add_argument("--classes", nargs="+", metavar="C", help="one image per listed class (index or class name)")
-    p.add_argument("--cfg-scale", type=float, default=1.0, help="classifier-free guidance scale (1 = off)")
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-k", type=non_negative_int, default=0, help="stage-1 top-k (0 = off)")
-    p.add_argument("--top-p", type=unit_fraction, default=1.0, help="stage-1 top-p (1 = off)")
-    p.add_argument("--decoder-top-k", type=non_negative_int, default=0)
+    p.add_argument(
+        "-n", type=positive_int, help="number of images (class-balanced over --classes, or over every class)"
+    )
+    p.add_argument(
+        "--classes", nargs="+", metavar="C", help="classes to sample (index or name); alone: one image per class"
+    )
+    SamplingParams.add_arguments(p.add_argument_group("stage-1 sampling"), only=AR_FIELDS)
+    SamplingParams.add_arguments(
+        p.add_argument_group("stage-2 decoder sampling (default top-p 0.8 for an AR decoder as DiGIT, 1.0 MaskGIT)"),
+        prefix="decoder-",
+        only=DECODER_FIELDS,
+        aliases={"nar_steps": "--decoder-steps"},
+    )
     p.add_argument(
         "--official-sampling",
         action="store_true",
         help="fairseq's decoder sampling for converted DiGIT runs (top-p on un-renormalised probabilities)",
     )
-    p.add_argument("--decoder-top-p", type=unit_fraction, help="decoder top-p (default 0.8 AR as DiGIT, 1.0 MaskGIT)")
-    # 8 = digit.sampling.maskgit.DIGIT_NAR_STEPS (not imported here: the parser stays torch-free); a test ties them
-    p.add_argument("--decoder-steps", type=positive_int, default=8,
-                   help="MaskGIT decoding steps, NAR decoder (default 8: DiGIT's released inference script)")  # fmt: skip
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=positive_int, default=16)
+    p.add_argument("--compile", action="store_true", help="torch.compile the decode step")
     add_device_arg(p)
     add_output_args(p, "output directory")
     p.set_defaults(func=run)
@@ -53,37 +54,63 @@ def register(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    import numpy as np
+    import torch
 
-    from digit.cli.common import resolve_device
+    from digit.cli.common import resolve_rank_device
     from digit.errors import DigitError
-    from digit.pipeline import SamplingConfig, generate_images, image_grid, load_pipeline, resolve_labels, save_png
-    from digit.utils.io import atomic_write, atomic_write_json
+    from digit.pipeline import decoder_defaults, generate_images, load_pipeline, merge_results, resolve_labels
+    from digit.utils.distributed import gather_to_main, init_distributed
     from digit.utils.outputs import output_dir
 
+    stage1 = SamplingParams.from_args(args)  # refuses bad values before any model is loaded
+    SamplingParams.from_args(args, prefix="decoder-")  # the decoder's flags too (its defaults need the pipeline)
     out = Path(args.out)
+    # every rank checks the output (the same verdict everywhere, so no rank waits for one that gave up)
     target = output_dir(out, kind="generate", inputs=(args.stage1, args.decoder, args.vq), overwrite=args.overwrite)
-    device = resolve_device(args.device)
+    dist = init_distributed()
+    device = resolve_rank_device(args.device, dist.local_rank)
     pipe = load_pipeline(args.stage1, args.vq, args.decoder, device=device)  # refuses mismatches, samples nothing
     labels = resolve_labels(pipe, args.n, args.classes)
-    if pipe.decoder is None and (args.decoder_top_p is not None or args.decoder_top_k):
-        raise DigitError("--decoder-top-p/--decoder-top-k need a --decoder")
+    if pipe.decoder is None and any(getattr(args, f"decoder_{f}") is not None for f in DECODER_FIELDS):
+        raise DigitError("--decoder-* sampling flags need a --decoder")
     if args.official_sampling and (pipe.kind != "digit-ar" or pipe.decoder_special_rows is None):
         raise DigitError(
             "--official-sampling needs an AR --decoder converted from DiGIT (with official_head.safetensors)"
         )
-    sampling = SamplingConfig(
-        cfg_scale=args.cfg_scale,
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        decoder_top_k=args.decoder_top_k,
-        decoder_top_p=args.decoder_top_p,
-        decoder_steps=args.decoder_steps,
+    decoder = SamplingParams.from_args(args, prefix="decoder-", base=decoder_defaults(pipe.kind))
+    if dist.is_main:
+        print(f"{pipe.kind}: {len(labels)} images, VQ {pipe.vq.image_size}px, on {device} x {dist.world_size}")
+    # under torchrun each rank samples every world_size-th batch (image i keeps its own generator); rank 0 merges
+    part = generate_images(
+        pipe,
+        labels,
+        stage1,
+        decoder,
         decoder_official=args.official_sampling,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        compile=args.compile,
+        progress=dist.is_main,
+        shard=(dist.rank, dist.world_size),
     )
-    print(f"{pipe.kind}: {len(labels)} images, VQ {pipe.vq.image_size}px, on {device}")
-    res = generate_images(pipe, labels, sampling, batch_size=args.batch_size, seed=args.seed, progress=True)
+    parts = gather_to_main(part)
+    if dist.enabled:
+        torch.distributed.destroy_process_group()
+    if not dist.is_main:
+        return 0
+    res = merge_results(parts)
+    _write_output(args, target, pipe, res, stage1, decoder, len(labels), dist.world_size)
+    return 0
+
+
+def _write_output(args, target, pipe, res, stage1, decoder, n, world_size) -> None:
+    """grid.png, images/, samples.npz and meta.json, staged then moved into place (rank 0)."""
+    from pathlib import Path
+
+    import numpy as np
+
+    from digit.pipeline import image_grid, save_png
+    from digit.utils.io import atomic_write, atomic_write_json
 
     names = pipe.class_names
     captions = [
@@ -106,17 +133,22 @@ def run(args: argparse.Namespace) -> int:
         "stage1": str(Path(args.stage1).resolve()),
         "decoder": str(Path(args.decoder).resolve()) if args.decoder else None,
         "vq": str(Path(args.vq).resolve()),
-        "n": int(len(labels)),
+        "n": int(n),
+        "world_size": world_size,
         "seed": args.seed,
         "batch_size": args.batch_size,
-        "sampling": {**vars(sampling), "decoder_steps": args.decoder_steps},
+        "sampling": {
+            "stage1": stage1.to_dict(),
+            "decoder": decoder.to_dict() if pipe.decoder is not None else None,
+            "decoder_official": args.official_sampling,
+        },
+        "forward_passes": res.forward_passes,  # model forward passes per stage over all batches and ranks
         "seconds": res.seconds,
-        "images_per_s": len(labels) / max(total, 1e-9),
+        "images_per_s": n / max(total, 1e-9),
     })  # fmt: skip
     target.publish(tmp)
     print(
-        f"wrote {len(labels)} images to {out} ({len(labels) / max(total, 1e-9):.2f} img/s; "
+        f"wrote {n} images to {args.out} ({n / max(total, 1e-9):.2f} img/s; "
         + ", ".join(f"{k} {v:.2f}s" for k, v in res.seconds.items())
         + ")"
     )
-    return 0

@@ -1,9 +1,14 @@
 """`digit sample`: generate token grids with a trained GPT run into a token directory (same format as `digit tokenize`).
 
 Class lists are balanced: ``--classes`` (default: every trained class) with ``--per-class K`` gives each class K
-samples in class-major order; with ``-n N`` the classes are taken round-robin (counts differ by at most one).
-Sampling semantics (CFG on raw logits, temperature, top-k, top-p) are documented in `digit.sampling.filters`.
-One generator seeded with ``--seed`` drives every batch: the same seed and batch size give the same tokens.
+samples in class-major order; with ``-n N`` the classes are taken round-robin (counts differ by at most one); the
+listed ``--classes`` alone give one sample each (as in `digit generate`).
+Sampling parameters are `digit.sampling.params.SamplingParams` (the same flags as `digit generate`); their semantics
+(CFG on raw logits, temperature, top-k, top-p) are documented in `digit.sampling.filters`.
+Sample ``i`` draws from its own generator seeded from (``--seed``, i): the same seed gives the same tokens whatever
+the batch size. Under ``torchrun --nproc_per_node N -m digit -- sample ...`` each rank samples every N-th batch and
+rank 0 writes the merged output: the same tokens as one process with the same seed and settings. (The ``--`` ends
+torchrun's options: without it torchrun reads ``--run`` as an abbreviation of its own ``--run-path``.)
 """
 
 from __future__ import annotations
@@ -13,6 +18,10 @@ from typing import Any
 
 from digit.cli.common import add_device_arg, add_output_args, existing_dir
 from digit.errors import DigitError
+from digit.sampling.params import SamplingParams
+
+# the parameters of an autoregressive model's sampling (the NAR ones belong to `digit generate`'s MaskGIT decoder)
+AR_FIELDS = ("temperature", "top_k", "top_p", "cfg_scale", "cfg_interval", "cfg_schedule", "decode")
 
 # meta keys that write_token_dir computes itself; the rest of the training meta (tokenizer config, ...) is copied
 _OWN_KEYS = {
@@ -32,7 +41,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "sample",
         help="sample token grids from a trained GPT",
-        description="Sample token grids from a `digit train` run; writes tokens.npy, labels.npy, meta.json.",
+        description="Sample token grids from a `digit train` run; writes tokens.npy, labels.npy, meta.json. Sharded: "
+        "`torchrun --nproc_per_node N -m digit -- sample ...` (rank 0 writes the same output as one process).",
     )
     p.add_argument("--run", type=existing_dir, required=True, help="run directory (config.json + model.safetensors)")
     p.add_argument("-n", "--num-samples", dest="n", type=int, default=None, help="number of samples")
@@ -41,12 +51,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--prefix-tokens", type=existing_dir, default=None, help="token directory of prefixes (prefix models)"
     )
-    p.add_argument("--cfg-scale", type=float, default=1.0, help="classifier-free guidance scale (1 = off)")
-    p.add_argument("--cfg-interval", type=int, default=-1, help="no guidance after this token index (-1 = always)")
-    p.add_argument("--cfg-schedule", choices=("constant", "linear"), default="constant", help="guidance schedule")
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = off)")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1] (1 = off)")
+    SamplingParams.add_arguments(p.add_argument_group("sampling"), only=AR_FIELDS)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step")
@@ -57,6 +62,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def class_list(num_classes: int, classes: list[int] | None, n: int | None, per_class: int | None) -> list[int]:
     """The balanced label list described in the module docstring."""
+    if classes is not None and n is None and per_class is None:  # the listed classes alone: one sample each
+        per_class = 1
     classes = list(range(num_classes)) if classes is None else list(classes)
     bad = [c for c in classes if not 0 <= c < num_classes]
     if bad:
@@ -73,18 +80,12 @@ def class_list(num_classes: int, classes: list[int] | None, n: int | None, per_c
     return [classes[i % len(classes)] for i in range(n)]
 
 
-def _validate(args: argparse.Namespace, model_cfg: Any, model_dict: dict) -> None:
+def _validate(args: argparse.Namespace, params: SamplingParams, model_cfg: Any, model_dict: dict) -> None:
     if args.n is not None and args.n < 1:
         raise DigitError(f"-n must be positive, got {args.n}")
     if args.batch_size < 1:
         raise DigitError(f"--batch-size must be positive, got {args.batch_size}")
-    if args.top_k < 0:
-        raise DigitError(f"--top-k must be >= 0, got {args.top_k}")
-    if not 0.0 < args.top_p <= 1.0:
-        raise DigitError(f"--top-p must be in (0, 1], got {args.top_p}")
-    if args.temperature < 0:
-        raise DigitError(f"--temperature must be >= 0, got {args.temperature}")
-    if args.cfg_scale != 1.0:
+    if params.guided:
         if model_cfg.cond != "class":
             raise DigitError("--cfg-scale needs a class-conditional model")
         if float(model_dict.get("class_dropout", 0.0)) == 0.0:
@@ -129,55 +130,66 @@ def run(args: argparse.Namespace) -> int:
     import torch
     from tqdm import tqdm
 
-    from digit.cli.common import resolve_device
+    from digit.cli.common import resolve_rank_device
     from digit.data.tokens import write_token_dir
     from digit.models import load_gpt_run
-    from digit.sampling.generate import generate
+    from digit.sampling.generate import sample
+    from digit.sampling.seeds import batch_ranges, image_generators
+    from digit.utils.distributed import gather_to_main, init_distributed
     from digit.utils.outputs import output_dir
 
+    params = SamplingParams.from_args(args)  # refuses bad values before any model is loaded
+    # every rank checks the output (the same verdict everywhere, so no rank waits for one that gave up)
     out_dir = output_dir(args.out, kind="sample", inputs=(args.run, args.prefix_tokens), overwrite=args.overwrite)
-    device = resolve_device(args.device)
+    dist = init_distributed()
+    device = resolve_rank_device(args.device, dist.local_rank)
     model, config = load_gpt_run(args.run, device=device)
     mcfg = model.config
-    _validate(args, mcfg, config["model"])
+    _validate(args, params, mcfg, config["model"])
     if not mcfg.causal:
         raise DigitError("this run is a bidirectional (MaskGIT) model; `digit sample` drives autoregressive runs")
     cond, labels, n = _conditions(args, mcfg, config)
-    gen = torch.Generator(device=device).manual_seed(args.seed)
     T = mcfg.seq_len
-    batches = [(s, min(s + args.batch_size, n)) for s in range(0, n, args.batch_size)]
-    out = np.empty((n, *mcfg.grid), dtype=np.int64)
-    with tqdm(total=n * T, desc="sample", unit="tok", unit_scale=True) as bar:
-        for s, e in batches:
+    # under torchrun, batch b goes to rank b % world: each batch is the single-process run's batch, image i keeps
+    # its own generator, so the merged output is the single-process output
+    mine = batch_ranges(n, args.batch_size, dist.rank, dist.world_size)
+    part: list[tuple[int, np.ndarray]] = []
+    passes = 0
+    total = sum(e - s for s, e in mine) * T
+    with tqdm(total=total, desc="sample", unit="tok", unit_scale=True, disable=not dist.is_main) as bar:
+        for s, e in mine:
             c = cond[s:e].to(device) if cond is not None else None
-            grids = generate(
+            res = sample(
                 model,
-                cond=c,
-                n=e - s,
-                temperature=args.temperature,
-                top_k=args.top_k,
-                top_p=args.top_p,
-                cfg_scale=args.cfg_scale,
-                cfg_interval=args.cfg_interval,
-                cfg_schedule=args.cfg_schedule,
-                generator=gen,
+                c,
+                e - s,
+                params,
+                generator=image_generators(args.seed, range(s, e), device),
                 compile=args.compile,
                 on_step=lambda _i, k=e - s: bar.update(k),
             )
-            out[s:e] = grids.cpu().numpy()
+            part.append((s, res.tokens.cpu().numpy()))
+            passes += res.forward_passes
     model.clear_cache()
+    parts = gather_to_main((part, passes))
+    if dist.enabled:
+        torch.distributed.destroy_process_group()
+    if not dist.is_main:
+        return 0
+    out = np.empty((n, *mcfg.grid), dtype=np.int64)
+    for rank_part, _ in parts:
+        for s, tokens in rank_part:
+            out[s : s + len(tokens)] = tokens
+    passes = sum(p for _, p in parts)
     data = config.get("data") or {}
     meta = dict(data.get("meta") or {})
     sampling = {
         "run": str(args.run.resolve()),
         "seed": args.seed,
         "batch_size": args.batch_size,
-        "cfg_scale": args.cfg_scale,
-        "cfg_interval": args.cfg_interval,
-        "cfg_schedule": args.cfg_schedule,
-        "temperature": args.temperature,
-        "top_k": args.top_k,
-        "top_p": args.top_p,
+        **params.to_dict(),
+        "forward_passes": passes,  # model forward passes over all batches and ranks (prefill included)
+        "world_size": dist.world_size,
         "classes": sorted({int(x) for x in labels if x >= 0}),
         "prefix_tokens": str(args.prefix_tokens) if args.prefix_tokens else None,
     }

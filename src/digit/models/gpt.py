@@ -303,7 +303,9 @@ class GPT(nn.Module):
         else:
             rope = self.rope[input_pos] if self.rope is not None else None
             T = x.shape[1]
-            if kv_len is None:
+            if input_pos.dim() == 2:  # per-row positions [B, T] (continuous batching): [B, 1, T, S] over the cache
+                kv_len, mask = None, self.causal_mask[input_pos, : self.cache_len][:, None]
+            elif kv_len is None:
                 mask = self.causal_mask[input_pos, : self.cache_len]  # [T, S]: fixed shapes for compile / graphs
             elif T not in (1, kv_len):
                 mask = self.causal_mask[input_pos, :kv_len]
@@ -332,7 +334,7 @@ class GPT(nn.Module):
         states[-1] = h
         return states
 
-    # ---- cached decoding (used by digit.sampling.generate)
+    # ---- cached decoding (the interface digit.sampling.generate.CachedDecoder states)
     def setup_cache(self, batch: int, dtype: torch.dtype | None = None, device=None) -> None:
         """Allocate the static KV cache once for ``batch`` rows; reused until the batch size changes."""
         cfg = self.config
@@ -362,13 +364,14 @@ class GPT(nn.Module):
         return self.head(h[:, -1]).float()
 
     def decode_step(self, tokens: torch.Tensor, input_pos: torch.Tensor, kv_len: int | None = None) -> torch.Tensor:
-        """Feed tokens [B, 1] at sequence position ``input_pos`` [1]; logits [B, vocab] for the next token.
+        """Feed tokens [B, 1] at sequence position ``input_pos`` [1], or per row [B, 1] (rows at different steps:
+        continuous batching, always through the mask); logits [B, vocab] for the next token.
 
         Attention reads only the filled cache entries (``kv_len`` = position + 1, a Python int): given by the caller,
         or, for positions on the CPU in eager mode, read from ``input_pos`` (free there). Under torch.compile, or on an
         accelerator without ``kv_len``, it reads the whole static cache through a mask (fixed shapes for CUDA graphs;
         reading a device position would cost a host sync per step)."""
-        if kv_len is None and input_pos.device.type == "cpu" and not torch.compiler.is_compiling():
+        if kv_len is None and input_pos.dim() == 1 and input_pos.device.type == "cpu" and not torch.compiler.is_compiling():
             kv_len = int(input_pos[-1]) + 1
         h = self._blocks(self._embed(self.token_embed(tokens), input_pos), input_pos, kv_len=kv_len)
         return self.head(h[:, -1]).float()
@@ -385,10 +388,3 @@ class GPT(nn.Module):
             kv_len = int(input_pos[-1]) + 1
         h = self._blocks(self._embed(self.token_embed(tokens), input_pos), input_pos, kv_len=kv_len)
         return self.head(h).float()
-
-    @torch.inference_mode()
-    def generate(self, cond: torch.Tensor | None = None, n: int | None = None, **kwargs: Any) -> torch.Tensor:
-        """Sample token grids [B, h, w]; keyword arguments as `digit.sampling.generate.generate`."""
-        from digit.sampling.generate import generate
-
-        return generate(self, cond=cond, n=n, **kwargs)

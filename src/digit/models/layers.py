@@ -75,9 +75,15 @@ class KVCache(nn.Module):
         self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
     def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        # k, v: [B, H, T, D] for the positions input_pos [T]; in-place, so nothing is allocated per step
-        self.k_cache.index_copy_(2, input_pos, k)
-        self.v_cache.index_copy_(2, input_pos, v)
+        # k, v: [B, H, T, D] for the positions input_pos [T] (every row) or [B, T] (per row: rows at different
+        # steps, continuous batching); in-place, so nothing is allocated per step
+        if input_pos.dim() == 1:
+            self.k_cache.index_copy_(2, input_pos, k)
+            self.v_cache.index_copy_(2, input_pos, v)
+        else:
+            rows = torch.arange(k.shape[0], device=k.device)[:, None]  # [B, 1] against positions [B, T]
+            self.k_cache[rows, :, input_pos] = k.transpose(1, 2)  # indexed view is [B, T, H, D]
+            self.v_cache[rows, :, input_pos] = v.transpose(1, 2)
         return self.k_cache, self.v_cache
 
 

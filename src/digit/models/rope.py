@@ -44,9 +44,10 @@ def zero_table(n: int, head_dim: int) -> torch.Tensor:
 
 
 def apply_rotary(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
-    """Rotate adjacent pairs of ``x`` [B, T, H, D] by ``table`` [T, D // 2, 2]; computed in float32, returned in x.dtype."""
+    """Rotate adjacent pairs of ``x`` [B, T, H, D] by ``table`` [T, D // 2, 2] (or per row [B, T, D // 2, 2]);
+    computed in float32, returned in x.dtype."""
     xf = x.float().reshape(*x.shape[:-1], -1, 2)  # [B, T, H, D/2, 2]
-    t = table[None, :, None]  # [1, T, 1, D/2, 2]
+    t = table[None, :, None] if table.dim() == 3 else table[:, :, None]  # [1 or B, T, 1, D/2, 2]
     cos, sin = t[..., 0], t[..., 1]
     x0, x1 = xf[..., 0], xf[..., 1]
     out = torch.stack([x0 * cos - x1 * sin, x1 * cos + x0 * sin], dim=-1)

@@ -18,9 +18,14 @@ Exact semantics:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
-SCHEDULES = ("constant", "linear")
+from digit.sampling.params import SCHEDULES
+
+# one generator for the whole batch, or one per row (per-image seeds: a row's draws do not depend on the others)
+Generators = torch.Generator | Sequence[torch.Generator] | None
 
 
 def cfg(cond_logits: torch.Tensor, uncond_logits: torch.Tensor, scale: float) -> torch.Tensor:
@@ -62,11 +67,57 @@ def filter_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0
     return top_p_filter(top_k_filter(apply_temperature(logits, temperature), top_k), top_p)
 
 
-def sample_from_logits(logits: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """One categorical draw per row without a host sync (gpt-fast): argmax(probs / Exp(1) noise). -> [B] long."""
-    probs = logits.softmax(dim=-1)
-    noise = torch.empty_like(probs).exponential_(1.0, generator=generator)
-    return torch.argmax(probs / noise, dim=-1)
+def fill_exponential(out: torch.Tensor, generator: Generators = None) -> torch.Tensor:
+    """Fill ``out`` with Exp(1) noise in place: from one generator, or row ``i`` (dim 0) from ``generator[i]``."""
+    if generator is None or isinstance(generator, torch.Generator):
+        return out.exponential_(1.0, generator=generator)
+    if len(generator) != out.shape[0]:
+        raise ValueError(f"{len(generator)} generators for {out.shape[0]} rows")
+    for row, g in zip(out, generator, strict=True):
+        row.exponential_(1.0, generator=g)
+    return out
+
+
+def sample_with_noise(logits: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """The exponential race: argmax(softmax(logits) / noise) with Exp(1) ``noise`` is a categorical draw (no sync)."""
+    return torch.argmax(logits.softmax(dim=-1) / noise, dim=-1)
+
+
+def sample_from_logits(logits: torch.Tensor, generator: Generators = None) -> torch.Tensor:
+    """One categorical draw per row without a host sync (gpt-fast): argmax(probs / Exp(1) noise). -> [B, ...] long."""
+    return sample_with_noise(logits, fill_exponential(torch.empty_like(logits, dtype=torch.float32), generator))
+
+
+def filter_logits_rows(
+    logits: torch.Tensor,
+    temperature: torch.Tensor,
+    top_k: torch.Tensor,
+    top_p: torch.Tensor,
+    *,
+    kmax: int,
+    nucleus: bool,
+) -> torch.Tensor:
+    """`filter_logits` with per-row settings (``temperature`` / ``top_k`` / ``top_p``: [B]) on ``logits`` [B, V];
+    row ``b`` equals ``filter_logits(logits[b], temperature[b], top_k[b], top_p[b])``. ``kmax`` (a Python int) is the
+    largest active k (0 when no row filters by top-k: one torch.topk of that size, no full sort); ``nucleus`` whether
+    any row has top-p < 1. Both are static so the function compiles to one graph."""
+    logits = logits / temperature.clamp(min=1e-5)[:, None]
+    V = logits.shape[-1]
+    if 0 < kmax < V:
+        values = torch.topk(logits, kmax, dim=-1).values  # [B, kmax], descending
+        active = (top_k > 0) & (top_k < V)
+        kth = values.gather(-1, (top_k.clamp(1, kmax) - 1)[:, None])
+        kth = torch.where(active[:, None], kth, torch.full_like(kth, float("-inf")))
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if nucleus:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = sorted_logits.softmax(dim=-1)
+        before = probs.cumsum(dim=-1) - probs
+        drop_sorted = (before >= top_p[:, None]) & (top_p < 1.0)[:, None]
+        drop_sorted[..., 0] = False
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
 
 
 def cfg_scale_at(step: int, n_steps: int, scale: float, interval: int = -1, schedule: str = "constant") -> float:

@@ -1,26 +1,138 @@
 """Token-grid generation with a static KV cache (gpt-fast's structure, LlamaGen's CFG layout).
 
-Autoregressive models: the condition is prefilled once, then one token per step through ``model.decode_step``;
-the cache, the output buffer, the fed-back token buffer and the position tensor are allocated before the loop, and
-nothing in the loop reads a value back to the host (sampling is the exponential race, not ``torch.multinomial``).
-With classifier-free guidance the batch is doubled once as [cond; null] (LlamaGen), guidance is applied to raw logits,
-and both halves are fed the token sampled from the guided logits.
+The sampler owns the whole decode step: :func:`decode_step` is the model's forward over the fed-back token, guidance,
+filtering and the draw, as one function; with ``compile=True`` it is compiled once per process and mode (not per call)
+and reused for every batch and model (torch.compile guards and recompiles only when a model or a static setting
+changes). The model is used only through the :class:`CachedDecoder` protocol.
+
+Autoregressive models: the condition is prefilled once, then one token per step; the cache, the output buffer, the
+fed-back token buffer, the noise buffer and the position tensor are allocated before the loop, and nothing in the loop
+reads a value back to the host (sampling is the exponential race on pre-drawn Exp(1) noise, not ``torch.multinomial``;
+drawing the noise outside the step keeps ``torch.Generator`` out of the compiled graph and lets each row have its own
+generator). With classifier-free guidance the batch is doubled once as [cond; null] (LlamaGen), guidance is applied to
+raw logits, and both halves are fed the token sampled from the guided logits.
 
 Bidirectional (``causal=False``) models decode MaskGIT-style through `digit.sampling.maskgit`.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 import torch
 
 from digit.errors import DigitError
-from digit.sampling.filters import SCHEDULES, cfg, cfg_scale_at, filter_logits, sample_from_logits
-from digit.sampling.maskgit import DIGIT_NAR_STEPS
+from digit.sampling.filters import Generators, cfg, cfg_scale_at, fill_exponential, filter_logits_rows
+from digit.sampling.filters import sample_with_noise as _draw
+from digit.sampling.params import SamplingParams
+
+LogitsFilter = Callable[[torch.Tensor], torch.Tensor]
 
 
-def _batch_size(model, cond: torch.Tensor | None, n: int | None) -> int:
+class CachedDecoder(Protocol):
+    """What the sampler needs of a model (`digit.models.GPT` is one).
+
+    ``config``: ``causal``, ``cond`` ("none" | "class" | "prefix"), ``seq_len``, ``cond_len``, ``grid``, ``vocab_size``;
+    ``condition.null(cond)``: the unconditional counterpart of ``cond`` (CFG)."""
+
+    config: Any
+    condition: Any
+    training: bool
+
+    def parameters(self, recurse: bool = True) -> Any: ...
+    def train(self, mode: bool = True) -> Any: ...
+    def setup_cache(self, batch: int, dtype: torch.dtype | None = None, device: Any = None) -> None: ...
+    def clear_cache(self) -> None: ...
+    def prefill(self, cond: torch.Tensor | None, batch: int) -> torch.Tensor: ...
+    def decode_step(self, tokens: torch.Tensor, input_pos: torch.Tensor, kv_len: int | None = None) -> torch.Tensor: ...
+
+
+@dataclass
+class Sampled:
+    tokens: torch.Tensor  # [B, h, w] long
+    forward_passes: int  # model forward passes (prefill included) that produced them
+
+
+@dataclass
+class RowSettings:
+    """Per-row sampling settings as tensors [B] plus the static facts the step compiles on."""
+
+    temperature: torch.Tensor
+    top_k: torch.Tensor
+    top_p: torch.Tensor
+    kmax: int  # largest active top-k (0: none)
+    nucleus: bool  # any row with top-p < 1
+
+    @classmethod
+    def build(cls, params: list[SamplingParams], vocab: int, device: Any) -> RowSettings:
+        ks = [p.top_k for p in params if 0 < p.top_k < vocab]
+        return cls(
+            temperature=torch.tensor([p.temperature for p in params], dtype=torch.float32, device=device),
+            top_k=torch.tensor([p.top_k for p in params], dtype=torch.long, device=device),
+            top_p=torch.tensor([p.top_p for p in params], dtype=torch.float32, device=device),
+            kmax=max(ks, default=0),
+            nucleus=any(p.top_p < 1.0 for p in params),
+        )
+
+
+def choose(
+    logits: torch.Tensor,
+    scale: torch.Tensor | None,
+    rows: RowSettings,
+    noise: torch.Tensor,
+    logits_filter: LogitsFilter | None = None,
+) -> torch.Tensor:
+    """Guidance (``scale`` [B] per pair, None = unguided), filtering and the draw: logits [B or 2B, V] -> tokens [B]."""
+    if scale is not None:
+        B = noise.shape[0]
+        c, u = logits[:B], logits[B:]
+        # a scale of exactly 1 takes the conditional logits as they are (LlamaGen past cfg_interval)
+        logits = torch.where((scale == 1.0)[:, None], c, cfg(c, u, scale[:, None]))
+    if logits_filter is not None:
+        filtered = logits_filter(logits)
+    else:
+        filtered = filter_logits_rows(
+            logits, rows.temperature, rows.top_k, rows.top_p, kmax=rows.kmax, nucleus=rows.nucleus
+        )
+    return _draw(filtered, noise)
+
+
+def decode_step(
+    model: CachedDecoder,
+    fed: torch.Tensor,
+    input_pos: torch.Tensor,
+    kv_len: int | None,
+    scale: torch.Tensor | None,
+    rows: RowSettings,
+    noise: torch.Tensor,
+    logits_filter: LogitsFilter | None = None,
+) -> torch.Tensor:
+    """One whole decode step: forward the fed-back tokens [rows, 1] at ``input_pos``, guide, filter, draw -> [B]."""
+    return choose(model.decode_step(fed, input_pos, kv_len), scale, rows, noise, logits_filter)
+
+
+@functools.cache
+def compiled_decode_step(mode: str) -> Callable[..., torch.Tensor]:
+    """`decode_step` compiled once per process and mode ("default" on CPU, "reduce-overhead": CUDA graphs)."""
+    return torch.compile(decode_step, mode=mode, fullgraph=True)
+
+
+def step_function(compile: bool, device: torch.device) -> Callable[..., torch.Tensor]:
+    if not compile:
+        return decode_step
+    return compiled_decode_step("reduce-overhead" if device.type == "cuda" else "default")
+
+
+def check_params(model: CachedDecoder, params: SamplingParams) -> None:
+    """What depends on the model (the values themselves were validated by SamplingParams)."""
+    if params.guided and model.config.cond != "class":
+        raise DigitError("classifier-free guidance needs a class-conditional model")
+
+
+def batch_size(model: CachedDecoder, cond: torch.Tensor | None, n: int | None) -> int:
     if model.config.cond == "none":
         if n is None or n < 1:
             raise DigitError("an unconditional model needs n >= 1 samples")
@@ -32,132 +144,95 @@ def _batch_size(model, cond: torch.Tensor | None, n: int | None) -> int:
     return int(cond.shape[0])
 
 
-def check_sampling_args(model, top_k: int, top_p: float, cfg_scale: float, cfg_schedule: str) -> None:
-    if top_k < 0:
-        raise DigitError(f"top-k must be >= 0, got {top_k}")
-    if not 0.0 < top_p <= 1.0:
-        raise DigitError(f"top-p must be in (0, 1], got {top_p}")
-    if cfg_schedule not in SCHEDULES:
-        raise DigitError(f"unknown cfg schedule {cfg_schedule!r} (choose from {', '.join(SCHEDULES)})")
-    if cfg_scale != 1.0 and model.config.cond != "class":
-        raise DigitError("classifier-free guidance needs a class-conditional model")
-
-
 @torch.inference_mode()
-def generate(
-    model,
+def sample(
+    model: CachedDecoder,
     cond: torch.Tensor | None = None,
     n: int | None = None,
+    params: SamplingParams | None = None,
     *,
-    temperature: float = 1.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
-    cfg_scale: float = 1.0,
-    cfg_interval: int = -1,
-    cfg_schedule: str = "constant",
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
     compile: bool = False,
-    nar_steps: int = DIGIT_NAR_STEPS,
-    nar_temperature: float = 4.5,
     on_step: Callable[[int], None] | None = None,
-    logits_filter: Callable[[torch.Tensor], torch.Tensor] | None = None,
-) -> torch.Tensor:
+    logits_filter: LogitsFilter | None = None,
+) -> Sampled:
     """Sample token grids ``[B, h, w]`` (long). ``cond``: labels [B] | prefix [B, P] | None with ``n`` samples.
 
-    Filters and guidance are documented in `digit.sampling.filters`. ``compile`` wraps the decode step in
-    torch.compile (CUDA graphs on GPU). The KV cache stays allocated on the model for the next call with the same
-    batch size; ``model.clear_cache()`` frees it. ``logits_filter`` (autoregressive models) replaces temperature /
-    top-k / top-p: it maps the (guided) logits [B, V] to the logits to sample from (`digit.sampling.official`).
-    """
-    check_sampling_args(model, top_k, top_p, cfg_scale, cfg_schedule)
-    B = _batch_size(model, cond, n)
+    ``generator``: one for the batch, or one per row (then a row's tokens depend only on its own generator).
+    ``compile``: use the compiled decode step. The KV cache stays allocated on the model for the next call with the
+    same batch size; ``model.clear_cache()`` frees it. ``logits_filter`` (autoregressive models) replaces temperature /
+    top-k / top-p: it maps the (guided) logits [B, V] to the logits to sample from (`digit.sampling.official`)."""
+    params = params or SamplingParams()
+    check_params(model, params)
+    B = batch_size(model, cond, n)
+    if generator is not None and not isinstance(generator, torch.Generator) and len(generator) != B:
+        raise DigitError(f"{len(generator)} generators for {B} samples")
     was_training = model.training
-    model.eval()
+    model.train(False)
     try:
         if not model.config.causal:
-            out = _generate_nar(model, cond, B, temperature, top_k, top_p, generator, nar_steps, nar_temperature)
-        else:
-            out = _generate_ar(
-                model,
-                cond,
-                B,
-                temperature,
-                top_k,
-                top_p,
-                cfg_scale,
-                cfg_interval,
-                cfg_schedule,
-                generator,
-                compile,
-                on_step,
-                logits_filter,
-            )
+            from digit.sampling.maskgit import maskgit_decode
+
+            tokens = maskgit_decode(model, cond, n=B, params=params, generator=generator)
+            return Sampled(tokens, params.nar_steps)
+        if params.decode != "ar":  # the only AR mode until digit.sampling.jacobi lands
+            raise DigitError(f"unknown decode mode {params.decode!r}")
+        out, passes = _sample_ar(model, cond, B, params, generator, compile, on_step, logits_filter)
     finally:
         model.train(was_training)
-    return out.view(B, *model.config.grid)
+    return Sampled(out.view(B, *model.config.grid), passes)
 
 
-def _generate_ar(
-    model,
-    cond,
-    B,
-    temperature,
-    top_k,
-    top_p,
-    cfg_scale,
-    cfg_interval,
-    cfg_schedule,
-    generator,
-    compile,
-    on_step,
-    logits_filter=None,
-):
+def generate(
+    model: CachedDecoder,
+    cond: torch.Tensor | None = None,
+    n: int | None = None,
+    params: SamplingParams | None = None,
+    *,
+    generator: Generators = None,
+    compile: bool = False,
+    on_step: Callable[[int], None] | None = None,
+    logits_filter: LogitsFilter | None = None,
+    **settings: Any,
+) -> torch.Tensor:
+    """`sample`'s tokens only. Sampling settings as ``params`` or as keywords (``temperature=0.7, top_k=100``)."""
+    if settings:
+        params = (params or SamplingParams()).replace(**settings)
+    return sample(
+        model, cond, n, params, generator=generator, compile=compile, on_step=on_step, logits_filter=logits_filter
+    ).tokens
+
+
+def _sample_ar(model, cond, B, params, generator, compile, on_step, logits_filter):
     cfg_ = model.config
-    T, C = cfg_.seq_len, cfg_.cond_len
+    T, C, V = cfg_.seq_len, cfg_.cond_len, cfg_.vocab_size
     device = next(model.parameters()).device
-    guided = cfg_scale != 1.0
+    guided = params.guided
     rows = 2 * B if guided else B
     if guided:
         cond = torch.cat([cond, model.condition.null(cond)])  # LlamaGen layout [cond; uncond]
     model.setup_cache(rows)
-    decode = model.decode_step
-    if compile:
-        mode = "reduce-overhead" if device.type == "cuda" else "default"
-        decode = torch.compile(model.decode_step, mode=mode, fullgraph=True)
+    step = step_function(compile, device)
+    settings = RowSettings.build([params] * B, V, device)
+    scales = [cfg_scale_at(i, T, params.cfg_scale, params.cfg_interval, params.cfg_schedule) for i in range(T)]
+    scale_t = torch.tensor(scales, dtype=torch.float32, device=device)[:, None].expand(T, B)
     out = torch.empty(B, T, dtype=torch.long, device=device)
     fed = torch.empty(rows, 1, dtype=torch.long, device=device)  # the token fed back to every row
     positions = torch.arange(C, C + T - 1, device=device)  # sequence position of image token i is C + i
-    logits = model.prefill(cond, rows)  # [rows, V]
+    logits = model.prefill(cond, rows)
+    # the head's width, not the vocabulary: official sampling appends fairseq's special rows to the head
+    noise = torch.empty(B, logits.shape[-1], dtype=torch.float32, device=device)
     for i in range(T):
-        if i:
+        fill_exponential(noise, generator)
+        scale = scale_t[i] if guided else None
+        if i == 0:
+            token = choose(logits, scale, settings, noise, logits_filter)
+        else:
             # eager: attend to the C + i filled cache entries; compiled: fixed shapes through the mask
-            logits = decode(fed, positions[i - 1 : i]) if compile else decode(fed, positions[i - 1 : i], C + i)
-        if guided:
-            scale = cfg_scale_at(i, T, cfg_scale, cfg_interval, cfg_schedule)
-            logits = cfg(logits[:B], logits[B:], scale) if scale != 1.0 else logits[:B]
-        filtered = (
-            logits_filter(logits) if logits_filter is not None else filter_logits(logits, temperature, top_k, top_p)
-        )
-        token = sample_from_logits(filtered, generator)  # [B]
+            kv_len = None if compile else C + i
+            token = step(model, fed, positions[i - 1 : i], kv_len, scale, settings, noise, logits_filter)
         out[:, i] = token
         fed.view(-1, B).copy_(token.expand(rows // B, B))  # cond and null rows get the same token
         if on_step is not None:
             on_step(i)
-    return out
-
-
-def _generate_nar(model, cond, B, temperature, top_k, top_p, generator, steps, choice_temperature):
-    # MaskGIT decoding lives in digit.sampling.maskgit (DiGIT's NAR schedule)
-    from digit.sampling.maskgit import maskgit_decode
-
-    return maskgit_decode(
-        model,
-        cond,
-        n=B,
-        steps=steps,
-        temperature=temperature,
-        top_k=top_k,
-        top_p=top_p,
-        choice_temperature=choice_temperature,
-        generator=generator,
-    ).flatten(1)
+    return out, T  # the prefill and T - 1 decode steps

@@ -9,18 +9,16 @@ confident of the newly sampled tokens (tokens fixed earlier are never re-masked)
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 
-from digit.sampling.filters import filter_logits, sample_from_logits
+from digit.sampling.filters import Generators, filter_logits, sample_from_logits
+from digit.sampling.params import DIGIT_NAR_STEPS, SamplingParams
 
-CHOICE_TEMPERATURE = 4.5  # MaskGIT / DiGIT default Gumbel noise scale on the confidence
-# DiGIT's NAR decoding steps: its released inference script (scripts/infer_stage2_nar.sh) runs fairseq-generate with
-# `--iter-decode-max-iter 8 --iter-decode-force-max-iter`, i.e. exactly 8 iterations; fairseq's own default for that
-# option (GenerationConfig.iter_decode_max_iter) and the fallback in DiGIT's stage-2 task.py are 10, which apply only
-# when the flag is omitted. 8 is the setting DiGIT's code pairs with its published +MaskGIT numbers (its evaluation
-# output file is named "..._step10_...", a leftover the script does not act on).
-DIGIT_NAR_STEPS = 8
+__all__ = ["CHOICE_TEMPERATURE", "DIGIT_NAR_STEPS", "gumbel_noise", "mask_schedule", "maskgit_decode", "remask_count"]
+
+CHOICE_TEMPERATURE = SamplingParams().nar_temperature  # MaskGIT / DiGIT default Gumbel noise scale on the confidence
 
 
 def mask_schedule(num_tokens: int, steps: int) -> list[int]:
@@ -43,8 +41,12 @@ def remask_count(scheduled: int, num_masked: int, last: bool) -> int:
     return max(1, min(num_masked - 1, scheduled))
 
 
-def gumbel_noise(shape: torch.Size | tuple[int, ...], generator: torch.Generator | None, device) -> torch.Tensor:
-    u = torch.rand(shape, generator=generator, device=device, dtype=torch.float64)
+def gumbel_noise(shape: torch.Size | tuple[int, ...], generator: Generators, device) -> torch.Tensor:
+    """Gumbel(0, 1) noise of ``shape``; with one generator per row, row ``i`` (dim 0) comes from ``generator[i]``."""
+    if generator is None or isinstance(generator, torch.Generator):
+        u = torch.rand(shape, generator=generator, device=device, dtype=torch.float64)
+    else:
+        u = torch.stack([torch.rand(shape[1:], generator=g, device=device, dtype=torch.float64) for g in generator])
     u = u.clamp_(min=torch.finfo(torch.float64).tiny, max=1.0 - 1e-16)
     return -torch.log(-torch.log(u)).float()
 
@@ -55,17 +57,17 @@ def maskgit_decode(
     cond: torch.Tensor | None,
     *,
     n: int | None = None,
-    steps: int = DIGIT_NAR_STEPS,
-    temperature: float = 1.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
-    choice_temperature: float = CHOICE_TEMPERATURE,
-    generator: torch.Generator | None = None,
+    params: SamplingParams | None = None,
+    generator: Generators = None,
+    **settings: Any,
 ) -> torch.Tensor:
-    """Fill a ``causal=False`` GPT's whole grid in ``steps`` forward passes. Returns LongTensor [B, h, w].
+    """Fill a ``causal=False`` GPT's whole grid in ``params.nar_steps`` forward passes. Returns LongTensor [B, h, w].
 
+    ``params`` (or keyword settings: ``nar_steps=8, top_k=1, nar_temperature=0.0``): temperature / top-k / top-p
+    filter the token draw, ``nar_temperature`` scales the confidence noise. ``generator``: one, or one per row.
     ``model(tokens [B, T], cond) -> logits [B, T, vocab]`` with masked positions holding ``model.mask_token_id``.
     """
+    params = (params or SamplingParams()).replace(**settings) if settings else (params or SamplingParams())
     cfg = model.config
     if getattr(cfg, "causal", True):
         raise ValueError("maskgit_decode needs a causal=False (NAR) model")
@@ -74,37 +76,23 @@ def maskgit_decode(
     batch = int(cond.shape[0]) if cond is not None else int(n or 1)
     device = next(model.parameters()).device
     mask_id = model.mask_token_id
-    schedule = mask_schedule(total, steps)
+    schedule = mask_schedule(total, params.nar_steps)
     was_training = model.training
     model.eval()
     try:
-        return _decode(
-            model,
-            cond,
-            batch,
-            total,
-            mask_id,
-            schedule,
-            temperature,
-            top_k,
-            top_p,
-            choice_temperature,
-            generator,
-            device,
-        ).view(batch, h, w)
+        return _decode(model, cond, batch, total, mask_id, schedule, params, generator, device).view(batch, h, w)
     finally:
         model.train(was_training)
 
 
-def _decode(
-    model, cond, batch, total, mask_id, schedule, temperature, top_k, top_p, choice_temperature, generator, device
-):
+def _decode(model, cond, batch, total, mask_id, schedule, params, generator, device):
     steps = len(schedule)
     tokens = torch.full((batch, total), mask_id, dtype=torch.long, device=device)
     for t in range(steps):
         masked = tokens == mask_id  # (B, T)
         raw = model(tokens, cond).float()  # (B, T, V)
-        sampled = sample_from_logits(filter_logits(raw, temperature, top_k, top_p), generator)  # (B, T)
+        filtered = filter_logits(raw, params.temperature, params.top_k, params.top_p)
+        sampled = sample_from_logits(filtered, generator)  # (B, T)
         # confidence from the model's own (unfiltered) distribution, as MaskGIT and DiGIT score it; with top-k 1
         # the filtered one would rate every choice 1.0
         log_probs = torch.log_softmax(raw, dim=-1)
@@ -116,7 +104,7 @@ def _decode(
         r = (t + 1) / steps
         chosen_logp = log_probs.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
         noise = gumbel_noise(chosen_logp.shape, generator, device)
-        confidence = chosen_logp + choice_temperature * (1.0 - r) * noise
+        confidence = chosen_logp + params.nar_temperature * (1.0 - r) * noise
         confidence = confidence.masked_fill(~masked, float("inf"))  # fixed tokens stay
         remask = torch.topk(confidence, k, dim=-1, largest=False).indices  # (B, k) least confident
         tokens = tokens.scatter(1, remask, mask_id)

@@ -114,11 +114,11 @@ def generate_official(
     """Autoregressive sampling of a converted DiGIT model as fairseq does it -> LongTensor [B, h, w] of code ids.
 
     E.g. stage 2 as published: ``generate_official(dec, load_special_rows(run), prefix, top_p=0.8)``; stage 1:
-    ``top_k=200`` (equal to ``model.generate(top_k=200)`` up to exact ties)."""
+    ``top_k=200`` (equal to ``generate(model, top_k=200)`` up to exact ties)."""
     from digit.sampling.generate import generate
 
     if not model.config.causal:
-        raise DigitError("MaskGIT decoding already matches the original: use model.generate")
+        raise DigitError("MaskGIT decoding already matches the original: use digit.sampling.generate")
     with special_rows_appended(model, special) as n_codes:
         filt = partial(fairseq_filter, n_codes=n_codes, temperature=temperature, top_k=top_k, top_p=top_p)
         return generate(model, cond=cond, n=n, generator=generator, logits_filter=filt, **kwargs)

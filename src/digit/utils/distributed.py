@@ -55,3 +55,13 @@ def barrier() -> None:
 
 def default_device(local_rank: int = 0) -> torch.device:
     return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def gather_to_main(obj):
+    """Every rank's ``obj`` on rank 0 as a list in rank order (None on the other ranks); ``[obj]`` in one process."""
+    info = get_dist_info()
+    if not info.enabled:
+        return [obj]
+    out = [None] * info.world_size if info.is_main else None
+    dist.gather_object(obj, out, dst=0)
+    return out
