@@ -1,0 +1,234 @@
+"""Continuous batching: a fixed number of slots over one static KV cache, requests admitted as slots free up.
+
+A :class:`Request` (condition, number of images, `SamplingParams`, seed) is split into images; each image occupies one
+slot from admission until its last token. Every :meth:`Engine.step` is one step boundary:
+
+1. free slots take the next waiting images (FIFO); if any were admitted, one prefill over every slot's condition fills
+   cache positions ``0 .. C-1`` (the other slots rewrite their own condition's entries with the same values, so the
+   model needs no per-row prefill) and gives the new images their first token;
+2. one decode forward with per-row positions (``decode_step(tokens [R, 1], positions [R, 1])``) moves every busy slot
+   one token on; each slot applies its own guidance scale (schedule and interval at its own token index),
+   temperature, top-k and top-p (`digit.sampling.generate.choose` with per-row settings);
+3. images that reached their last token free their slot; a request whose images are all done is returned.
+
+With classifier-free guidance (``guided=True``, the default for a class-conditional model) every slot carries its pair
+of rows, [cond rows; null rows] as in `digit.sampling.generate`; a request with ``cfg_scale`` 1 uses only its
+conditional row. Free slots decode junk that is never read.
+
+What is guaranteed about a request's tokens: image ``i`` of a request draws its noise from its own generator seeded
+from (``seed``, ``i``) (`digit.sampling.seeds`), one Exp(1) vector per token, and each row of the fixed-shape step is
+computed from that row's inputs only. So its tokens are a function of (model, engine slot count and guidance layout,
+condition, params, seed, i), not of which other requests share the batch, which slot it lands in or when it arrives:
+bitwise identical alone and mixed with others where the kernels compute each row independently of the others, as
+CPU fp32 does (tested: greedy and seeded sampling, both exact). On a device whose kernels are not batch-row invariant
+the draws are still identical, so the outputs are identical in distribution.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from digit.errors import DigitError
+from digit.sampling.filters import cfg_scale_at, fill_exponential
+from digit.sampling.generate import CachedDecoder, RowSettings, choose, step_function
+from digit.sampling.params import SamplingParams
+from digit.sampling.seeds import image_generators
+
+
+@dataclass(frozen=True)
+class Request:
+    """``cond``: a class id (class-conditional model), prefix tokens [P] (prefix model) or None (unconditional)."""
+
+    cond: Any = None
+    n: int = 1
+    params: SamplingParams = field(default_factory=SamplingParams)
+    seed: int = 0
+
+
+@dataclass
+class Finished:
+    id: int
+    request: Request
+    tokens: torch.Tensor  # [n, h, w] long, image i at row i
+
+
+@dataclass
+class _Image:
+    request_id: int
+    index: int  # image index within its request
+    cond: torch.Tensor | None  # [] class id / [P] prefix
+    generator: torch.Generator
+    params: SamplingParams
+    step: int = 0  # index of the next token to produce
+
+
+class Engine:
+    """Serve :class:`Request` s with ``slots`` images in flight (see the module docstring)."""
+
+    def __init__(self, model: CachedDecoder, slots: int, *, guided: bool | None = None, compile: bool = False) -> None:
+        cfg = model.config
+        if not cfg.causal:
+            raise DigitError("the engine serves autoregressive models (a causal=False model decodes with MaskGIT)")
+        if slots < 1:
+            raise DigitError(f"slots must be >= 1, got {slots}")
+        self.model, self.slots = model, slots
+        self.guided = cfg.cond == "class" if guided is None else bool(guided)
+        if self.guided and cfg.cond != "class":
+            raise DigitError("classifier-free guidance needs a class-conditional model")
+        self.device = next(model.parameters()).device
+        self.rows = 2 * slots if self.guided else slots
+        self._step_fn = step_function(compile, self.device)
+        self._compile = compile
+        T, C = cfg.seq_len, cfg.cond_len
+        self.T, self.C = T, C
+        self._ids = itertools.count()
+        self._waiting: deque[_Image] = deque()
+        self._slot: list[_Image | None] = [None] * slots
+        self._out: dict[int, torch.Tensor] = {}
+        self._left: dict[int, int] = {}
+        self._requests: dict[int, Request] = {}
+        self._cond = self._blank_cond()
+        self._fed = torch.zeros(self.rows, 1, dtype=torch.long, device=self.device)
+        self._settings: RowSettings | None = None
+        self.forward_passes = 0
+        self.steps = 0
+        model.train(False)
+        model.setup_cache(self.rows)
+
+    # ---- requests
+    def _blank_cond(self) -> torch.Tensor | None:
+        cfg = self.model.config
+        if cfg.cond == "class":
+            return torch.zeros(self.slots, dtype=torch.long, device=self.device)
+        if cfg.cond == "prefix":
+            return torch.zeros(self.slots, cfg.prefix_len, dtype=torch.long, device=self.device)
+        return None
+
+    def _check_cond(self, cond: Any) -> torch.Tensor | None:
+        cfg = self.model.config
+        if cfg.cond == "none":
+            if cond is not None:
+                raise DigitError("an unconditional model takes no condition")
+            return None
+        c = torch.as_tensor(cond, dtype=torch.long, device=self.device)
+        if cfg.cond == "class":
+            if c.dim() != 0 or not 0 <= int(c) < cfg.num_classes:
+                raise DigitError(f"a class-conditional request needs one class id in [0, {cfg.num_classes})")
+        elif c.shape != (cfg.prefix_len,) or int(c.min()) < 0 or int(c.max()) >= cfg.prefix_vocab_size:
+            raise DigitError(f"a prefix request needs {cfg.prefix_len} prefix tokens in [0, {cfg.prefix_vocab_size})")
+        return c
+
+    def submit(self, request: Request) -> int:
+        """Queue a request; its images enter slots at the next step boundaries. Returns its id."""
+        if not isinstance(request.params, SamplingParams):
+            raise DigitError("request.params must be a SamplingParams")
+        if request.n < 1:
+            raise DigitError(f"a request needs n >= 1 images, got {request.n}")
+        if request.params.decode != "ar":
+            raise DigitError(f"the engine decodes autoregressively (decode 'ar'), not {request.params.decode!r}")
+        if request.params.guided and not self.guided:
+            raise DigitError("this engine runs without guidance: cfg_scale must be 1")
+        cond = self._check_cond(request.cond)
+        rid = next(self._ids)
+        self._requests[rid] = request
+        self._left[rid] = request.n
+        self._out[rid] = torch.empty(request.n, self.T, dtype=torch.long, device=self.device)
+        gens = image_generators(request.seed, range(request.n), self.device)
+        self._waiting.extend(_Image(rid, i, cond, g, request.params) for i, g in enumerate(gens))
+        return rid
+
+    @property
+    def idle(self) -> bool:
+        return not self._waiting and all(s is None for s in self._slot)
+
+    @property
+    def busy_slots(self) -> int:
+        return sum(s is not None for s in self._slot)
+
+    # ---- one step boundary
+    def _row_settings(self) -> RowSettings:
+        params = [s.params if s is not None else SamplingParams() for s in self._slot]
+        return RowSettings.build(params, self.model.config.vocab_size, self.device)
+
+    def _scales(self) -> torch.Tensor | None:
+        if not self.guided:
+            return None
+        s = [
+            cfg_scale_at(x.step, self.T, x.params.cfg_scale, x.params.cfg_interval, x.params.cfg_schedule)
+            if x is not None
+            else 1.0
+            for x in self._slot
+        ]
+        return torch.tensor(s, dtype=torch.float32, device=self.device)
+
+    def _noise(self, width: int, live: list[int]) -> torch.Tensor:
+        noise = torch.ones(self.slots, width, dtype=torch.float32, device=self.device)
+        for j in live:
+            fill_exponential(noise[j : j + 1], [self._slot[j].generator])
+        return noise
+
+    def _record(self, tokens: torch.Tensor, live: list[int]) -> list[Finished]:
+        done = []
+        for j in live:
+            img = self._slot[j]
+            self._out[img.request_id][img.index, img.step] = tokens[j]
+            self._fed[j :: self.slots] = tokens[j]  # both rows of the pair
+            img.step += 1
+            if img.step == self.T:
+                self._slot[j] = None
+                self._left[img.request_id] -= 1
+                if self._left[img.request_id] == 0:
+                    rid = img.request_id
+                    grid = self._out.pop(rid).view(-1, *self.model.config.grid)
+                    done.append(Finished(rid, self._requests.pop(rid), grid))
+                    del self._left[rid]
+        return done
+
+    @torch.inference_mode()
+    def step(self) -> list[Finished]:
+        """Admit, prefill if needed, decode one token in every busy slot; the requests finished at this step."""
+        done: list[Finished] = []
+        admitted = []
+        for j in range(self.slots):
+            if self._slot[j] is None and self._waiting:
+                img = self._waiting.popleft()
+                self._slot[j] = img
+                admitted.append(j)
+                if img.cond is not None:
+                    self._cond[j] = img.cond
+        if admitted or self._settings is None:
+            self._settings = self._row_settings()
+        if admitted:
+            cond = self._cond
+            if self.guided:
+                cond = torch.cat([cond, self.model.condition.null(cond)])
+            logits = self.model.prefill(cond, self.rows)
+            self.forward_passes += 1
+            tokens = choose(logits, self._scales(), self._settings, self._noise(logits.shape[-1], admitted))
+            done += self._record(tokens, admitted)
+        live = [j for j, s in enumerate(self._slot) if s is not None and s.step > 0]
+        if live:
+            # a free slot decodes junk at the last cache position: written by its own next image before it is read
+            last = self.C + self.T - 2
+            pos = [self.C + s.step - 1 if s is not None and s.step > 0 else last for s in self._slot]
+            positions = torch.tensor(pos * (2 if self.guided else 1), device=self.device)[:, None]
+            noise = self._noise(self.model.config.vocab_size, live)
+            tokens = self._step_fn(self.model, self._fed, positions, None, self._scales(), self._settings, noise)
+            self.forward_passes += 1
+            done += self._record(tokens, live)
+        self.steps += 1
+        return done
+
+    def run(self, requests: list[Request]) -> list[Finished]:
+        """Submit every request, step until all are done; results in submission order."""
+        ids = [self.submit(r) for r in requests]
+        results: dict[int, Finished] = {}
+        while not self.idle:
+            for f in self.step():
+                results[f.id] = f
+        return [results[i] for i in ids]
