@@ -47,7 +47,7 @@ def workload(n: int, rate: float, classes: int, params: SamplingParams, seed: in
     ]
 
 
-def serve_engine(model, work, slots: int) -> tuple[float, list[float]]:
+def serve_engine(model, work, slots: int) -> tuple[float, list[float], int]:
     engine = Engine(model, slots=slots)
     start = time.perf_counter()
     arrival: dict[int, float] = {}
@@ -63,12 +63,13 @@ def serve_engine(model, work, slots: int) -> tuple[float, list[float]]:
             continue
         for f in engine.step():
             latency.append(time.perf_counter() - start - arrival[f.id])
-    return time.perf_counter() - start, latency
+    return time.perf_counter() - start, latency, engine.forward_passes
 
 
-def serve_batches(model, work, slots: int) -> tuple[float, list[float]]:
+def serve_batches(model, work, slots: int) -> tuple[float, list[float], int]:
     start = time.perf_counter()
     latency: list[float] = []
+    passes = 0
     nxt = 0
     while nxt < len(work):
         now = time.perf_counter() - start
@@ -82,11 +83,11 @@ def serve_batches(model, work, slots: int) -> tuple[float, list[float]]:
             nxt += 1
         labels = torch.tensor([r.cond for _, r in batch for _ in range(r.n)])
         gens = [g for _, r in batch for g in image_generators(r.seed, range(r.n))]
-        sample(model, labels, None, batch[0][1].params, generator=gens)
+        passes += sample(model, labels, None, batch[0][1].params, generator=gens).forward_passes
         done = time.perf_counter() - start
         latency += [done - t for t, _ in batch]
     model.clear_cache()
-    return time.perf_counter() - start, latency
+    return time.perf_counter() - start, latency, passes
 
 
 def main() -> None:
@@ -120,10 +121,10 @@ def main() -> None:
         sample(model, torch.arange(2), None, params)
     for name, serve in (("engine (continuous batching)", serve_engine), ("one batch at a time", serve_batches)):
         with torch.inference_mode():
-            wall, lat = serve(model, work, args.slots)
+            wall, lat, passes = serve(model, work, args.slots)
         print(
             f"{name:<30} {wall:7.2f} s  {images / wall:7.3f} img/s  latency p50 {np.percentile(lat, 50):6.2f} s  "
-            f"p99 {np.percentile(lat, 99):6.2f} s"
+            f"p99 {np.percentile(lat, 99):6.2f} s  ({passes} forward passes)"
         )
 
 

@@ -81,9 +81,9 @@ class KVCache(nn.Module):
             self.k_cache.index_copy_(2, input_pos, k)
             self.v_cache.index_copy_(2, input_pos, v)
         else:
-            rows = torch.arange(k.shape[0], device=k.device)[:, None]  # [B, 1] against positions [B, T]
-            self.k_cache[rows, :, input_pos] = k.transpose(1, 2)  # indexed view is [B, T, H, D]
-            self.v_cache[rows, :, input_pos] = v.transpose(1, 2)
+            index = input_pos[:, None, :, None].expand_as(k)  # [B, H, T, D]
+            self.k_cache.scatter_(2, index, k)
+            self.v_cache.scatter_(2, index, v)
         return self.k_cache, self.v_cache
 
 
