@@ -371,7 +371,8 @@ class GPT(nn.Module):
         or, for positions on the CPU in eager mode, read from ``input_pos`` (free there). Under torch.compile, or on an
         accelerator without ``kv_len``, it reads the whole static cache through a mask (fixed shapes for CUDA graphs;
         reading a device position would cost a host sync per step)."""
-        if kv_len is None and input_pos.dim() == 1 and input_pos.device.type == "cpu" and not torch.compiler.is_compiling():
+        eager_cpu = input_pos.device.type == "cpu" and not torch.compiler.is_compiling()
+        if kv_len is None and input_pos.dim() == 1 and eager_cpu:  # per-row positions [B, 1] read through the mask
             kv_len = int(input_pos[-1]) + 1
         h = self._blocks(self._embed(self.token_embed(tokens), input_pos), input_pos, kv_len=kv_len)
         return self.head(h[:, -1]).float()
