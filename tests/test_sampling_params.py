@@ -37,7 +37,7 @@ BAD = [
     ("top_k", 2.5, "top_k must be an integer >= 0 (0 = off), got 2.5"),
     ("cfg_interval", -2, "cfg_interval must be an integer >= -1 (-1 = guide every token), got -2"),
     ("cfg_schedule", "cosine", "cfg_schedule must be one of constant, linear, got 'cosine'"),
-    ("decode", "beam", "decode must be one of ar"),
+    ("decode", "beam", "decode must be one of ar, jacobi, got 'beam'"),
     ("nar_steps", 0, "nar_steps must be an integer >= 1, got 0"),
     ("nar_temperature", float("-inf"), "nar_temperature must be a finite number >= 0, got -inf"),
 ]
@@ -282,3 +282,25 @@ def test_guidance_values_are_used_not_only_validated():
     # cfg_interval 0 guides tokens 0 and 1 only: those match the guided run, and the rest follow from them greedily
     assert torch.equal(interval.flatten(1)[:, :2], guided.flatten(1)[:, :2])
     assert math.isclose(SamplingParams(cfg_scale=3).cfg_scale, 3.0)
+
+
+def test_decode_jacobi_through_sample_and_the_cli(tmp_path):
+    """--decode jacobi: greedy Jacobi decoding gives the greedy AR tokens, with at most as many forward passes
+    (recorded in meta.json for both modes)."""
+    from digit.data.tokens import read_token_dir
+
+    model = class_model(7)
+    labels = torch.tensor([0, 1, 2])
+    ar = sample(model, labels, None, SamplingParams(temperature=0.0))
+    jac = sample(model, labels, None, SamplingParams(temperature=0.0, decode="jacobi"))
+    assert torch.equal(ar.tokens, jac.tokens) and ar.forward_passes == 16 and 1 < jac.forward_passes <= 16
+    run = write_run(tmp_path / "run", model)
+    base = ["sample", "--run", str(run), "-n", "3", "--temperature", "0", "--batch-size", "3"]
+    assert main([*base, "--out", str(tmp_path / "ar")]) == 0
+    assert main([*base, "--decode", "jacobi", "--out", str(tmp_path / "jac")]) == 0
+    a, j = read_token_dir(tmp_path / "ar"), read_token_dir(tmp_path / "jac")
+    assert np.array_equal(a.tokens, j.tokens)
+    assert j.meta["sampling"]["decode"] == "jacobi" and a.meta["sampling"]["decode"] == "ar"
+    assert a.meta["sampling"]["forward_passes"] == 16 and j.meta["sampling"]["forward_passes"] == jac.forward_passes
+    with pytest.raises(DigitError, match="Jacobi decoding"):
+        sample(model, labels, None, SamplingParams(decode="jacobi"), compile=True)

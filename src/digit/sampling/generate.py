@@ -128,7 +128,7 @@ def step_function(compile: bool, device: torch.device) -> Callable[..., torch.Te
 
 def check_params(model: CachedDecoder, params: SamplingParams) -> None:
     """What depends on the model (the values themselves were validated by SamplingParams)."""
-    if params.guided and model.config.cond != "class":
+    if params.cfg_scale != 1.0 and model.config.cond != "class":
         raise DigitError("classifier-free guidance needs a class-conditional model")
 
 
@@ -175,9 +175,10 @@ def sample(
 
             tokens = maskgit_decode(model, cond, n=B, params=params, generator=generator)
             return Sampled(tokens, params.nar_steps)
-        if params.decode != "ar":  # the only AR mode until digit.sampling.jacobi lands
-            raise DigitError(f"unknown decode mode {params.decode!r}")
-        out, passes = _sample_ar(model, cond, B, params, generator, compile, on_step, logits_filter)
+        if params.decode == "jacobi":
+            out, passes = _sample_jacobi(model, cond, B, params, generator, compile, on_step, logits_filter)
+        else:
+            out, passes = _sample_ar(model, cond, B, params, generator, compile, on_step, logits_filter)
     finally:
         model.train(was_training)
     return Sampled(out.view(B, *model.config.grid), passes)
@@ -201,6 +202,25 @@ def generate(
     return sample(
         model, cond, n, params, generator=generator, compile=compile, on_step=on_step, logits_filter=logits_filter
     ).tokens
+
+
+def _sample_jacobi(model, cond, B, params, generator, compile, on_step, logits_filter):
+    """Speculative Jacobi decoding (`digit.sampling.jacobi`): one generator for the batch (with per-image generators,
+    the first image's), so its tokens depend on the batch, not on the image alone."""
+    from digit.sampling.jacobi import jacobi_generate
+
+    if logits_filter is not None or compile:
+        raise DigitError("Jacobi decoding takes the standard filters and runs eager (no logits_filter, no compile)")
+    g = generator if generator is None or isinstance(generator, torch.Generator) else generator[0]
+    done = [0]
+
+    def advance(k: int) -> None:
+        if on_step is not None:
+            for i in range(done[0], done[0] + k):
+                on_step(i)
+        done[0] += k
+
+    return jacobi_generate(model, cond, B, params, g, on_advance=advance)
 
 
 def _sample_ar(model, cond, B, params, generator, compile, on_step, logits_filter):

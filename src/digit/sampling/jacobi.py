@@ -41,7 +41,8 @@ import torch
 
 from digit.errors import DigitError
 from digit.sampling.filters import cfg, cfg_scale_at, filter_logits
-from digit.sampling.generate import _batch_size, check_sampling_args
+from digit.sampling.generate import batch_size, check_params
+from digit.sampling.params import check_value
 
 INITS = ("random", "repeat")
 DEFAULT_WINDOW = 16  # the authors' LlamaGen setting (16 draft tokens per iteration)
@@ -135,16 +136,16 @@ def jacobi_generate(
     model forward passes (prefill included). ``cond``: labels [B] | prefix [B, P] | None with ``batch`` samples.
     ``window``: draft tokens per iteration; ``init``: "random" | "repeat" (module docstring). ``on_advance(k)`` is
     called with the number of positions every row has newly accepted."""
-    check_sampling_args(model, params.top_k, params.top_p, params.cfg_scale, params.cfg_schedule)
-    if params.temperature < 0:
-        raise DigitError(f"temperature must be >= 0, got {params.temperature}")
+    for name in SamplingParamsLike.__annotations__:  # the SamplingParams rules, also for a look-alike object
+        check_value(name, getattr(params, name))
+    check_params(model, params)
     if not model.config.causal:
         raise DigitError("Jacobi decoding needs an autoregressive (causal) model")
     if int(window) < 1:
         raise DigitError(f"the Jacobi window must be >= 1 draft token, got {window}")
     if init not in INITS:
         raise DigitError(f"unknown draft initialisation {init!r} (choose from {', '.join(INITS)})")
-    B = _batch_size(model, cond, batch)
+    B = batch_size(model, cond, batch)
     was_training = model.training
     model.eval()
     try:

@@ -24,8 +24,8 @@ SCHEDULES = ("constant", "linear")
 # when the flag is omitted. 8 is the setting DiGIT's code pairs with its published +MaskGIT numbers (its evaluation
 # output file is named "..._step10_...", a leftover the script does not act on).
 DIGIT_NAR_STEPS = 8
-# "jacobi" joins when digit.sampling.jacobi lands (issue 14 section 3); the sampler dispatches on this value
-DECODE_MODES = ("ar",)
+# "ar": one token per forward; "jacobi": speculative Jacobi decoding (digit.sampling.jacobi), same distribution
+DECODE_MODES = ("ar", "jacobi")
 
 
 def _finite(v: Any) -> bool:
@@ -56,7 +56,7 @@ HELP = {
     "cfg_scale": "classifier-free guidance scale (1 = off)",
     "cfg_interval": "no guidance after this token index (-1 = always)",
     "cfg_schedule": "guidance schedule over the tokens",
-    "decode": "autoregressive decoding mode",
+    "decode": "autoregressive decoding: ar (one token per forward) or jacobi (speculative Jacobi decoding)",
     "nar_steps": "MaskGIT decoding steps (bidirectional models)",
     "nar_temperature": "MaskGIT confidence noise scale (choice temperature)",
 }
