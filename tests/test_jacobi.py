@@ -95,6 +95,18 @@ def test_greedy_equals_standard_decoding(case, window, init):
     assert 1 <= n_forward <= model.config.seq_len
 
 
+def test_same_seeds_same_tokens_and_per_row_generators():
+    model, labels = class_model(), torch.tensor([0, 1, 2, 3])
+    params = Params(cfg_scale=2.0, top_k=10)
+    run = lambda g: jacobi_generate(model, labels, None, params, g)  # noqa: E731
+    a, b = run(torch.Generator().manual_seed(5)), run(torch.Generator().manual_seed(5))
+    assert torch.equal(a[0], b[0]) and a[1] == b[1]
+    assert not torch.equal(a[0], run(torch.Generator().manual_seed(6))[0])
+    rows = lambda: [torch.Generator().manual_seed(10 + i) for i in range(4)]  # noqa: E731
+    c, d = run(rows()), run(rows())
+    assert torch.equal(c[0], d[0]) and c[1] == d[1]
+
+
 def test_greedy_equals_standard_decoding_prefix_model():
     model = prefix_model()
     prefix = torch.randint(0, 11, (4, 6), generator=torch.Generator().manual_seed(3))
@@ -146,10 +158,15 @@ def chi_square_pvalue(samples: torch.Tensor, probs: torch.Tensor) -> float:
     return float(chi2.sf(((obs - exp) ** 2 / exp).sum(), len(exp) - 1))
 
 
-def jacobi_samples(model, params, n, batch, seed, **kw) -> torch.Tensor:
+def jacobi_samples(model, params, n, batch, seed, per_row=False, **kw) -> torch.Tensor:
+    """n samples in batches, from one generator, or (``per_row``) from one generator per sample."""
     g = torch.Generator().manual_seed(seed)
     labels = torch.zeros(batch, dtype=torch.long)
-    return torch.cat([jacobi_generate(model, labels, None, params, g, **kw)[0] for _ in range(n // batch)])
+    out = []
+    for b in range(n // batch):
+        gens = [torch.Generator().manual_seed(seed * 100_003 + b * batch + i) for i in range(batch)] if per_row else g
+        out.append(jacobi_generate(model, labels, None, params, gens, **kw)[0])
+    return torch.cat(out)
 
 
 @pytest.mark.parametrize("case", list(DISTRIBUTION))
@@ -168,9 +185,13 @@ def test_distribution_equals_standard_sampling(case, monkeypatch):
     ).flatten(1)
     assert chi_square_pvalue(standard, probs) > 1e-3
     # ... and Jacobi decoding, with both draft initialisations, windows 1 and 2, mixed batch sizes (rows that run
-    # ahead of the window start are exercised by the large batch)
-    for init, window, batch in (("random", 2, 500), ("repeat", 2, 6000), ("random", 1, 50)):
-        samples = jacobi_samples(model, params, n, batch, seed=2, init=init, window=window)
+    # ahead of the window start are exercised by the large batch), one generator per batch or per sample
+    for init, window, batch, per_row in (
+        ("random", 2, 500, False),
+        ("repeat", 2, 6000, False),
+        ("random", 1, 50, True),
+    ):
+        samples = jacobi_samples(model, params, n, batch, seed=2, per_row=per_row, init=init, window=window)
         assert chi_square_pvalue(samples, probs) > 1e-3, (init, window, batch)
     # a deliberately broken rule (resampling from p instead of the residual max(0, p - q)) is rejected
     monkeypatch.setattr(jacobi, "residual", lambda p, q: p)
@@ -224,6 +245,8 @@ def test_refusals():
         jacobi_generate(model, labels, None, Params(temperature=-1.0), g)
     with pytest.raises(DigitError, match="n = 3"):
         jacobi_generate(model, labels, 3, Params(), g)
+    with pytest.raises(DigitError, match="3 generators for 2 samples"):
+        jacobi_generate(model, labels, None, Params(), [g, g, g])
     unconditional = randomized()
     with pytest.raises(DigitError, match="guidance"):
         jacobi_generate(unconditional, None, 2, Params(cfg_scale=2.0), g)

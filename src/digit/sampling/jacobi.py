@@ -40,7 +40,7 @@ from typing import Protocol
 import torch
 
 from digit.errors import DigitError
-from digit.sampling.filters import cfg, cfg_scale_at, filter_logits
+from digit.sampling.filters import Generators, cfg, cfg_scale_at, fill_exponential, filter_logits
 from digit.sampling.generate import batch_size, check_params
 from digit.sampling.params import check_value
 
@@ -68,9 +68,19 @@ def residual(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     return torch.where(r.sum(-1, keepdim=True) > 0, r, p)
 
 
-def sample_weights(weights: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+def fill(out: torch.Tensor, generator: Generators, draw: Callable[[torch.Tensor, torch.Generator | None], None]):
+    """``draw(tensor, generator)`` in place over ``out``: with one generator, or row ``i`` (dim 0) from ``generator[i]``."""
+    if generator is None or isinstance(generator, torch.Generator):
+        draw(out, generator)
+    else:
+        for row, g in zip(out, generator, strict=True):
+            draw(row, g)
+    return out
+
+
+def sample_weights(weights: torch.Tensor, generator: Generators) -> torch.Tensor:
     """One categorical draw per row from non-negative (unnormalised) weights: argmax(w / Exp(1)) (exponential race)."""
-    noise = torch.empty_like(weights).exponential_(1.0, generator=generator)
+    noise = fill_exponential(torch.empty_like(weights), generator)
     return torch.argmax(weights / noise, dim=-1)
 
 
@@ -94,7 +104,7 @@ def verify(
     p: torch.Tensor,
     accepted: torch.Tensor,
     start: int,
-    generator: torch.Generator | None,
+    generator: Generators,
 ) -> torch.Tensor:
     """Check the drafts ``seq[:, start:start+L]`` (drawn from ``q[:, :L]``) against ``p`` [B, L, V]; update ``seq`` and
     ``q`` in place (resampled token, fresh drafts and their distributions); return the new accepted counts [B]."""
@@ -104,7 +114,7 @@ def verify(
     qw = q[:, :L]
     px = p.gather(-1, drafts[..., None])[..., 0]
     qx = qw.gather(-1, drafts[..., None])[..., 0]
-    u = torch.rand(B, L, generator=generator, device=p.device)
+    u = fill(p.new_empty(B, L), generator, lambda t, g: t.uniform_(0.0, 1.0, generator=g))
     # accept iff u < p/q; positions a row has already accepted (it is ahead of the window start) are not checked
     fail = (u * qx >= px) & (k[None] >= (accepted - start)[:, None])
     has_fail = fail.any(-1)
@@ -126,7 +136,7 @@ def jacobi_generate(
     cond: torch.Tensor | None,
     batch: int | None,
     params: SamplingParamsLike,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
     *,
     window: int = DEFAULT_WINDOW,
     init: str = "random",
@@ -134,6 +144,8 @@ def jacobi_generate(
 ) -> tuple[torch.Tensor, int]:
     """Sample token sequences ``[B, h*w]`` (long) with speculative Jacobi decoding; returns them and the number of
     model forward passes (prefill included). ``cond``: labels [B] | prefix [B, P] | None with ``batch`` samples.
+    ``generator``: one for the batch or one per row (a row's tokens still depend on the batch: the window follows the
+    slowest row, which sets how many draws each row makes).
     ``window``: draft tokens per iteration; ``init``: "random" | "repeat" (module docstring). ``on_advance(k)`` is
     called with the number of positions every row has newly accepted."""
     for name in SamplingParamsLike.__annotations__:  # the SamplingParams rules, also for a look-alike object
@@ -146,6 +158,8 @@ def jacobi_generate(
     if init not in INITS:
         raise DigitError(f"unknown draft initialisation {init!r} (choose from {', '.join(INITS)})")
     B = batch_size(model, cond, batch)
+    if generator is not None and not isinstance(generator, torch.Generator) and len(generator) != B:
+        raise DigitError(f"{len(generator)} generators for {B} samples")
     was_training = model.training
     model.eval()
     try:
@@ -167,7 +181,8 @@ def _decode(model, cond, B, params, generator, window, init, on_advance):
         s = [cfg_scale_at(i, T, params.cfg_scale, params.cfg_interval, params.cfg_schedule) for i in range(T)]
         scales = torch.tensor(s, device=device)
     model.setup_cache(rows)
-    seq = torch.randint(V, (B, T), generator=generator, device=device)  # every position starts as a uniform draft
+    # every position starts as a uniform random draft
+    seq = fill(torch.empty(B, T, dtype=torch.long, device=device), generator, lambda t, g: t.random_(0, V, generator=g))
     q = torch.full((B, window + 1, V), 1.0 / V, device=device)  # q[:, k]: the draft distribution of token start + k
     accepted = torch.zeros(B, dtype=torch.long, device=device)
     start, end, n_forward = 0, 0, 0  # window = tokens start..end; start = the slowest row's first open position
