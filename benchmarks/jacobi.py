@@ -106,7 +106,7 @@ def gpt_b(images, window, tokens_side):
     grid = (tokens_side, tokens_side)
     model = GPT(build_config("gpt-b", vocab_size=16384, grid=grid, cond="class", num_classes=1000)).eval()
     with torch.no_grad():  # LlamaGen zero-initialises the head; random logits make top-k and CFG meaningful
-        model.output.weight.normal_(0, 0.02)
+        model.head.weight.normal_(0, 0.02)
     params = Params(cfg_scale=4.0, top_k=2000)
     labels = torch.arange(images) % 1000
     print("| decode | forwards / image | wall / image | CPU / image | CPU s / forward | vs ar (CPU) |")
