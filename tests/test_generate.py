@@ -307,3 +307,23 @@ def test_image_grid_layout() -> None:
     g = image_grid(imgs, ["a"] * 5, ncols=3, pad=2)
     assert g.shape == (2 * (8 + 12 + 2) + 2, 3 * (8 + 2) + 2, 3)
     assert (g[2 + 12 : 2 + 12 + 8, 2 : 2 + 8] == 100).all()
+
+
+def test_generate_jacobi_in_both_stages_greedy_equals_standard(pieces) -> None:
+    """`--decode jacobi --decoder-decode jacobi` with greedy settings gives the images of standard decoding; meta.json
+    records the modes and each stage's forward passes; a MaskGIT decoder refuses Jacobi decoding."""
+    root = pieces["root"]
+    base = ["generate", "--stage1", str(root / "s1"), "--decoder", str(root / "dec_ar"), "--vq", str(root / "vq"),
+            "-n", "4", "--batch-size", "2", "--temperature", "0", "--decoder-top-k", "1"]  # fmt: skip
+    assert main([*base, "--out", str(root / "gen_ar")]) == 0
+    assert main([*base, "--decode", "jacobi", "--decoder-decode", "jacobi", "--out", str(root / "gen_jac")]) == 0
+    ar, jac = (np.load(root / d / "samples.npz")["images"] for d in ("gen_ar", "gen_jac"))
+    assert np.array_equal(ar, jac)
+    meta_ar, meta = (json.loads((root / d / "meta.json").read_text()) for d in ("gen_ar", "gen_jac"))
+    assert meta["sampling"]["stage1"]["decode"] == "jacobi" and meta["sampling"]["decoder"]["decode"] == "jacobi"
+    # standard decoding: one forward per token, 2 batches x (2x2 stage-1 tokens, 4x4 VQ tokens)
+    assert meta_ar["forward_passes"] == {"stage1": 2 * 4, "stage2": 2 * 16}
+    assert 2 <= meta["forward_passes"]["stage1"] <= 2 * 4 and 2 <= meta["forward_passes"]["stage2"] <= 2 * 16
+    nar = ["generate", "--stage1", str(root / "s1"), "--decoder", str(root / "dec_nar"), "--vq", str(root / "vq"),
+           "-n", "1", "--decoder-decode", "jacobi", "--out", str(root / "gen_nar_jac")]  # fmt: skip
+    assert main(nar) == 2

@@ -8,8 +8,9 @@ from digit.cli.common import add_device_arg, add_output_args, existing_dir, posi
 from digit.cli.sample import AR_FIELDS
 from digit.sampling.params import SamplingParams
 
-# the stage-2 decoder's copy: AR (top-p 0.8 by default, DiGIT) or MaskGIT (its steps and confidence noise)
-DECODER_FIELDS = ("temperature", "top_k", "top_p", "nar_steps", "nar_temperature")
+# the stage-2 decoder's copy: AR (top-p 0.8 by default, DiGIT; --decoder-decode jacobi) or MaskGIT (its steps and
+# confidence noise)
+DECODER_FIELDS = ("temperature", "top_k", "top_p", "decode", "nar_steps", "nar_temperature")
 
 
 def register(sub) -> None:
@@ -78,6 +79,10 @@ def run(args: argparse.Namespace) -> int:
             "--official-sampling needs an AR --decoder converted from DiGIT (with official_head.safetensors)"
         )
     decoder = SamplingParams.from_args(args, prefix="decoder-", base=decoder_defaults(pipe.kind))
+    if decoder.decode == "jacobi" and (pipe.kind != "digit-ar" or args.official_sampling):
+        raise DigitError(
+            "--decoder-decode jacobi needs an AR --decoder with the standard filters (no --official-sampling)"
+        )
     if dist.is_main:
         print(f"{pipe.kind}: {len(labels)} images, VQ {pipe.vq.image_size}px, on {device} x {dist.world_size}")
     # under torchrun each rank samples every world_size-th batch (image i keeps its own generator); rank 0 merges

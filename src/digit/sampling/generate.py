@@ -205,13 +205,12 @@ def generate(
 
 
 def _sample_jacobi(model, cond, B, params, generator, compile, on_step, logits_filter):
-    """Speculative Jacobi decoding (`digit.sampling.jacobi`): one generator for the batch (with per-image generators,
-    the first image's), so its tokens depend on the batch, not on the image alone."""
+    """Speculative Jacobi decoding (`digit.sampling.jacobi`), per-image generators included; an image's tokens still
+    depend on its batch (the window follows the slowest row), its distribution does not."""
     from digit.sampling.jacobi import jacobi_generate
 
     if logits_filter is not None or compile:
         raise DigitError("Jacobi decoding takes the standard filters and runs eager (no logits_filter, no compile)")
-    g = generator if generator is None or isinstance(generator, torch.Generator) else generator[0]
     done = [0]
 
     def advance(k: int) -> None:
@@ -220,7 +219,7 @@ def _sample_jacobi(model, cond, B, params, generator, compile, on_step, logits_f
                 on_step(i)
         done[0] += k
 
-    return jacobi_generate(model, cond, B, params, g, on_advance=advance)
+    return jacobi_generate(model, cond, B, params, generator, on_advance=advance)
 
 
 def _sample_ar(model, cond, B, params, generator, compile, on_step, logits_filter):
