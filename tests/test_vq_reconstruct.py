@@ -78,7 +78,7 @@ def test_psnr_of_a_black_decoder_and_the_limit(tmp_path):
 
 def test_no_decodable_image_is_an_error(tmp_path):
     src = open_image_source(_folder(tmp_path / "imgs", n=0, broken=2))
-    with pytest.raises(DigitError, match="no decodable images"):
+    with pytest.raises(DigitError, match="no usable images"):
         reconstruct(_vq(), src, progress=False)
 
 
