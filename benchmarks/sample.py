@@ -109,7 +109,7 @@ def time_ours(model, labels, args, seed=0) -> tuple[dict, torch.Tensor]:
     res: dict = {}
     gen = torch.Generator().manual_seed(seed)
     with peak_rss(res):
-        out = generate(model, labels, args.params, generator=gen, compile=args.compile)
+        out = generate(model, labels, params=args.params, generator=gen, compile=args.compile)
     model.clear_cache()
     return res, out
 

@@ -206,6 +206,8 @@ def test_sampler_needs_only_the_protocol():
     b = sample(model, labels, None, p, generator=torch.Generator().manual_seed(4))
     assert torch.equal(a.tokens, b.tokens) and a.tokens.shape == (3, 4, 4)
     assert a.forward_passes == b.forward_passes == model.config.seq_len  # prefill + seq_len - 1 steps
+    with pytest.raises(DigitError, match="n must be an int"):  # parameters passed where n goes
+        sample(model, labels, p)  # type: ignore[arg-type]
 
 
 def test_decode_step_compiled_once_and_equal_to_eager(monkeypatch):

@@ -68,7 +68,9 @@ class _Image:
 
 
 class Engine:
-    """Serve :class:`Request` s with ``slots`` images in flight (see the module docstring)."""
+    """Serve :class:`Request` s with ``slots`` images in flight (see the module docstring). The engine owns the
+    model's KV cache (allocated for its rows at construction): sampling with the same model elsewhere while the engine
+    has work would replace it."""
 
     def __init__(self, model: CachedDecoder, slots: int, *, guided: bool | None = None, compile: bool = False) -> None:
         cfg = model.config

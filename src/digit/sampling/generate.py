@@ -133,6 +133,8 @@ def check_params(model: CachedDecoder, params: SamplingParams) -> None:
 
 
 def batch_size(model: CachedDecoder, cond: torch.Tensor | None, n: int | None) -> int:
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int)):
+        raise DigitError(f"n must be an int (the number of samples), got {type(n).__name__}")
     if model.config.cond == "none":
         if n is None or n < 1:
             raise DigitError("an unconditional model needs n >= 1 samples")
