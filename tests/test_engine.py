@@ -153,3 +153,21 @@ def test_engine_refusals():
     with pytest.raises(DigitError, match="no condition"):
         Engine(GPT(build_config("tiny")), slots=1).submit(Request(cond=1))
     assert engine.idle  # nothing refused was queued
+
+
+def test_engine_compiled_step_equals_eager(monkeypatch):
+    """compile=True runs the same one-function decode step (traced by dynamo with fullgraph=True; the eager backend
+    spares the test inductor's C++ compilation) with per-row positions, and gives the eager engine's tokens."""
+    import digit.sampling.generate as generate_module
+
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: real_compile(fn, **{**kw, "backend": "eager", "mode": None}))
+    generate_module.compiled_decode_step.cache_clear()
+    try:
+        model = class_model(8)
+        reqs = [Request(cond=1, n=2, params=SamplingParams(top_k=5, cfg_scale=2.0), seed=3), Request(cond=2, seed=4)]
+        compiled = Engine(model, slots=2, compile=True).run(reqs)
+        eager = Engine(model, slots=2).run(reqs)
+    finally:
+        generate_module.compiled_decode_step.cache_clear()
+    assert all(torch.equal(a.tokens, b.tokens) for a, b in zip(compiled, eager))
