@@ -18,15 +18,18 @@ output has the distribution of standard ancestral sampling (tested by a chi-squa
 probabilities). Each iteration fixes at least one token, so a grid of T tokens never needs more than T forwards
 (1 prefill + T - 1 iterations, the same count as standard decoding).
 
-New draft positions start as uniform random tokens with ``q`` uniform (``init="random"``, the paper's scheme;
-acceptance probability ``sum min(p, 1/V)``), or as a copy of the token on their left with ``q`` a point mass
-(``init="repeat"``, the scheme of the authors' LlamaGen script; a row's first column stays random). Greedy settings
+New draft positions start as uniform random tokens (``init="random"``, the paper's initialisation) whose ``q`` is taken
+as the uniform distribution they were drawn from (acceptance probability ``sum min(p, 1/V)``; the authors' code treats
+a random draft as a point mass, which accepts with the lower ``E[p(x)] = 1/V``), or as a copy of the token on their
+left with ``q`` a point mass (``init="repeat"``, the scheme of the authors' LlamaGen script; a row's first column
+stays random). Greedy settings
 (``temperature == 0`` or ``top_k == 1``) make ``p`` one-hot at the argmax: a draft is accepted iff it is the argmax and
 a rejection resamples the argmax, so the tokens are exactly those of greedy standard decoding.
 
 Batches: rows accept different numbers of tokens. Each row keeps its own accepted count; the window starts at the
-slowest row's first open position, and tokens a faster row has already accepted are fed again and not re-checked.
-A batch therefore costs the forwards its slowest row needs, and ``n_forward`` counts forwards of the whole batch.
+slowest row's first open position, and tokens a faster row has already accepted are fed again and not re-checked
+(the authors' code instead cuts every row back to the batch's shortest accepted prefix). A batch therefore needs at
+least the forwards of its slowest row, and ``n_forward`` counts forwards of the whole batch.
 
 Model interface: ``config`` (seq_len, cond_len, vocab_size, grid, causal, cond), ``condition.null``,
 ``setup_cache(rows)``, ``prefill(cond, rows) -> [rows, V]``, ``decode_block(tokens, input_pos) -> [rows, T, V]``.
