@@ -202,6 +202,7 @@ def test_distribution_equals_standard_sampling(case, monkeypatch):
 # ---- fewer forwards where the model is confident
 
 
+@pytest.mark.converge
 def test_fewer_forwards_on_a_low_entropy_model():
     """A tiny model overfit to one sequence per class, trained with half its input tokens randomised so that it
     predicts from class and position rather than from the exact previous token (as image models largely do)."""
