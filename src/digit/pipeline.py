@@ -8,6 +8,10 @@ Two paths share this module (``digit generate`` and ``benchmarks/generate.py``):
 
 :func:`check_pipeline` compares the recorded configurations of the three pieces and refuses mismatches (with a
 one-line reason) before any weights are loaded or any sampling starts.
+
+The Python API (``from digit import Pipeline``) is the same object: ``Pipeline.from_pretrained(folder or hub id)``,
+``pipe(classes=[...], num_images=..., seed=..., **sampling)`` -> PIL images, ``save_pretrained`` / ``push_to_hub``
+(`digit.hub`: folder layout, model card, Hugging Face Hub).
 """
 
 from __future__ import annotations
@@ -95,7 +99,20 @@ def check_pipeline(stage1: dict[str, Any], vq: dict[str, Any], decoder: dict[str
 
 
 @dataclass
+class PipelineOutput:
+    """What ``pipe(..., return_tokens=True)`` returns: the images and what made them."""
+
+    images: list[Any]  # PIL.Image.Image, RGB, image_size x image_size
+    labels: np.ndarray  # int64 [N], -1 unconditional
+    tokens: np.ndarray  # stage-1 tokens [N, h, w] (discriminative for DiGIT, VQ for LlamaGen)
+    parameters: dict[str, Any] = field(default_factory=dict)  # seed, sampling parameters of each stage
+
+
+@dataclass
 class Pipeline:
+    """Stage 1 -> (stage-2 decoder) -> VQ decoder. Build it with `Pipeline.from_pretrained` (a model folder or a
+    Hugging Face repository) or `load_pipeline` (three run directories); call it to sample images."""
+
     stage1: Any  # GPT
     stage1_config: dict[str, Any]
     vq: Any  # VQModel
@@ -103,6 +120,122 @@ class Pipeline:
     decoder_config: dict[str, Any] | None = None
     kind: str = "llamagen"
     decoder_special_rows: torch.Tensor | None = None  # fairseq special-symbol head rows of a converted DiGIT decoder
+    info: dict[str, Any] = field(default_factory=dict)  # model-card material: figures, provenance, licence
+    source: Path | None = None  # the folder it was loaded from (its discriminative tokenizer travels on save)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path_or_repo_id: str | os.PathLike,
+        *,
+        device: Any = "cpu",
+        revision: str | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        token: str | bool | None = None,
+        local_files_only: bool = False,
+    ) -> Pipeline:
+        """Load a model folder (``save_pretrained``'s or ``digit recipe ship``'s), ``"cifar10"`` (the reference models
+        shipped inside the package), or a Hugging Face repository id (downloaded through ``huggingface_hub``; offline,
+        only its cached copy). A local folder of that name wins over a repository id."""
+        from digit.hub import load_pretrained
+
+        return load_pretrained(
+            path_or_repo_id,
+            device=device,
+            revision=revision,
+            cache_dir=cache_dir,
+            token=token,
+            local_files_only=local_files_only,
+        )
+
+    def save_pretrained(
+        self, save_directory: str | os.PathLike, *, overwrite: bool = False, license: str | None = None
+    ) -> Path:
+        """Write a folder `from_pretrained` loads: configs, safetensors weights, ``pipeline.json`` and a model card
+        (``README.md`` with hub metadata). Atomic; refuses a non-empty folder it did not write unless ``overwrite``."""
+        from digit.hub import save_pretrained
+
+        return save_pretrained(self, save_directory, overwrite=overwrite, license=license)
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        private: bool | None = None,
+        token: str | bool | None = None,
+        revision: str | None = None,
+        commit_message: str = "Upload digit pipeline",
+        create_pr: bool = False,
+        license: str | None = None,
+    ) -> Any:
+        """``save_pretrained`` into a temporary folder, then ``HfApi.create_repo`` + ``upload_folder``. -> CommitInfo."""
+        from digit.hub import push_to_hub
+
+        return push_to_hub(
+            self,
+            repo_id,
+            private=private,
+            token=token,
+            revision=revision,
+            commit_message=commit_message,
+            create_pr=create_pr,
+            license=license,
+        )
+
+    def __call__(
+        self,
+        classes: int | str | list[int | str] | None = None,
+        num_images: int | None = None,
+        *,
+        seed: int = 0,
+        sampling: SamplingParams | dict[str, Any] | None = None,
+        decoder_sampling: SamplingParams | dict[str, Any] | None = None,
+        batch_size: int = 16,
+        return_tokens: bool = False,
+        progress: bool = False,
+        **sampling_kwargs: Any,
+    ) -> list[Any] | PipelineOutput:
+        """Sample images: ``classes`` (indices or names; one image each, or cycled to ``num_images``), or
+        ``num_images`` alone (class-balanced, or unconditional). Stage-1 sampling parameters come as keyword arguments
+        (``cfg_scale=2.0, top_k=100``) and/or ``sampling`` (a `SamplingParams` or dict), validated by SamplingParams;
+        ``decoder_sampling`` for the stage-2 decoder (default top-p 0.8 for an AR decoder). Image ``i`` has its own
+        generator seeded from (seed, i): the same call gives the same pixels as ``digit generate --seed``.
+        -> a list of RGB PIL images, or with ``return_tokens=True`` a `PipelineOutput` (images, labels, tokens)."""
+        from PIL import Image
+
+        if not _is_int(seed):
+            raise DigitError(f"seed must be an integer, got {seed!r}")
+        if not _is_int(batch_size) or batch_size < 1:
+            raise DigitError(f"batch_size must be a positive integer, got {batch_size!r}")
+        labels = self.labels_for(classes, num_images)
+        stage1 = _sampling_params(sampling, sampling_kwargs, SamplingParams(), "sampling")
+        if decoder_sampling is not None and self.decoder is None:
+            raise DigitError("decoder_sampling given but this pipeline has no stage-2 decoder")
+        decoder = _sampling_params(decoder_sampling, {}, decoder_defaults(self.kind), "decoder_sampling")
+        if decoder.decode == "jacobi" and self.kind != "digit-ar":
+            raise DigitError("decoder_sampling decode='jacobi' needs an autoregressive stage-2 decoder")
+        res = generate_images(self, labels, stage1, decoder, batch_size=batch_size, seed=seed, progress=progress)
+        images = [Image.fromarray(a) for a in res.images]  # uint8 [H, W, 3] -> RGB
+        if not return_tokens:
+            return images
+        used = {"seed": seed, "stage1": stage1.to_dict(), "decoder": decoder.to_dict() if self.decoder else None}
+        return PipelineOutput(images, res.labels, res.tokens, used)
+
+    def labels_for(self, classes: Any = None, num_images: int | None = None) -> np.ndarray:
+        """The label of each image `__call__` would sample (the API's names for `resolve_labels`' rules)."""
+        if num_images is not None and (not _is_int(num_images) or num_images < 1):
+            raise DigitError(f"num_images must be a positive integer, got {num_images!r}")
+        if isinstance(classes, (str, int, np.integer)):
+            classes = [classes]
+        if classes is not None:
+            classes = list(classes)
+            if not classes:
+                raise DigitError("classes is empty")
+        return _labels(self, num_images, classes, ("num_images", "classes"))
+
+    @property
+    def image_size(self) -> int:
+        return int(self.vq.image_size)
 
     @property
     def device(self) -> torch.device:
@@ -161,29 +294,61 @@ class GenerationResult:
 def resolve_labels(pipe: Pipeline, n: int | None, classes: list[str] | None) -> np.ndarray:
     """Labels from -n N and/or --classes C ... (indices or names): -n alone cycles over every class (class-balanced),
     -n with --classes cycles over the listed ones, --classes alone gives one image per listed class."""
+    return _labels(pipe, n, classes, ("-n", "--classes"))
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+
+
+def _labels(pipe: Pipeline, n: int | None, classes: list[Any] | None, names: tuple[str, str]) -> np.ndarray:
+    """`resolve_labels` with the caller's names for n and classes in the messages (CLI flags or API arguments).
+    A class is an int index, a decimal string index, or a class name."""
+    n_name, classes_name = names
     k = pipe.num_classes
     if n is not None and n < 1:
-        raise DigitError(f"-n must be positive, got {n}")
+        raise DigitError(f"{n_name} must be positive, got {n}")
     if classes:
         if not k:
-            raise DigitError("--classes given but the stage-1 model is unconditional")
-        names = pipe.class_names
+            raise DigitError(f"{classes_name} given but the stage-1 model is unconditional")
+        class_names = pipe.class_names
         out = []
         for c in classes:
-            if c.lstrip("-").isdigit():
+            if _is_int(c):
                 v = int(c)
-            elif c in names:
-                v = names.index(c)
+            elif isinstance(c, str) and c.lstrip("-").isdigit():
+                v = int(c)
+            elif isinstance(c, str) and c in class_names:
+                v = class_names.index(c)
             else:
-                raise DigitError(f"unknown class {c!r} (give an index in [0, {k}) or a class name)")
+                known = f"; names: {', '.join(class_names)}" if class_names else ""
+                raise DigitError(f"unknown class {c!r} (give an index in [0, {k}) or a class name{known})")
             if not 0 <= v < k:
                 raise DigitError(f"class {v} outside [0, {k})")
             out.append(v)
         chosen = np.asarray(out, dtype=np.int64)
         return chosen if n is None else chosen[np.arange(n) % len(chosen)]
     if n is None:
-        raise DigitError("give -n N or --classes C ...")
+        raise DigitError(f"give {n_name} N or {classes_name} C ...")
     return (np.arange(n) % k).astype(np.int64) if k else np.full(n, -1, dtype=np.int64)
+
+
+def _sampling_params(
+    given: SamplingParams | dict[str, Any] | None, overrides: dict[str, Any], base: SamplingParams, name: str
+) -> SamplingParams:
+    """``given`` (an object or a dict, over ``base``) with keyword ``overrides``; every value checked by SamplingParams,
+    unknown names refused with a DigitError (not the dataclass's TypeError)."""
+    if isinstance(given, SamplingParams):
+        params = given
+    elif isinstance(given, dict):
+        params = SamplingParams.from_dict({**base.to_dict(), **given})
+    elif given is None:
+        params = base
+    else:
+        raise DigitError(f"{name} must be a SamplingParams or a dict, got {type(given).__name__}")
+    if overrides:
+        return SamplingParams.from_dict({**params.to_dict(), **overrides})
+    return params
 
 
 def to_uint8(images01: torch.Tensor) -> np.ndarray:

@@ -1,0 +1,330 @@
+"""Model folders and the Hugging Face Hub behind `Pipeline.from_pretrained`, `save_pretrained` and `push_to_hub`.
+
+A model folder has the layout `digit recipe ship` writes, so the shipped reference models load unchanged:
+
+- ``stage1/``: the stage-1 GPT run (``config.json`` + ``model.safetensors``);
+- ``stage2/``: the stage-2 decoder run (DiGIT; absent for a LlamaGen pipeline), with ``official_head.safetensors``
+  when it was converted from DiGIT's release;
+- ``vq/``: the VQ tokenizer (``tokenizer.json`` + ``model.safetensors``);
+- ``tokenizer/`` (optional): the discriminative tokenizer, to encode images (sampling does not need it);
+- ``pipeline.json`` (`save_pretrained`) or ``models.json`` (`digit recipe ship`): what the model card says (kind,
+  classes, licence, figures, provenance);
+- ``README.md``: the model card, with the hub's YAML metadata (`digit.model_card`).
+
+`huggingface_hub` is imported only when a repository id is resolved or a card / upload is written.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from digit.errors import DigitError
+
+if TYPE_CHECKING:
+    from digit.pipeline import Pipeline
+
+FORMAT = "digit.pipeline"
+FORMAT_VERSION = 1
+PIPELINE_FILE = "pipeline.json"
+OUTPUT_KIND = "save_pretrained"  # the output marker's kind (`digit.utils.outputs`)
+SHIPPED = ("cifar10",)  # names of the reference models inside the package
+# what a download fetches: configs, weights, centroids, the card (never pickles or anything executable)
+HUB_FILES = ["*.json", "*.safetensors", "*.npy", "*.md"]
+TOKENIZER_FILES = (".json", ".npy", ".safetensors")
+_TRUE = {"1", "on", "yes", "true"}
+
+
+# ----------------------------------------------------------------------------------------------- loading
+
+
+def load_pretrained(
+    path_or_repo_id: str | os.PathLike,
+    *,
+    device: Any = "cpu",
+    revision: str | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    token: str | bool | None = None,
+    local_files_only: bool = False,
+) -> Pipeline:
+    folder = resolve_folder(
+        path_or_repo_id, revision=revision, cache_dir=cache_dir, token=token, local_files_only=local_files_only
+    )
+    return load_folder(folder, device=device)
+
+
+def resolve_folder(
+    path_or_repo_id: str | os.PathLike,
+    *,
+    revision: str | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    token: str | bool | None = None,
+    local_files_only: bool = False,
+) -> Path:
+    """A local folder as it is; ``"cifar10"`` -> the shipped reference models; otherwise a Hugging Face repository id,
+    downloaded (or, offline, found in the cache)."""
+    if not isinstance(path_or_repo_id, (str, os.PathLike)):
+        raise DigitError(f"from_pretrained needs a folder or a repository id, got {type(path_or_repo_id).__name__}")
+    name = os.fspath(path_or_repo_id)
+    local = Path(name).expanduser()
+    if local.is_dir():
+        return local
+    if local.exists():
+        raise DigitError(f"{name} is a file, not a model folder")
+    if name in SHIPPED:
+        from digit.demo import models_complete, shipped_models
+
+        folder = shipped_models()
+        if not models_complete(folder):
+            raise DigitError(
+                f"the shipped {name} models are not in {folder} (a trimmed install): reinstall digit, or run "
+                "`digit recipe cifar10` + `digit recipe ship` and load that folder"
+            )
+        return folder
+    if isinstance(path_or_repo_id, os.PathLike) or not _looks_like_repo_id(name):
+        raise DigitError(f"{name}: no such model folder (and not a Hugging Face repository id such as 'owner/name')")
+    return download(name, revision=revision, cache_dir=cache_dir, token=token, local_files_only=local_files_only)
+
+
+def _looks_like_repo_id(name: str) -> bool:
+    # "owner/name" or a bare "name", hub characters only; a path-like string (./x, /x, ~/x, a/b/c) is a missing folder
+    return re.fullmatch(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?", name) is not None and ".." not in name
+
+
+def hub_offline() -> bool:
+    """HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE) set now, or when huggingface_hub was imported."""
+    env = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or ""
+    if env.strip().lower() in _TRUE:
+        return True
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)
+
+
+def download(
+    repo_id: str,
+    *,
+    revision: str | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    token: str | bool | None = None,
+    local_files_only: bool = False,
+) -> Path:
+    """``snapshot_download`` of a model repository's configs and weights -> the local snapshot folder. Offline
+    (HF_HUB_OFFLINE, ``local_files_only``) only the cache is read; a miss is a one-line DigitError saying what to
+    download and how."""
+    try:
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import (
+            GatedRepoError,
+            HfHubHTTPError,
+            LocalEntryNotFoundError,
+            OfflineModeIsEnabled,
+            RepositoryNotFoundError,
+            RevisionNotFoundError,
+        )
+    except ImportError as e:  # pragma: no cover - a dependency; only a broken install lacks it
+        raise DigitError(f"loading {repo_id!r} from the Hugging Face Hub needs huggingface_hub ({e})") from e
+    from digit import __version__
+
+    why = "local_files_only=True" if local_files_only else "HF_HUB_OFFLINE is set" if hub_offline() else None
+    rev = f" --revision {revision}" if revision else ""
+    local_name = repo_id.replace("/", "--")
+    fetch = (
+        f"download it where there is network with `hf download {repo_id}{rev} --local-dir {local_name}` "
+        f'and load that folder: Pipeline.from_pretrained("{local_name}")'
+    )
+    try:
+        path = snapshot_download(
+            repo_id,
+            revision=revision,
+            cache_dir=cache_dir,
+            token=token,
+            local_files_only=why is not None,
+            allow_patterns=HUB_FILES,
+            library_name="digit",
+            library_version=__version__,
+        )
+    except GatedRepoError as e:
+        raise DigitError(
+            f"{repo_id} is a gated repository: accept its terms on the Hub, then log in (`hf auth login`) or pass token="
+        ) from e
+    except RepositoryNotFoundError as e:
+        raise DigitError(
+            f"{repo_id}: no such model repository on the Hugging Face Hub (or it is private: log in with `hf auth login` or pass token=)"
+        ) from e
+    except RevisionNotFoundError as e:
+        raise DigitError(f"{repo_id} has no revision {revision!r}") from e
+    except (LocalEntryNotFoundError, OfflineModeIsEnabled) as e:
+        if why is not None:
+            raise DigitError(
+                f"{repo_id} is not a local folder nor in the Hugging Face cache, and the Hub is offline ({why}): {fetch}"
+            ) from e
+        raise DigitError(
+            f"{repo_id} is not a local folder nor in the Hugging Face cache, and the Hub could not be reached: {fetch}"
+        ) from e
+    except HfHubHTTPError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DigitError(f"the Hugging Face Hub refused {repo_id}: {first}") from e  # fmt: skip
+    return Path(path)
+
+
+def load_folder(folder: str | os.PathLike, device: Any = "cpu") -> Pipeline:
+    """A model folder (see the module docstring) -> the Pipeline, pieces checked against each other first."""
+    from digit.pipeline import load_pipeline
+
+    folder = Path(folder)
+    missing = [p for p in ("stage1", "vq") if not (folder / p).is_dir()]
+    if missing:
+        raise DigitError(
+            f"{folder} is not a digit model folder (missing {', '.join(p + '/' for p in missing)}; "
+            "save_pretrained or `digit recipe ship` writes one)"
+        )
+    meta = read_pipeline_meta(folder) if (folder / PIPELINE_FILE).is_file() else None
+    decoder = folder / "stage2" if (folder / "stage2").is_dir() else None
+    pipe = load_pipeline(folder / "stage1", folder / "vq", decoder, device=device)
+    if meta is not None:
+        if meta["kind"] != pipe.kind:
+            raise DigitError(f"{folder / PIPELINE_FILE} says kind {meta['kind']!r}, its models make {pipe.kind!r}")
+        pipe.info = dict(meta.get("info") or {})
+        if meta.get("license"):
+            pipe.info["license"] = meta["license"]
+    elif (folder / "models.json").is_file():  # `digit recipe ship`: provenance and figures of the recipe run
+        from digit.utils.artifacts import read_json_object
+
+        shipped = read_json_object(folder / "models.json", {})
+        pipe.info = {k: shipped[k] for k in ("made_by", "recipe_size", "figures", "steps") if shipped.get(k)}
+    pipe.source = folder
+    return pipe
+
+
+def read_pipeline_meta(folder: Path) -> dict[str, Any]:
+    from digit.utils.artifacts import INT, OBJECT, STR, read_json_object
+
+    path = folder / PIPELINE_FILE
+    meta = read_json_object(path, {"format": STR, "format_version": INT, "kind": STR, "info?": OBJECT, "license?": STR})
+    if meta["format"] != FORMAT:
+        raise DigitError(f"{path}: format {meta['format']!r}, expected {FORMAT!r}")
+    if meta["format_version"] > FORMAT_VERSION:
+        raise DigitError(
+            f"{path}: format version {meta['format_version']} is newer than this digit reads ({FORMAT_VERSION}): upgrade digit"
+        )
+    return meta  # fmt: skip
+
+
+# ----------------------------------------------------------------------------------------------- saving
+
+
+def save_pretrained(
+    pipe: Pipeline,
+    save_directory: str | os.PathLike,
+    *,
+    overwrite: bool = False,
+    license: str | None = None,
+    repo_id: str | None = None,
+) -> Path:
+    """Write ``pipe`` as a model folder (module docstring), staged then renamed into place. The weights are the
+    models' current state dicts in the current format (former layouts upgraded), so the folder reloads to the same
+    models; ``repo_id`` only shapes the model card's usage lines."""
+    from digit.model_card import default_license, model_card
+    from digit.utils.io import atomic_write_bytes, atomic_write_json
+    from digit.utils.outputs import OutputDir, is_own_output
+
+    out = Path(save_directory).expanduser()
+    if out.exists() and not out.is_dir():
+        raise DigitError(f"save_pretrained: {out} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not overwrite and not is_own_output(out, OUTPUT_KIND):
+        raise DigitError(
+            f"save_pretrained: {out} is not empty and was not written by save_pretrained "
+            "(pass overwrite=True to replace it, or choose a new folder)"
+        )
+    inputs = (pipe.source,) if pipe.source is not None else ()
+    target = OutputDir(out, OUTPUT_KIND, inputs, overwrite, flag="save_pretrained:")
+    with target.stage() as tmp:
+        _write_run(tmp / "stage1", pipe.stage1, pipe.stage1_config)
+        if pipe.decoder is not None:
+            specials = pipe.decoder_special_rows
+            _write_run(tmp / "stage2", pipe.decoder, pipe.decoder_config or {}, specials)
+        pipe.vq.save(tmp / "vq")
+        has_tokenizer = _copy_tokenizer(pipe.source, tmp / "tokenizer")
+        meta = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "kind": pipe.kind,
+            "num_classes": pipe.num_classes,
+            "class_names": pipe.class_names,
+            "image_size": pipe.image_size,
+            "tokenizer": has_tokenizer,
+            "license": license or pipe.info.get("license") or default_license(pipe),
+            "info": {k: v for k, v in pipe.info.items() if k != "license"},
+        }
+        atomic_write_json(tmp / PIPELINE_FILE, meta)
+        atomic_write_bytes(tmp / "README.md", model_card(pipe, meta, repo_id=repo_id).encode())
+    return out
+
+
+def _write_run(out: Path, model: Any, config: dict[str, Any], specials: Any = None) -> None:
+    """A run directory `load_gpt_run` opens: the run's config (provenance kept) with the model section as the model
+    is now, and its weights."""
+    from digit.convert import SPECIALS_FILE
+    from digit.utils.io import atomic_save_safetensors, atomic_write_json
+
+    out.mkdir(parents=True)
+    atomic_save_safetensors(out / "model.safetensors", model.state_dict())
+    if specials is not None:
+        atomic_save_safetensors(out / SPECIALS_FILE, {"output_special.weight": specials})
+    atomic_write_json(out / "config.json", {**config, "model": model.config.to_dict()})
+
+
+def _copy_tokenizer(source: Path | None, out: Path) -> bool:
+    """Carry the source folder's discriminative tokenizer when it is self-contained (its encoder weights inside)."""
+    from digit.utils.io import read_json
+
+    src = source / "tokenizer" if source is not None else None
+    if src is None or not (src / "tokenizer.json").is_file():
+        return False
+    cfg = read_json(src / "tokenizer.json")
+    weights = ((cfg.get("encoder") or {}).get("weights") or {}) if isinstance(cfg, dict) else {}
+    if cfg.get("type") == "discriminative" and weights.get("kind") not in ("stored", "random"):
+        return False  # points at weights elsewhere on the machine that made it: not portable
+    out.mkdir()
+    for f in sorted(src.iterdir()):
+        if f.is_file() and f.suffix in TOKENIZER_FILES:
+            shutil.copyfile(f, out / f.name)
+    return True
+
+
+def push_to_hub(
+    pipe: Pipeline,
+    repo_id: str,
+    *,
+    private: bool | None = None,
+    token: str | bool | None = None,
+    revision: str | None = None,
+    commit_message: str = "Upload digit pipeline",
+    create_pr: bool = False,
+    license: str | None = None,
+) -> Any:
+    """``save_pretrained`` into a temporary folder, ``HfApi.create_repo(exist_ok=True)``, ``upload_folder``."""
+    from huggingface_hub import HfApi
+
+    from digit.utils.outputs import MARKER
+
+    if not isinstance(repo_id, str) or not _looks_like_repo_id(repo_id):
+        raise DigitError(f"push_to_hub needs a repository id such as 'owner/name', got {repo_id!r}")
+    with tempfile.TemporaryDirectory(prefix="digit-push-") as tmp:
+        folder = save_pretrained(pipe, Path(tmp) / "model", license=license, repo_id=repo_id)
+        api = HfApi(token=token)
+        api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+        return api.upload_folder(
+            repo_id=repo_id,
+            folder_path=folder,
+            repo_type="model",
+            revision=revision,
+            commit_message=commit_message,
+            create_pr=create_pr,
+            ignore_patterns=[MARKER],
+        )
