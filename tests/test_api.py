@@ -146,6 +146,7 @@ def test_same_pixels_as_digit_generate(pipe, folders, tmp_path) -> None:
         (dict(classes=[0], decoder_sampling={"top_k": -1}), "top_k must be an integer >= 0"),
         (dict(classes=[0], seed=1.5), "seed must be an integer"),
         (dict(classes=[0], batch_size=0), "batch_size must be a positive integer"),
+        (dict(classes=[0], decoder_official=True), "needs an AR decoder converted from DiGIT"),
     ],
 )
 def test_bad_input_is_refused_with_a_digit_error(pipe, call, message) -> None:
@@ -160,6 +161,33 @@ def test_from_runs_takes_the_pieces_as_separate_directories(pipe, folders) -> No
     assert np.array_equal(_pixels(runs(classes=[0, 3], seed=9)), _pixels(pipe(classes=[0, 3], seed=9)))
     with pytest.raises(DigitError, match="pass a --decoder"):  # the pairing checks of `digit generate`
         Pipeline.from_runs(d / "stage1", d / "vq")
+
+
+def test_a_converted_decoders_special_rows_travel_and_official_sampling_runs(folders, tmp_path) -> None:
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from digit.models import build_config
+
+    folder = tmp_path / "converted"
+    shutil.copytree(folders["digit"], folder, ignore=shutil.ignore_patterns("stage2"))
+    dec = build_config("tiny", arch="fairseq", vocab_size=32, grid=(4, 4), cond="prefix", prefix_vocab_size=16, prefix_grid=(2, 2))  # fmt: skip
+    stage2_meta = json.loads((folders["digit"] / "stage2" / "config.json").read_text())["data"]
+    _write_run(folder / "stage2", dec, stage2_meta["meta"], prefix_meta=stage2_meta["prefix_meta"], seed=3)
+    rows = torch.randn(5, 64)  # fairseq's special-symbol output rows, as `digit convert digit` keeps them
+    save_file({"output_special.weight": rows}, str(folder / "stage2" / "official_head.safetensors"))
+    pipe = Pipeline.from_pretrained(folder)
+    official = pipe(classes=[0, 1, 2], seed=4, decoder_official=True, decoder_sampling={"top_k": 5}, return_tokens=True)
+    assert official.parameters["decoder_official"] is True and len(official.images) == 3
+    saved = pipe.save_pretrained(tmp_path / "saved")
+    assert torch.equal(load_file(str(saved / "stage2" / "official_head.safetensors"))["output_special.weight"], rows)
+    back = Pipeline.from_pretrained(saved)(
+        classes=[0, 1, 2], seed=4, decoder_official=True, decoder_sampling={"top_k": 5}
+    )
+    assert np.array_equal(_pixels(official.images), _pixels(back))
+    with pytest.raises(DigitError, match="standard filters"):
+        pipe(classes=[0], decoder_official=True, decoder_sampling={"decode": "jacobi"})
 
 
 def test_llamagen_folder_has_no_decoder(folders) -> None:

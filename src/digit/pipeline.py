@@ -136,6 +136,7 @@ class Pipeline:
         seed: int = 0,
         sampling: SamplingParams | dict[str, Any] | None = None,
         decoder_sampling: SamplingParams | dict[str, Any] | None = None,
+        decoder_official: bool = False,
         batch_size: int = 16,
         return_tokens: bool = False,
         progress: bool = False,
@@ -144,7 +145,8 @@ class Pipeline:
         """Sample images: ``classes`` (indices or names; one image each, or cycled to ``num_images``), or
         ``num_images`` alone (class-balanced, or unconditional). Stage-1 sampling parameters come as keyword arguments
         (``cfg_scale=2.0, top_k=100``) and/or ``sampling`` (a `SamplingParams` or dict), validated by SamplingParams;
-        ``decoder_sampling`` for the stage-2 decoder (default top-p 0.8 for an AR decoder). Image ``i`` has its own
+        ``decoder_sampling`` for the stage-2 decoder (default top-p 0.8 for an AR decoder); ``decoder_official``:
+        fairseq's sampling rules for a decoder converted from DiGIT (``--official-sampling``). Image ``i`` has its own
         generator seeded from (seed, i): the same call gives the same pixels as ``digit generate --seed``.
         -> a list of RGB PIL images, or with ``return_tokens=True`` a `PipelineOutput` (images, labels, tokens)."""
         from PIL import Image
@@ -158,13 +160,31 @@ class Pipeline:
         if decoder_sampling is not None and self.decoder is None:
             raise DigitError("decoder_sampling given but this pipeline has no stage-2 decoder")
         decoder = _sampling_params(decoder_sampling, {}, decoder_defaults(self.kind), "decoder_sampling")
-        if decoder.decode == "jacobi" and self.kind != "digit-ar":
-            raise DigitError("decoder_sampling decode='jacobi' needs an autoregressive stage-2 decoder")
-        res = generate_images(self, labels, stage1, decoder, batch_size=batch_size, seed=seed, progress=progress)
+        if decoder_official and (self.kind != "digit-ar" or self.decoder_special_rows is None):
+            raise DigitError(
+                "decoder_official=True needs an AR decoder converted from DiGIT (official_head.safetensors)"
+            )
+        if decoder.decode == "jacobi" and (self.kind != "digit-ar" or decoder_official):
+            raise DigitError("decoder_sampling decode='jacobi' needs an AR decoder with the standard filters")
+        res = generate_images(
+            self,
+            labels,
+            stage1,
+            decoder,
+            decoder_official=bool(decoder_official),
+            batch_size=batch_size,
+            seed=seed,
+            progress=progress,
+        )
         images = [Image.fromarray(a) for a in res.images]  # uint8 [H, W, 3] -> RGB
         if not return_tokens:
             return images
-        used = {"seed": seed, "stage1": stage1.to_dict(), "decoder": decoder.to_dict() if self.decoder else None}
+        used = {
+            "seed": seed,
+            "stage1": stage1.to_dict(),
+            "decoder": decoder.to_dict() if self.decoder else None,
+            "decoder_official": bool(decoder_official),
+        }
         return PipelineOutput(images, res.labels, res.tokens, used)
 
     def labels_for(self, classes: Any = None, num_images: int | None = None) -> np.ndarray:
