@@ -337,3 +337,15 @@ def test_push_to_hub_creates_the_repo_and_uploads_a_saved_folder(pipe, monkeypat
     assert 'Pipeline.from_pretrained("someone/digit-tiny")' in seen["card"] and seen["same"]
     with pytest.raises(DigitError, match="repository id"):
         pipe.push_to_hub("not a repo id")
+
+    class Refused(huggingface_hub.errors.HfHubHTTPError):
+        def __init__(self, message):
+            Exception.__init__(self, message)
+
+    class UnauthorizedApi(FakeApi):
+        def create_repo(self, repo_id, **kw):
+            raise Refused("401 Client Error: Unauthorized\nInvalid credentials")
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", UnauthorizedApi)
+    with pytest.raises(DigitError, match="refused the upload to someone/digit-tiny: 401 Client Error: Unauthorized$"):
+        pipe.push_to_hub("someone/digit-tiny")

@@ -167,8 +167,7 @@ def download(
             f"{repo_id} is not a local folder nor in the Hugging Face cache, and the Hub could not be reached: {fetch}"
         ) from e
     except HfHubHTTPError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise DigitError(f"the Hugging Face Hub refused {repo_id}: {first}") from e  # fmt: skip
+        raise DigitError(f"the Hugging Face Hub refused {repo_id}: {_first_line(e)}") from e
     return Path(path)
 
 
@@ -310,6 +309,7 @@ def push_to_hub(
 ) -> Any:
     """``save_pretrained`` into a temporary folder, ``HfApi.create_repo(exist_ok=True)``, ``upload_folder``."""
     from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError
 
     from digit.utils.outputs import MARKER
 
@@ -318,13 +318,21 @@ def push_to_hub(
     with tempfile.TemporaryDirectory(prefix="digit-push-") as tmp:
         folder = save_pretrained(pipe, Path(tmp) / "model", license=license, repo_id=repo_id)
         api = HfApi(token=token)
-        api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-        return api.upload_folder(
-            repo_id=repo_id,
-            folder_path=folder,
-            repo_type="model",
-            revision=revision,
-            commit_message=commit_message,
-            create_pr=create_pr,
-            ignore_patterns=[MARKER],
-        )
+        try:
+            api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+            return api.upload_folder(
+                repo_id=repo_id,
+                folder_path=folder,
+                repo_type="model",
+                revision=revision,
+                commit_message=commit_message,
+                create_pr=create_pr,
+                ignore_patterns=[MARKER],
+            )
+        except HfHubHTTPError as e:  # 401 / 403 / 404 ...: one line, not the HTTP client's traceback
+            raise DigitError(f"the Hugging Face Hub refused the upload to {repo_id}: {_first_line(e)}") from e
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
