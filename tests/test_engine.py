@@ -171,3 +171,41 @@ def test_engine_compiled_step_equals_eager(monkeypatch):
     finally:
         generate_module.compiled_decode_step.cache_clear()
     assert all(torch.equal(a.tokens, b.tokens) for a, b in zip(compiled, eager))
+
+
+def test_cancel_frees_slots_and_leaves_the_others_untouched():
+    """A request cancelled mid-sampling leaves its slots (and the queue) at once; the others' tokens are those they
+    get without it (a serving client that went away)."""
+    model = class_model(5)
+    keep = Request(cond=2, n=2, params=SamplingParams(top_k=4, cfg_scale=2.0), seed=21)
+    alone = Engine(model, slots=3).run([keep])[0].tokens
+    engine = Engine(model, slots=3)
+    gone = engine.submit(Request(cond=1, n=4, seed=22))  # 3 images in slots, 1 waiting
+    for _ in range(3):
+        assert engine.step() == []
+    assert engine.progress(gone) == (3 * 4, 4 * T) and engine.pending_images == 4  # 3 slots x (2 + 1 + 1) tokens
+    kept = engine.submit(keep)
+    assert engine.cancel(gone) and not engine.cancel(gone) and not engine.cancel(12345)
+    assert engine.busy_slots == 0 and engine.pending_images == 2 and engine.progress(gone) == (0, 0)
+    out = []
+    while not engine.idle:
+        out += engine.step()
+        assert engine.stepped_slots <= 2
+    assert [f.id for f in out] == [kept] and torch.equal(out[0].tokens, alone)
+
+
+def test_finished_generators_continue_each_images_stream():
+    """Finished.generators are the images' streams after their last token: the state `sample` leaves in fresh
+    per-image generators, so a next stage continues them as `digit.pipeline.generate_images` does."""
+    from digit.sampling.generate import sample
+    from digit.sampling.seeds import image_generators
+
+    model = class_model(6)
+    params = SamplingParams(top_k=5, cfg_scale=2.0)
+    f = Engine(model, slots=2).run([Request(cond=1, n=3, params=params, seed=4)])[0]
+    gens = image_generators(4, range(3))
+    offline = sample(model, torch.tensor([1, 1, 1]), 3, params, generator=gens).tokens
+    assert torch.equal(offline, f.tokens)
+    assert len(f.generators) == 3
+    assert all(torch.equal(a.get_state(), b.get_state()) for a, b in zip(f.generators, gens))
+    assert not torch.equal(f.generators[0].get_state(), f.generators[1].get_state())

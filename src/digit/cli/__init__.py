@@ -25,6 +25,7 @@ COMMAND_MODULES = [
     "sample",
     "vq",
     "generate",
+    "serve",
     "eval",
     "probe",
     "encoder",

@@ -11,6 +11,9 @@ slot from admission until its last token. Every :meth:`Engine.step` is one step 
    temperature, top-k and top-p (`digit.sampling.generate.choose` with per-row settings);
 3. images that reached their last token free their slot; a request whose images are all done is returned.
 
+Between steps, :meth:`Engine.cancel` drops a request (its slots free for the next waiting images) and
+:meth:`Engine.progress` counts its tokens so far (`digit serve`: clients that leave, progress events).
+
 With classifier-free guidance (``guided=True``, the default for a class-conditional model) every slot carries its pair
 of rows, [cond rows; null rows] as in `digit.sampling.generate`; a request with ``cfg_scale`` 1 uses only its
 conditional row. Free slots decode junk that is never read.
@@ -55,6 +58,9 @@ class Finished:
     id: int
     request: Request
     tokens: torch.Tensor  # [n, h, w] long, image i at row i
+    # image i's random stream after its last token: a next stage (the stage-2 decoder) continues it, as
+    # `digit.pipeline.generate_images` carries one generator per image through both stages
+    generators: list[torch.Generator] = field(default_factory=list)
 
 
 @dataclass
@@ -94,11 +100,14 @@ class Engine:
         self._out: dict[int, torch.Tensor] = {}
         self._left: dict[int, int] = {}
         self._requests: dict[int, Request] = {}
+        self._gens: dict[int, list[torch.Generator]] = {}
+        self._made: dict[int, int] = {}  # tokens produced so far per request (progress)
         self._cond = self._blank_cond()
         self._fed = torch.zeros(self.rows, 1, dtype=torch.long, device=self.device)
         self._settings: RowSettings | None = None
         self.forward_passes = 0
         self.steps = 0
+        self.stepped_slots = 0  # slots that held an image at the last step (after its admissions)
         model.train(False)
         model.setup_cache(self.rows)
 
@@ -141,8 +150,34 @@ class Engine:
         self._left[rid] = request.n
         self._out[rid] = torch.empty(request.n, self.T, dtype=torch.long, device=self.device)
         gens = image_generators(request.seed, range(request.n), self.device)
+        self._gens[rid] = gens
+        self._made[rid] = 0
         self._waiting.extend(_Image(rid, i, cond, g, request.params) for i, g in enumerate(gens))
         return rid
+
+    def cancel(self, request_id: int) -> bool:
+        """Drop a request that has not finished: its waiting images leave the queue and its images in slots free them
+        (taken by the next waiting images at the next step). False when the id is unknown or already finished."""
+        if request_id not in self._requests:
+            return False
+        self._waiting = deque(img for img in self._waiting if img.request_id != request_id)
+        for j, img in enumerate(self._slot):
+            if img is not None and img.request_id == request_id:
+                self._slot[j] = None
+        for table in (self._requests, self._out, self._left, self._gens, self._made):
+            del table[request_id]
+        return True
+
+    def progress(self, request_id: int) -> tuple[int, int]:
+        """(tokens produced, tokens needed) of a request not yet finished; (0, 0) for an unknown id."""
+        if request_id not in self._requests:
+            return 0, 0
+        return self._made[request_id], self._requests[request_id].n * self.T
+
+    @property
+    def pending_images(self) -> int:
+        """Images admitted to the engine and not finished: in slots or waiting for one."""
+        return len(self._waiting) + self.busy_slots
 
     @property
     def idle(self) -> bool:
@@ -181,14 +216,15 @@ class Engine:
             self._out[img.request_id][img.index, img.step] = tokens[j]
             self._fed[j :: self.slots] = tokens[j]  # both rows of the pair
             img.step += 1
+            self._made[img.request_id] += 1
             if img.step == self.T:
                 self._slot[j] = None
                 self._left[img.request_id] -= 1
                 if self._left[img.request_id] == 0:
                     rid = img.request_id
                     grid = self._out.pop(rid).view(-1, *self.model.config.grid)
-                    done.append(Finished(rid, self._requests.pop(rid), grid))
-                    del self._left[rid]
+                    done.append(Finished(rid, self._requests.pop(rid), grid, self._gens.pop(rid)))
+                    del self._left[rid], self._made[rid]
         return done
 
     @torch.inference_mode()
@@ -203,6 +239,7 @@ class Engine:
                 admitted.append(j)
                 if img.cond is not None:
                     self._cond[j] = img.cond
+        self.stepped_slots = self.busy_slots
         if admitted or self._settings is None:
             self._settings = self._row_settings()
         if admitted:
