@@ -325,7 +325,7 @@ def test_cli_refusals(tmp_path, capsys):
 
     (tmp_path / "empty").mkdir()
     assert main(["serve", "--model", str(tmp_path / "empty")]) == 2
-    assert "not a model folder (missing stage1/, vq/" in capsys.readouterr().err
+    assert "is not a digit model folder (missing stage1/, vq/" in capsys.readouterr().err
     assert main(["serve", "--model", str(tmp_path / "empty"), "--port", "70000"]) == 2
     assert "--port must be in [0, 65535]" in capsys.readouterr().err
     with pytest.raises(SystemExit):

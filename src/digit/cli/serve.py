@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from digit.cli.common import add_device_arg, existing_dir, positive_float, positive_int
+from digit.cli.common import add_device_arg, positive_float, positive_int
 
 
 def register(sub) -> None:
@@ -17,9 +17,9 @@ def register(sub) -> None:
     )
     p.add_argument(
         "--model",
-        type=existing_dir,
-        help="model folder with stage1/, vq/ (and stage2/ for DiGIT), as `digit recipe ship` writes "
-        "(default: the shipped CIFAR-10 models)",
+        default="cifar10",
+        help="a model folder (stage1/, vq/ and for DiGIT stage2/: `digit recipe ship` or save_pretrained), 'cifar10' "
+        "(the shipped reference models, the default) or a Hugging Face repository id",
     )
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="TCP port (0: any free port, printed at start)")

@@ -1,4 +1,4 @@
-"""Run the app under uvicorn: load a model folder, bind, serve; SIGTERM / Ctrl-C drain before exiting.
+"""Run the app under uvicorn: load a model, bind, serve; SIGTERM / Ctrl-C drain before exiting.
 
 Shutdown on SIGTERM (or the first Ctrl-C): the service stops taking requests at once (503 for any that still reach
 it), uvicorn closes the listening socket and waits for the requests in flight, then the app's lifespan finishes every
@@ -18,26 +18,16 @@ from digit.errors import DigitError
 from digit.serve.service import ServeConfig
 
 
-def load_model_folder(path: str | os.PathLike | None, device: Any = "cpu") -> tuple[Any, str]:
-    """A model folder (``stage1/``, ``vq/`` and, for DiGIT, ``stage2/``: what `digit recipe ship` writes), or the
-    shipped CIFAR-10 models when ``path`` is None. Returns (the pipeline, a name for the API)."""
-    from digit.demo import shipped_models
-    from digit.pipeline import load_pipeline
+def load_model(model: str | os.PathLike, device: Any = "cpu") -> tuple[Any, str]:
+    """What `Pipeline.from_pretrained` loads (a model folder, ``"cifar10"`` for the shipped reference models, or a
+    Hugging Face repository id), checked to be servable. Returns (the pipeline, a name for the API)."""
+    from digit.hub import load_pretrained
 
-    folder = Path(path) if path is not None else shipped_models()
-    if not folder.is_dir():
-        raise DigitError(f"model folder not found: {folder}")
-    missing = [p for p in ("stage1", "vq") if not (folder / p).is_dir()]
-    if missing:
-        raise DigitError(
-            f"{folder} is not a model folder (missing {', '.join(p + '/' for p in missing)}; expected stage1/, vq/ "
-            "and for DiGIT stage2/, as `digit recipe ship` writes)"
-        )
-    decoder = folder / "stage2" if (folder / "stage2").is_dir() else None
-    pipe = load_pipeline(folder / "stage1", folder / "vq", decoder, device=device)
+    pipe = load_pretrained(model, device=device)
     if not pipe.stage1.config.causal:
         raise DigitError("the server samples stage 1 autoregressively; this stage-1 model is bidirectional (MaskGIT)")
-    return pipe, folder.resolve().name
+    name = os.fspath(model)
+    return pipe, (Path(name).resolve().name if Path(name).is_dir() else name)
 
 
 def bind_socket(host: str, port: int) -> socket.socket:
@@ -55,7 +45,7 @@ def bind_socket(host: str, port: int) -> socket.socket:
 
 
 def run_server(
-    model: str | os.PathLike | None,
+    model: str | os.PathLike,
     *,
     host: str = "127.0.0.1",
     port: int = 8000,
@@ -68,7 +58,7 @@ def run_server(
     from digit.serve.app import create_app
 
     config = config or ServeConfig()
-    pipe, name = load_model_folder(model, device)
+    pipe, name = load_model(model, device)
     app = create_app(pipe, config, model_name=name)
     service = app.state.service
     sock = bind_socket(host, port)
