@@ -42,7 +42,7 @@ def main() -> None:
                 break
         if port is None:
             sys.exit("digit serve did not start")
-        with Chromium(chromium, width=1000, height=560) as browser:
+        with Chromium(chromium, width=1000, height=580) as browser:
             page = browser.open(f"http://127.0.0.1:{port}/")
             page.wait_for("!document.getElementById('generate').disabled", "the form")
             for i, run in enumerate(args.runs):
