@@ -43,8 +43,8 @@ def register(sub) -> None:
     m = p.add_argument_group("model")
     m.add_argument(
         "--model",
-        required=True,
-        help="preset: tiny, small, gpt-b, gpt-l, gpt-xl, gpt-xxl, gpt-3b, digit-base, digit-large",
+        help="preset: tiny, small, gpt-b, gpt-l, gpt-xl, gpt-xxl, gpt-3b, digit-base, digit-large "
+        "(required unless --init-from)",
     )
     m.add_argument("--dim", type=positive_int)
     m.add_argument("--layers", type=positive_int)
@@ -52,10 +52,28 @@ def register(sub) -> None:
     m.add_argument("--arch", choices=["llama", "fairseq"], help="override the preset's layout")
     m.add_argument("--vocab-size", type=positive_int, help="default: the token directory's vocabulary")
     m.add_argument("--class-cond", action="store_true", help="condition on the token directory's class labels")
-    m.add_argument("--num-classes", type=positive_int, help="default: the token directory's class count")
+    m.add_argument(
+        "--num-classes",
+        type=positive_int,
+        help="default: the token directory's class count; with --init-from: grow the init model's class table to N "
+        "(old rows kept, null row moved last, new rows = mean of the old ones + small seeded noise)",
+    )
     m.add_argument("--class-dropout", type=non_negative_float, help="label -> null class probability (default 0.1)")
     m.add_argument("--dropout", type=non_negative_float, help="set embedding, residual and FFN dropout")
     m.add_argument("--nar", action="store_true", help="MaskGIT-style bidirectional model trained on masked tokens")
+    f = p.add_argument_group("fine-tuning")
+    f.add_argument(
+        "--init-from",
+        type=existing_dir,
+        metavar="RUN",
+        help="start from this run's weights (digit train / digit convert output): its model config, a fresh optimizer "
+        "and step count; architecture flags must agree with it",
+    )
+    f.add_argument(
+        "--freeze",
+        metavar="GROUPS",
+        help="comma-separated parts kept fixed: embeddings, condition, blocks, blocks:I, blocks:I-J, final_norm, head",
+    )
     o = p.add_argument_group("optimisation (unset flags come from --recipe)")
     o.add_argument("--recipe", choices=RECIPE_NAMES, default="llamagen")
     o.add_argument("--lr", type=non_negative_float)
@@ -97,7 +115,6 @@ def optimizer_config(args: argparse.Namespace):
 def run(args: argparse.Namespace) -> int:
     from digit.data.tokens import read_token_dir
     from digit.errors import DigitError
-    from digit.models.presets import build_config
     from digit.training import Trainer
     from digit.training.gpt_task import GPTTask
     from digit.utils.distributed import init_distributed
@@ -117,6 +134,56 @@ def run(args: argparse.Namespace) -> int:
         raise DigitError("a prefix-conditioned model needs --val-prefix-tokens with --val-tokens")
     if args.class_cond and prefix is not None:
         raise DigitError("choose one condition: --class-cond or --prefix-tokens")
+    model_cfg, init = _model_config(args, tokens, prefix)
+
+    task = GPTTask(
+        model_cfg,
+        tokens,
+        prefix=prefix,
+        val=val,
+        val_prefix=val_prefix,
+        optim=optim,
+        seed=args.seed,
+        eval_batch_size=max(1, args.batch_size // max(1, dist.world_size * args.grad_accum)),
+        init=init,
+    )
+    inputs = (args.tokens, args.prefix_tokens, args.val_tokens, args.val_prefix_tokens, args.init_from)
+    trainer = Trainer(
+        task, cfg, args.out, resume=args.resume, inputs=inputs
+    )  # the trainer counts the steps (--steps or --epochs)
+    if dist.is_main:
+        n = sum(p.numel() for p in task.model.parameters())
+        if init is not None:
+            frozen = sum(p.numel() for p in task.model.parameters() if not p.requires_grad)
+            print(f"digit train: from {init.path} (sha256 {init.sha256[:12]}), {frozen / 1e6:.2f}M params frozen")
+        print(
+            f"digit train: {args.model or 'from init'} ({model_cfg.arch}, {'AR' if model_cfg.causal else 'NAR'}, "
+            f"cond {model_cfg.cond}), "
+            f"{n / 1e6:.2f}M params, {len(tokens)} rows, {trainer.total} steps of {args.batch_size} -> {args.out}"
+        )
+    last = trainer.fit()
+    if dist.is_main and last:
+        print("digit train: done, " + ", ".join(f"{k} {v:.4g}" for k, v in last.items() if "loss" in k))
+    return 0
+
+
+def _model_config(args: argparse.Namespace, tokens, prefix):
+    """(GPTConfig, FineTune or None): from --init-from (or the fine-tuning run being resumed), else from --model."""
+    from digit.errors import DigitError
+    from digit.models.presets import build_config
+    from digit.training.finetune import FineTuneRequest, plan
+
+    cond = "class" if args.class_cond else "prefix" if prefix is not None else None
+    request = FineTuneRequest(
+        init_from=args.init_from, out=args.out, resume=args.resume, seed=args.seed, preset=args.model, dim=args.dim,
+        layers=args.layers, heads=args.heads, arch=args.arch, vocab_size=args.vocab_size, nar=args.nar, cond=cond,
+        num_classes=args.num_classes, class_dropout=args.class_dropout, dropout=args.dropout, freeze=args.freeze,
+    )  # fmt: skip
+    planned = plan(request)
+    if planned is not None:
+        return planned
+    if args.model is None:
+        raise DigitError("--model is required (a preset), unless --init-from RUN gives the model")
     overrides = {
         "dim": args.dim,
         "layers": args.layers,
@@ -135,29 +202,4 @@ def run(args: argparse.Namespace) -> int:
         overrides.update(cond="prefix", prefix_vocab_size=prefix.vocab_size, prefix_grid=prefix.grid)
     if args.dropout is not None:
         overrides.update(embed_dropout=args.dropout, resid_dropout=args.dropout, ffn_dropout=args.dropout)
-    model_cfg = build_config(args.model, **overrides)
-
-    task = GPTTask(
-        model_cfg,
-        tokens,
-        prefix=prefix,
-        val=val,
-        val_prefix=val_prefix,
-        optim=optim,
-        seed=args.seed,
-        eval_batch_size=max(1, args.batch_size // max(1, dist.world_size * args.grad_accum)),
-    )
-    inputs = (args.tokens, args.prefix_tokens, args.val_tokens, args.val_prefix_tokens)
-    trainer = Trainer(
-        task, cfg, args.out, resume=args.resume, inputs=inputs
-    )  # the trainer counts the steps (--steps or --epochs)
-    if dist.is_main:
-        n = sum(p.numel() for p in task.model.parameters())
-        print(
-            f"digit train: {args.model} ({model_cfg.arch}, {'NAR' if args.nar else 'AR'}, cond {model_cfg.cond}), "
-            f"{n / 1e6:.2f}M params, {len(tokens)} rows, {trainer.total} steps of {args.batch_size} -> {args.out}"
-        )
-    last = trainer.fit()
-    if dist.is_main and last:
-        print("digit train: done, " + ", ".join(f"{k} {v:.4g}" for k, v in last.items() if "loss" in k))
-    return 0
+    return build_config(args.model, **overrides), None

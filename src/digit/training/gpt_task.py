@@ -25,6 +25,7 @@ from torch import nn
 
 from digit.data.tokens import TokenDirectory
 from digit.errors import DigitError
+from digit.training.finetune import RECORD_KEY, FineTune
 from digit.training.optim import OptimizerConfig
 from digit.training.task import OptimizerSpec, TaskBase
 
@@ -138,11 +139,17 @@ class GPTTask(TaskBase):
         total_steps: int | None = None,
         seed: int = 0,
         eval_batch_size: int = 64,
+        init: FineTune | None = None,
     ) -> None:
         """``label_smoothing`` (when given) replaces ``optim``'s; ``total_steps`` (the cosine horizon) is set by the
-        ``Trainer`` that runs the task (given here, it must agree with the trainer's count)."""
+        ``Trainer`` that runs the task (given here, it must agree with the trainer's count). ``init``: start from a
+        trained model's weights, with frozen groups (`digit.training.finetune`)."""
         from digit.models.gpt import GPT
 
+        if init is not None:  # first: its refusals say what the init model needs (e.g. --num-classes)
+            init.check_tokens(model_cfg, tokens, prefix)
+            if val is not None:
+                init.check_tokens(model_cfg, val, val_prefix, what="validation tokens")
         validate_tokens(model_cfg, tokens, prefix)
         if val is not None:
             validate_tokens(model_cfg, val, val_prefix, what="validation tokens")
@@ -164,6 +171,8 @@ class GPTTask(TaskBase):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)  # the initial weights are a function of the seed alone
             self.model = GPT(model_cfg)
+        self.frozen = init.apply(self.model) if init is not None else []
+        self.init = dataclasses.replace(init, state=None) if init is not None else None  # the weights are in the model
         self._mask_norm = expected_mask_count(model_cfg.seq_len)
 
     # ---- Task protocol
@@ -185,11 +194,14 @@ class GPTTask(TaskBase):
         return [self.optim.spec(["model"], self.total_steps)]
 
     def config(self) -> dict[str, Any]:
-        return {
+        config = {
             "model": self.cfg.to_dict(),
             "data": self._data_cfg,
             "train": {**self.optim.to_dict(), "nar": not self.cfg.causal},
         }
+        if self.init is not None:
+            config[RECORD_KEY] = self.init.record(self.cfg)
+        return config
 
     def _cond(self, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
         if self.cfg.cond == "class":
