@@ -8,8 +8,9 @@ Threads and who owns what:
 - one *engine thread* owns the `digit.sampling.engine.Engine` (stage 1, every model call on it happens there): it moves
   queued jobs into the engine while the engine has a free slot for each of their images, applies cancellations, and
   calls ``Engine.step()`` while there is work;
-- one *decode thread* takes each finished stage-1 request through the stage-2 decoder (continuing each image's own
-  random stream, as `digit.pipeline.generate_images` does) and the VQ decoder, encodes PNGs and resolves the future.
+- one *decode thread* takes the finished stage-1 requests through the stage-2 decoder (continuing each image's own
+  random stream, as `digit.pipeline.generate_images` does) and the VQ decoder, encodes PNGs and resolves the futures;
+  the requests that finished meanwhile go together, one decoder batch per set of decoder parameters.
 
 So a request's images are those of ``digit generate`` with the same seed and parameters (the engine's guarantee, tested
 in tests/test_serve.py against `generate_images`), whatever else the server is doing.
@@ -19,10 +20,10 @@ from __future__ import annotations
 
 import asyncio
 import io
+import queue
 import threading
 import time
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -131,7 +132,8 @@ class GenerationService:
         self._stop = False
         self.draining = False
         self._engine_thread: threading.Thread | None = None
-        self._decoder = ThreadPoolExecutor(1, thread_name_prefix="digit-serve-decode")
+        self._finished: queue.Queue = queue.Queue()  # (job, Finished, time) for the decode thread; None: stop
+        self._decode_thread: threading.Thread | None = None
         self.busy_slots = 0  # snapshots for /metrics, written by the engine thread
         self.error: BaseException | None = None  # what stopped the engine thread, if anything did
 
@@ -170,6 +172,8 @@ class GenerationService:
     def start(self) -> None:
         self._engine_thread = threading.Thread(target=self._run_engine, name="digit-serve-engine", daemon=True)
         self._engine_thread.start()
+        self._decode_thread = threading.Thread(target=self._run_decoder, name="digit-serve-decode", daemon=True)
+        self._decode_thread.start()
 
     def begin_drain(self) -> None:
         """Stop taking requests; those queued or in flight go on."""
@@ -184,7 +188,9 @@ class GenerationService:
             self._cv.notify()
         if self._engine_thread is not None:
             self._engine_thread.join(timeout)
-        self._decoder.shutdown(wait=True)
+        self._finished.put(None)
+        if self._decode_thread is not None:
+            self._decode_thread.join(timeout)
 
     # ------------------------------------------------------------------ the engine thread
     def _apply_cancels(self) -> None:
@@ -240,7 +246,7 @@ class GenerationService:
                     job.tokens_done = job.tokens_total
                     with self._cv:
                         self._decoding += 1
-                    self._decoder.submit(self._finish, job, f, time.perf_counter())
+                    self._finished.put((job, f, time.perf_counter()))
                 self.busy_slots = self.engine.busy_slots
                 if self.metrics is not None:
                     self.metrics.on_step(self.engine.stepped_slots, self.engine.slots, made, time.perf_counter() - t0)
@@ -256,34 +262,66 @@ class GenerationService:
             raise
 
     # ------------------------------------------------------------------ the decode thread
+    def _run_decoder(self) -> None:
+        """Take every finished request waiting (up to a batch of ``max_batch`` images) through stage 2 and the VQ
+        together: one decoder batch per set of decoder parameters instead of one per request."""
+        while True:
+            item = self._finished.get()
+            if item is None:
+                return
+            batch, images, stop = [item], item[0].spec.n, False
+            while images < self.config.max_batch:
+                try:
+                    nxt = self._finished.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    stop = True
+                    break
+                batch.append(nxt)
+                images += nxt[0].spec.n
+            try:
+                self._finish(batch)
+            finally:
+                with self._cv:
+                    self._decoding -= len(batch)
+            if stop:
+                return
+
     @torch.inference_mode()
-    def _finish(self, job: Job, f: Finished, stage1_done: float) -> None:
+    def _finish(self, batch: list[tuple[Job, Finished, float]]) -> None:
         from digit.pipeline import to_uint8
         from digit.sampling.generate import sample
 
-        try:
-            if job.cancelled is not None:
-                return
-            pipe, spec = self.pipe, job.spec
-            t0 = time.perf_counter()
-            ids = f.tokens
-            if pipe.decoder is not None:
-                prefix = ids.reshape(spec.n, -1)
-                ids = sample(pipe.decoder, prefix, None, spec.decoder, generator=f.generators).tokens
-            t1 = time.perf_counter()
-            images = to_uint8(pipe.vq.decode(ids))
-            pngs = [encode_png(img) for img in images]
-            t2 = time.perf_counter()
-            timings = {
-                "queue_s": (job.admitted or t0) - job.arrived,
-                "stage1_s": stage1_done - (job.admitted or stage1_done),
-                "stage2_s": t1 - t0,
-                "vq_s": t2 - t1,
-                "total_s": t2 - job.arrived,
-            }
-            job.resolve(GeneratedImages(pngs, timings))
-        except BaseException as e:
-            job.resolve(error=e)
-        finally:
-            with self._cv:
-                self._decoding -= 1
+        groups: dict[SamplingParams | None, list[tuple[Job, Finished, float]]] = {}
+        for item in batch:
+            if item[0].cancelled is None:
+                groups.setdefault(item[0].spec.decoder, []).append(item)
+        pipe = self.pipe
+        for params, items in groups.items():
+            try:
+                t0 = time.perf_counter()
+                # image i of each request keeps its own generator: its rows do not depend on the batch around them
+                ids = torch.cat([f.tokens for _, f, _ in items])
+                if pipe.decoder is not None:
+                    gens = [g for _, f, _ in items for g in f.generators]
+                    ids = sample(pipe.decoder, ids.reshape(len(ids), -1), None, params, generator=gens).tokens
+                t1 = time.perf_counter()
+                images = to_uint8(pipe.vq.decode(ids))
+                start = 0
+                for job, _, stage1_done in items:
+                    pngs = [encode_png(img) for img in images[start : start + job.spec.n]]
+                    start += job.spec.n
+                    t2 = time.perf_counter()
+                    timings = {
+                        "queue_s": (job.admitted or t0) - job.arrived,
+                        "stage1_s": stage1_done - (job.admitted or stage1_done),
+                        "decode_wait_s": t0 - stage1_done,
+                        "stage2_s": t1 - t0,
+                        "vq_png_s": t2 - t1,
+                        "total_s": t2 - job.arrived,
+                    }
+                    job.resolve(GeneratedImages(pngs, timings))
+            except BaseException as e:
+                for job, _, _ in items:
+                    job.resolve(error=e)
