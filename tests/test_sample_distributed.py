@@ -1,7 +1,11 @@
-"""`torchrun --nproc_per_node 2 -m digit sample / generate` (gloo, CPU) write exactly what one process writes."""
+"""`torchrun --nproc_per_node 2 -m digit sample / generate` (gloo, CPU; the plain form, no "--") write exactly what one
+process writes."""
 
 from __future__ import annotations
 
+import argparse
+import contextlib
+import io
 import json
 import os
 import subprocess
@@ -21,11 +25,46 @@ from test_sampling import class_model, write_run
 
 
 def torchrun(*argv: str) -> subprocess.CompletedProcess:
+    """The documented plain form `torchrun --nproc_per_node 2 -m digit CMD ...` (no "--")."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    # "--" ends torchrun's own options: its parser would take `sample --run` for an abbreviation of --run-path
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "digit", "--"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "digit"]
     cmd += argv
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+
+
+def _command_options(name: str) -> list[str]:
+    from digit.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return [s for a in sub.choices[name]._actions for s in a.option_strings]
+
+
+@pytest.mark.parametrize("command", ["sample", "generate"])
+def test_torchrun_passes_our_flags_through(command):
+    """torchrun's parser classifies every argument, the script's included, and refuses an ambiguous abbreviation of
+    its own options before our parser runs: every flag of `sample` and `generate` must reach us untouched, except
+    `sample --run` (ambiguous with --run-path / --run_path), whose torchrun spelling is --gpt-run."""
+    from torch.distributed.run import get_args_parser
+
+    torchrun_parser = get_args_parser()
+    refused = []
+    for flag in _command_options(command):
+        argv = ["--nproc_per_node", "2", "-m", "digit", command, flag, "x", "--out", "o"]
+        try:
+            with contextlib.redirect_stderr(io.StringIO()):
+                got = torchrun_parser.parse_args(argv)
+        except SystemExit:
+            refused.append(flag)
+            continue
+        if got.training_script != "digit" or got.training_script_args != [command, flag, "x", "--out", "o"]:
+            refused.append(flag)
+    assert refused == (["--run"] if command == "sample" else [])
+    if command == "sample":
+        from digit.cli import build_parser
+
+        a = build_parser().parse_args(["sample", "--gpt-run", ".", "-n", "1", "--out", "o"])
+        b = build_parser().parse_args(["sample", "--run", ".", "-n", "1", "--out", "o"])
+        assert a.run == b.run and a.precision == b.precision == "fp32"
 
 
 @pytest.mark.dist
@@ -35,6 +74,7 @@ def test_torchrun_sample_equals_single_process(tmp_path):
     argv = ["sample", "--run", str(run), "-n", "7", "--batch-size", "2", "--cfg-scale", "2.5", "--top-k", "12",
             "--top-p", "0.9", "--seed", "3", "--device", "cpu"]  # fmt: skip
     assert main([*argv, "--out", str(tmp_path / "single")]) == 0
+    argv[1] = "--gpt-run"  # torchrun refuses --run (an abbreviation of its --run-path); --gpt-run is the same flag
     res = torchrun(*argv, "--out", str(tmp_path / "multi"))
     assert res.returncode == 0, res.stderr[-3000:]
     a, b = read_token_dir(tmp_path / "single"), read_token_dir(tmp_path / "multi")

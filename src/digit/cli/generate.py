@@ -7,6 +7,7 @@ import argparse
 from digit.cli.common import add_device_arg, add_output_args, existing_dir, positive_int
 from digit.cli.sample import AR_FIELDS
 from digit.sampling.params import SamplingParams
+from digit.sampling.precision import add_precision_arg
 
 # the stage-2 decoder's copy: AR (top-p 0.8 by default, DiGIT; --decoder-decode jacobi) or MaskGIT (its steps and
 # confidence noise)
@@ -20,7 +21,7 @@ def register(sub) -> None:
         description="DiGIT: --stage1 RUN --decoder RUN --vq DIR (the decoder turns discriminative tokens into VQ "
         "tokens, AR or MaskGIT). LlamaGen: --stage1 RUN --vq DIR (the GPT samples VQ tokens). Writes grid.png, one "
         "PNG per image under images/, samples.npz (uint8 [N, H, W, 3] + labels) and meta.json. Mismatched pieces are "
-        "refused before sampling. Sharded: `torchrun --nproc_per_node N -m digit -- generate ...` (rank 0 writes the same "
+        "refused before sampling. Sharded: `torchrun --nproc_per_node N -m digit generate ...` (rank 0 writes the same "
         "output as one process).",
     )
     p.add_argument("--stage1", type=existing_dir, required=True, help="stage-1 GPT run directory")
@@ -47,6 +48,7 @@ def register(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=positive_int, default=16)
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step")
+    add_precision_arg(p)
     add_device_arg(p)
     add_output_args(p, "output directory")
     p.set_defaults(func=run)
@@ -60,6 +62,7 @@ def run(args: argparse.Namespace) -> int:
     from digit.cli.common import resolve_rank_device
     from digit.errors import DigitError
     from digit.pipeline import decoder_defaults, generate_images, load_pipeline, merge_results, resolve_labels
+    from digit.sampling.precision import cast_for_sampling
     from digit.utils.distributed import gather_to_main, init_distributed
     from digit.utils.outputs import output_dir
 
@@ -72,6 +75,10 @@ def run(args: argparse.Namespace) -> int:
     device = resolve_rank_device(args.device, dist.local_rank)
     pipe = load_pipeline(args.stage1, args.vq, args.decoder, device=device)  # refuses mismatches, samples nothing
     labels = resolve_labels(pipe, args.n, args.classes)
+    # the GPTs only: the VQ decoder stays fp32
+    args.precision = cast_for_sampling(pipe.stage1, args.precision)
+    if pipe.decoder is not None:
+        cast_for_sampling(pipe.decoder, args.precision)
     if pipe.decoder is None and any(getattr(args, f"decoder_{f}") is not None for f in DECODER_FIELDS):
         raise DigitError("--decoder-* sampling flags need a --decoder")
     if args.official_sampling and (pipe.kind != "digit-ar" or pipe.decoder_special_rows is None):
@@ -146,6 +153,7 @@ def _write_output(args, target, pipe, res, stage1, decoder, n, world_size) -> No
             "stage1": stage1.to_dict(),
             "decoder": decoder.to_dict() if pipe.decoder is not None else None,
             "decoder_official": args.official_sampling,
+            "precision": args.precision,
         },
         "forward_passes": res.forward_passes,  # model forward passes per stage over all batches and ranks
         "seconds": res.seconds,

@@ -6,9 +6,11 @@ listed ``--classes`` alone give one sample each (as in `digit generate`).
 Sampling parameters are `digit.sampling.params.SamplingParams` (the same flags as `digit generate`); their semantics
 (CFG on raw logits, temperature, top-k, top-p) are documented in `digit.sampling.filters`.
 Sample ``i`` draws from its own generator seeded from (``--seed``, i): the same seed gives the same tokens whatever
-the batch size. Under ``torchrun --nproc_per_node N -m digit -- sample ...`` each rank samples every N-th batch and
-rank 0 writes the merged output: the same tokens as one process with the same seed and settings. (The ``--`` ends
-torchrun's options: without it torchrun reads ``--run`` as an abbreviation of its own ``--run-path``.)
+the batch size. Under ``torchrun --nproc_per_node N -m digit sample --gpt-run RUN ...`` each rank samples every N-th
+batch and rank 0 writes the merged output: the same tokens as one process with the same seed and settings. Spell the
+run ``--gpt-run`` there: torchrun's own parser refuses ``--run`` as an ambiguous abbreviation of its ``--run-path`` /
+``--run_path`` before our parser sees it (``--run`` works in a single process, and ``torchrun ... -m digit -- sample
+--run RUN`` works too; every other flag of `sample` and `generate` passes through torchrun untouched).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from typing import Any
 from digit.cli.common import add_device_arg, add_output_args, existing_dir
 from digit.errors import DigitError
 from digit.sampling.params import SamplingParams
+from digit.sampling.precision import add_precision_arg
 
 # the parameters of an autoregressive model's sampling (the NAR ones belong to `digit generate`'s MaskGIT decoder)
 AR_FIELDS = ("temperature", "top_k", "top_p", "cfg_scale", "cfg_interval", "cfg_schedule", "decode")
@@ -42,9 +45,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "sample",
         help="sample token grids from a trained GPT",
         description="Sample token grids from a `digit train` run; writes tokens.npy, labels.npy, meta.json. Sharded: "
-        "`torchrun --nproc_per_node N -m digit -- sample ...` (rank 0 writes the same output as one process).",
+        "`torchrun --nproc_per_node N -m digit sample --gpt-run RUN ...` (rank 0 writes the same output as one process; "
+        "under torchrun spell the run --gpt-run: torchrun takes --run for its own --run-path).",
     )
-    p.add_argument("--run", type=existing_dir, required=True, help="run directory (config.json + model.safetensors)")
+    p.add_argument(
+        "--run",
+        "--gpt-run",
+        dest="run",
+        type=existing_dir,
+        required=True,
+        help="run directory (config.json + model.safetensors); --gpt-run is the spelling that works under torchrun",
+    )
     p.add_argument("-n", "--num-samples", dest="n", type=int, default=None, help="number of samples")
     p.add_argument("--classes", type=int, nargs="+", default=None, help="class ids to sample (default: all trained)")
     p.add_argument("--per-class", type=int, default=None, help="samples per class (instead of -n)")
@@ -55,6 +66,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step")
+    add_precision_arg(p)
     add_device_arg(p)
     add_output_args(p, "output token directory")
     p.set_defaults(func=run)
@@ -134,6 +146,7 @@ def run(args: argparse.Namespace) -> int:
     from digit.data.tokens import write_token_dir
     from digit.models import load_gpt_run
     from digit.sampling.generate import sample
+    from digit.sampling.precision import cast_for_sampling
     from digit.sampling.seeds import batch_ranges, image_generators
     from digit.utils.distributed import gather_to_main, init_distributed
     from digit.utils.outputs import output_dir
@@ -144,6 +157,7 @@ def run(args: argparse.Namespace) -> int:
     dist = init_distributed()
     device = resolve_rank_device(args.device, dist.local_rank)
     model, config = load_gpt_run(args.run, device=device)
+    precision = cast_for_sampling(model, args.precision)
     mcfg = model.config
     _validate(args, params, mcfg, config["model"])
     if not mcfg.causal:
@@ -188,6 +202,7 @@ def run(args: argparse.Namespace) -> int:
         "seed": args.seed,
         "batch_size": args.batch_size,
         **params.to_dict(),
+        "precision": precision,
         "forward_passes": passes,  # model forward passes over all batches and ranks (prefill included)
         "world_size": dist.world_size,
         "classes": sorted({int(x) for x in labels if x >= 0}),
