@@ -5,10 +5,13 @@
     python benchmarks/sample.py                       # 16x16 tokens, batch 8 and 64, cfg 4.0, top-k 2000
     python benchmarks/sample.py --reference /tmp/llamagen
     python benchmarks/sample.py --quick               # smoke run: tiny model, full naive sampler, token equality
+    python benchmarks/sample.py --reference /tmp/llamagen --precision bf16   # both sides in bf16 (LlamaGen's default)
 
 The naive sampler is too slow to run for 256 tokens on a CPU: by default it is timed at a few sequence lengths and
 its total is integrated from a linear fit (printed as "estimated"); ``--naive-full`` runs it end to end.
-Peak memory is the process RSS sampled every 10 ms during each phase. On a shared machine wall times swing with the
+``--precision bf16`` casts both models' weights (and so their KV caches) to bfloat16, as LlamaGen's sample_c2i.py
+does with its default ``--precision bf16``; the logit check against LlamaGen is made at fp32 before the cast.
+Peak memory is the process RSS sampled every 10 ms during each phase; the process's peak (getrusage) is printed last. On a shared machine wall times swing with the
 load; the process CPU time printed beside them (all threads) is a steadier measure of the work done.
 """
 
@@ -21,6 +24,7 @@ from pathlib import Path
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
 import argparse  # noqa: E402
+import resource  # noqa: E402
 import threading  # noqa: E402
 import time  # noqa: E402
 from contextlib import contextmanager  # noqa: E402
@@ -32,6 +36,7 @@ from digit.models import GPT, build_config  # noqa: E402
 from digit.sampling.filters import cfg, filter_logits, sample_from_logits  # noqa: E402
 from digit.sampling.generate import generate  # noqa: E402
 from digit.sampling.params import SamplingParams  # noqa: E402
+from digit.sampling.precision import PRECISIONS, cast_for_sampling, sampling_dtype  # noqa: E402
 
 PAGE = 4096
 
@@ -114,6 +119,17 @@ def time_ours(model, labels, args, seed=0) -> tuple[dict, torch.Tensor]:
     return res, out
 
 
+@contextmanager
+def _fp32(model: GPT):
+    """The model at fp32 for the block (the weights check against LlamaGen is made at full precision)."""
+    dtype = next(model.parameters()).dtype
+    model.to(torch.float32)
+    try:
+        yield
+    finally:
+        model.to(dtype)
+
+
 def time_reference(model: GPT, labels, args) -> tuple[dict, float]:
     """LlamaGen's own generate on the same weights; also returns the max |logit difference| of a full forward."""
     sys.path.insert(0, str(Path(args.reference).resolve()))
@@ -133,7 +149,8 @@ def time_reference(model: GPT, labels, args) -> tuple[dict, float]:
             model_type="c2i",
         )
     )
-    lg.load_state_dict(to_llamagen(model.state_dict()), strict=True)  # our names -> LlamaGen's, one to one
+    with _fp32(model):
+        lg.load_state_dict(to_llamagen(model.state_dict()), strict=True)  # our names -> LlamaGen's, one to one
     lg.eval()
     tokens = torch.randint(0, c.vocab_size, (2, c.seq_len), generator=torch.Generator().manual_seed(1))
     lab = labels[:2]
@@ -146,7 +163,9 @@ def time_reference(model: GPT, labels, args) -> tuple[dict, float]:
         lg.cls_embedding.dropout_prob = 0.0
         ref_logits, _ = lg(tokens[:, :-1], lab)
         lg.eval()
-        diff = float((ref_logits - model(tokens, lab)).abs().max())
+        with _fp32(model):
+            diff = float((ref_logits - model(tokens, lab)).abs().max())
+    lg.to(sampling_dtype(args.precision))  # LlamaGen's sample_c2i.py: gpt_model.to(dtype=precision)
     res: dict = {}
     torch.manual_seed(0)
     with peak_rss(res), torch.inference_mode():
@@ -176,6 +195,7 @@ def main() -> None:
     p.add_argument("--skip-naive", action="store_true", help="leave the naive sampler out")
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--precision", choices=PRECISIONS, default="fp32", help="weights and KV cache (both samplers)")
     p.add_argument("--quick", action="store_true", help="smoke run: tiny model, 8x8 grid, batch 4 and 8")
     args = p.parse_args()
     args.params = SamplingParams.from_args(args, base=SamplingParams(cfg_scale=4.0, top_k=2000))
@@ -185,12 +205,13 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     model = build_model(args)
+    args.precision = cast_for_sampling(model, args.precision)  # "auto" resolved; LlamaGen gets the same dtype
     c = model.config
     T, B = c.seq_len, args.batch_size
     labels = torch.arange(B) % c.num_classes
     print(
         f"model: {c.dim}d x {c.n_layers} layers x {c.n_heads} heads, {model.num_params() / 1e6:.1f}M params, "
-        f"{T} tokens, cfg {args.cfg_scale}, top-k {args.top_k}, fp32, {torch.get_num_threads()} threads, "
+        f"{T} tokens, cfg {args.cfg_scale}, top-k {args.top_k}, {args.precision}, {torch.get_num_threads()} threads, "
         f"torch {torch.__version__}"
     )
 
@@ -243,6 +264,9 @@ def main() -> None:
         line(f"digit cached, batch {args.big_batch}", big, args.big_batch)
         ratio = (args.big_batch / big["seconds"]) / (B / ours["seconds"])
         print(f"  img/s at batch {args.big_batch} / img/s at batch {B}: {ratio:.2f}x")
+    print(
+        f"process peak RSS (getrusage ru_maxrss): {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GB"
+    )
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from digit.errors import DigitError
-from digit.models import GPT, GPTConfig, build_config, load_gpt_run
+from digit.models import GPT, GPTConfig, build_config, layers, load_gpt_run
 from digit.models.presets import PRESETS, register_preset
 from digit.sampling.generate import generate
 from digit.utils.io import atomic_save_safetensors
@@ -102,9 +102,15 @@ def test_decode_reads_only_the_filled_cache_entries(monkeypatch):
     seen = []
     orig = F.scaled_dot_product_attention
 
+    orig_decode = layers.decode_attention  # one query per row on the CPU: two matmuls instead of SDPA
+
     def spy(q, k, v, **kw):
         seen.append((k.shape[2], kw.get("attn_mask") is not None))
         return orig(q, k, v, **kw)
+
+    def spy_decode(q, k, v):
+        seen.append((k.shape[2], False))
+        return orig_decode(q, k, v)
 
     with torch.no_grad():
         full = model(tokens, labels)
@@ -115,6 +121,7 @@ def test_decode_reads_only_the_filled_cache_entries(monkeypatch):
         for blk in model.blocks:  # poison everything after position C + 4
             blk.attn.kv_cache.k_cache[:, :, C + 5 :] = float("nan")
         monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+        monkeypatch.setattr(layers, "decode_attention", spy_decode)
         out = model.decode_step(tokens[:, 5:6], torch.tensor([C + 5]))
         assert seen == [(C + 6, False)] * model.config.n_layers  # C + 6 entries read, no mask
         torch.testing.assert_close(out, full[:, 6], atol=1e-5, rtol=1e-5)
@@ -313,3 +320,15 @@ def test_load_gpt_run(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model": other.to_dict()}))
     with pytest.raises(DigitError, match="shape"):
         load_gpt_run(tmp_path)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.bfloat16, 2e-2)])
+def test_decode_attention_equals_sdpa(dtype, tol):
+    """The single-query attention of the CPU decode step is SDPA's: against the direct formula in float64."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(3, 4, n, 16, generator=g) for n in (1, 37, 37))
+    want = ((q.double() @ k.double().transpose(-1, -2)) / 4.0).softmax(-1) @ v.double()
+    got = layers.decode_attention(q.to(dtype), k.to(dtype), v.to(dtype))
+    assert got.shape == (3, 4, 1, 16) and got.dtype is dtype
+    torch.testing.assert_close(got.double(), want, atol=tol, rtol=tol)
+    torch.testing.assert_close(F.scaled_dot_product_attention(q, k, v).double(), want, atol=1e-6, rtol=1e-6)

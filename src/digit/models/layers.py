@@ -87,6 +87,16 @@ class KVCache(nn.Module):
         return self.k_cache, self.v_cache
 
 
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Attention of one query per row over every key given (a decode step): q [B, H, 1, D], k, v [B, H, S, D].
+
+    Two batched matmuls: on the CPU, SDPA's blocked flash kernel costs more than the work for a single query
+    (measured 1.4x slower at fp32 and 5-6x at bf16 for GPT-B's decode shapes; benchmarks/sample.py). The softmax runs
+    in float32 whatever the cache dtype."""
+    scores = (q @ k.transpose(-1, -2)) * (q.shape[-1] ** -0.5)
+    return scores.float().softmax(dim=-1).to(v.dtype) @ v
+
+
 class Attention(nn.Module):
     """Multi-head self-attention: fused ``qkv`` [3d, d] (q, k, v order), ``proj`` [d, d], optional RoPE on q and k,
     SDPA (scale head_dim^-0.5, as both LlamaGen and fairseq's ``MultiheadAttention``)."""
@@ -124,7 +134,10 @@ class Attention(nn.Module):
             k, v = self.kv_cache.update(input_pos, k, v)
             if kv_len is not None:
                 k, v = k[:, :, :kv_len], v[:, :, :kv_len]  # views: only the filled entries are read
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1)
+            if T == 1 and mask is None and q.device.type == "cpu":
+                y = decode_attention(q, k, v)
+            else:
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1)
         else:
             p = self.attn_dropout if self.training else 0.0
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=causal)
