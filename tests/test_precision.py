@@ -100,3 +100,25 @@ def test_unknown_precision_is_refused(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["sample", "--run", str(run), "-n", "2", "--precision", "fp16", "--out", str(tmp_path / "o")])
     assert e.value.code == 2 and "invalid choice" in capsys.readouterr().err
+
+
+def test_generate_casts_the_gpt_not_the_vq(tmp_path):
+    """`digit generate --precision bf16` samples stage 1 in bf16, decodes with the fp32 VQ, and records it."""
+    from digit.models import GPT, build_config
+    from digit.tokenizers.vq import VQModel
+    from digit.utils.io import atomic_save_safetensors
+
+    torch.manual_seed(0)
+    VQModel.from_preset("tiny", image_size=16, codebook_size=32).save(tmp_path / "vq")
+    model = GPT(build_config("tiny", vocab_size=32, grid=(4, 4), cond="class", num_classes=4)).eval()
+    (tmp_path / "s1").mkdir()
+    cfg = {"model": model.config.to_dict(), "train": {}, "data": {"meta": {"class_names": list("abcd")}}, "task": "gpt"}
+    (tmp_path / "s1" / "config.json").write_text(json.dumps(cfg))
+    atomic_save_safetensors(tmp_path / "s1" / "model.safetensors", model.state_dict())
+    argv = ["generate", "--stage1", str(tmp_path / "s1"), "--vq", str(tmp_path / "vq"), "-n", "3", "--top-k", "4",
+            "--device", "cpu"]  # fmt: skip
+    assert main([*argv, "--precision", "bf16", "--out", str(tmp_path / "g")]) == 0
+    meta = json.loads((tmp_path / "g" / "meta.json").read_text())
+    assert meta["sampling"]["precision"] == "bf16" and meta["n"] == 3
+    images = np.load(tmp_path / "g" / "samples.npz")["images"]
+    assert images.shape == (3, 16, 16, 3) and images.dtype == np.uint8
