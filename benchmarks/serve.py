@@ -2,7 +2,8 @@
 
 For each concurrency C (default 1, 4, 16): a fresh ``digit serve --max-batch C`` on 127.0.0.1, C client threads each
 sending one-image requests back to back (a new one as soon as the last answer arrives; a bounded count per client and a
-wall-clock cap). Printed: images/s over the run and per-request latency p50 / p99, beside `digit generate`'s sampler
+wall-clock cap). Printed: images/s over the run, per-request latency p50 / p99 and the mean fraction of the engine's
+slots busy per step (from /metrics), beside `digit generate`'s sampler
 (`digit.pipeline.generate_images`, batch size C, same model and sampling parameters, in this process). Then overload:
 a server with one slot and a one-request queue, kept full, answers a series of requests: the 503 latency.
 
@@ -66,6 +67,12 @@ class Server:
             return resp.status, resp.read()
         finally:
             conn.close()
+
+    def occupancy_counts(self) -> tuple[float, float]:
+        """(engine steps, busy slot-steps) so far, from /metrics."""
+        text = self.call("GET", "/metrics")[1].decode()
+        value = lambda name: float(re.search(rf"^{name} (\S+)$", text, re.M).group(1))  # noqa: E731
+        return value("digit_serve_engine_steps_total"), value("digit_serve_busy_slot_steps_total")
 
     def stop(self) -> None:
         self.proc.terminate()
@@ -158,16 +165,22 @@ def main() -> None:
         server = Server(args.model, args.threads, "--max-batch", str(c), "--max-queue", str(max(2 * c, 8)))
         try:
             closed_loop(server, c, 1, args.max_seconds)  # warm-up: one request per client
+            before = server.occupancy_counts()
             n, wall, lat = closed_loop(server, c, args.per_client, args.max_seconds)
+            after = server.occupancy_counts()
         finally:
             server.stop()
+        occupancy = (after[1] - before[1]) / max(after[0] - before[0], 1) / c
         off = offline_rate(args.model, c, max(c * args.per_client, 2 * c))
-        rows.append((c, n / wall, np.percentile(lat, 50), np.percentile(lat, 99), n, off))
+        rows.append((c, n / wall, np.percentile(lat, 50), np.percentile(lat, 99), occupancy, off))
         print(f"  {c} clients: {n} images in {wall:.1f} s", flush=True)
     print(f"\nmodel {args.model}, one image per request, {PARAMS}, torch threads {args.threads}")
-    print(f"{'clients':>7} | {'serve img/s':>11} | {'p50 s':>6} | {'p99 s':>6} | {'offline batch img/s':>19} | ratio")
-    for c, rate, p50, p99, _n, off in rows:
-        print(f"{c:>7} | {rate:>11.2f} | {p50:>6.3f} | {p99:>6.3f} | {off:>19.2f} | {rate / off:.2f}")
+    print(
+        f"{'clients':>7} | {'serve img/s':>11} | {'p50 s':>6} | {'p99 s':>6} | {'slots busy':>10} | "
+        f"{'offline batch img/s':>19} | ratio"
+    )
+    for c, rate, p50, p99, occ, off in rows:
+        print(f"{c:>7} | {rate:>11.2f} | {p50:>6.3f} | {p99:>6.3f} | {occ:>10.2f} | {off:>19.2f} | {rate / off:.2f}")
     if args.overload_probes:
         lat = np.asarray(overload(args.model, args.threads, args.overload_probes)) * 1000
         print(
