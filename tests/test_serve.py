@@ -263,9 +263,9 @@ def test_streaming_client_that_leaves_frees_its_slot(narrow):
 def test_sigterm_finishes_in_flight_and_refuses_new_work(model_dir, tmp_path):
     """SIGTERM: the request being sampled still gets all its images, a request that arrives afterwards (its headers
     sent before, its body after) gets 503, new connections are refused, the process ends on its own."""
-    s = Server(model_dir, "--max-batch", "2", log=tmp_path / "c.log")
+    s = Server(model_dir, "--max-batch", "2", "--max-images", "32", log=tmp_path / "c.log")
     try:
-        req = {"class": 3, "n": 16, "seed": 8}  # 8 waves of 255 steps in 2 slots: seconds
+        req = {"class": 3, "n": 32, "seed": 8}  # 16 waves of 255 steps in 2 slots: seconds even on a fast CPU
         result = {}
         worker = threading.Thread(target=lambda: result.update(r=s.generate(req, timeout=120)))
         worker.start()
@@ -294,7 +294,7 @@ def test_sigterm_finishes_in_flight_and_refuses_new_work(model_dir, tmp_path):
         assert status == 503 and json.loads(raw)["error"]["type"] == "shutting_down"
         worker.join(120)
         status, out = result["r"]
-        assert status == 200 and len(out["data"]) == 16  # the in-flight request finished whole
+        assert status == 200 and len(out["data"]) == 32  # the in-flight request finished whole
         assert s.proc.wait(60) == -signal.SIGTERM  # uvicorn re-raises the signal after its graceful exit
         log = s.log.read_text()
         assert "Application shutdown complete" in log and "Traceback" not in log
