@@ -20,6 +20,7 @@ counted in the end-of-run skip summary.
 
 from __future__ import annotations
 
+import copy
 import os
 import tarfile
 import threading
@@ -98,6 +99,27 @@ class ImageSource:
 
     def read_bytes(self, index: int) -> bytes:
         raise NotImplementedError
+
+    def read_key(self, key: str) -> bytes:
+        """Bytes of any file the source listed (an entry or a loose file), by its relative key (caption sidecars)."""
+        raise NotImplementedError
+
+    def read_keys(self, keys: list[str]) -> dict[str, bytes | OSError]:
+        """``read_key`` for many keys; an unreadable one maps to its OSError."""
+        out: dict[str, bytes | OSError] = {}
+        for k in keys:
+            try:
+                out[k] = self.read_key(k)
+            except OSError as e:
+                out[k] = e
+        return out
+
+    def subset(self, keep: list[int], rejected: list[tuple[str, str]]) -> ImageSource:
+        """A copy holding only entries ``keep`` (in that order), with ``rejected`` added to what is reported."""
+        new = copy.copy(self)
+        new.entries = [self.entries[i] for i in keep]
+        new.rejected = sorted(self.rejected + rejected)
+        return new
 
     def iter_bytes(self, select: Callable[[int], bool] = lambda i: True) -> Iterator[tuple[int, bytes | OSError]]:
         """(index, bytes) for the selected entries, in whatever order reads the storage fastest. An unreadable entry
@@ -179,6 +201,9 @@ class FolderSource(ImageSource):
     def read_bytes(self, index: int) -> bytes:
         return (self.path / (self._prefix + self.entries[index].key)).read_bytes()
 
+    def read_key(self, key: str) -> bytes:
+        return (self.path / (self._prefix + key)).read_bytes()
+
 
 class TarSource(ImageSource):
     """Reads members in place. Plain .tar: random access by offset. .tar.gz: sequential streaming for `iter_bytes`;
@@ -200,6 +225,7 @@ class TarSource(ImageSource):
         by_key = {prefix + str(p): m for p, m in zip(rel_paths, members)}
         by_key = {str(PurePosixPath(k)): v for k, v in by_key.items()}
         self._members = [by_key[str(PurePosixPath(prefix + e.key))] for e in entries]
+        self._by_rel = {str(p): m for p, m in zip(rel_paths, members)}
         self._compressed = not _is_plain_tar(path)
         self._lock = threading.Lock()
         self._handle: tuple[int, object] | None = None  # (pid, file) so forked DataLoader workers reopen
@@ -224,6 +250,35 @@ class TarSource(ImageSource):
         f = self._file()
         f.seek(m.offset_data)
         return f.read(m.size)
+
+    def read_key(self, key: str) -> bytes:
+        m = self._by_rel.get(key)
+        if m is None:
+            raise FileNotFoundError(key)
+        if self._compressed:
+            return self.read_keys([key])[key]
+        f = self._file()
+        f.seek(m.offset_data)
+        return f.read(m.size)
+
+    def read_keys(self, keys: list[str]) -> dict[str, bytes | OSError]:
+        if not self._compressed:
+            return super().read_keys(keys)
+        want = {self._by_rel[k].offset: k for k in keys if k in self._by_rel}  # one sequential pass over a .tar.gz
+        out: dict[str, bytes | OSError] = {k: FileNotFoundError(k) for k in keys if k not in self._by_rel}
+        with tarfile.open(self.path, "r:*") as tf:
+            for m in tf:
+                if m.offset in want:
+                    out[want[m.offset]] = tf.extractfile(m).read()
+        return out
+
+    def subset(self, keep: list[int], rejected: list[tuple[str, str]]) -> ImageSource:
+        new = super().subset(keep, rejected)
+        new._members = [self._members[i] for i in keep]
+        new._cache = None
+        new._lock = threading.Lock()
+        new._handle = None
+        return new
 
     def iter_bytes(self, select: Callable[[int], bool] = lambda i: True) -> Iterator[tuple[int, bytes]]:
         if not self._compressed:

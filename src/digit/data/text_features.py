@@ -1,0 +1,203 @@
+"""Caption features stored beside a token directory, computed once per dataset (as LlamaGen extracts T5 features once).
+
+    captions.jsonl      one {"text": ...} per image, in the token directory's image order
+    text_features.npy   [N, L, D] float16 or float32, padded positions zero (np.load(mmap_mode="r") friendly)
+    text_mask.npy       [N, L] bool, True where a caption token is
+    meta.json "text"    {"encoder": the encoder's identity (kind, name, sha256, ...), "n", "length", "dim", "dtype"}
+
+N is the number of images; with several views, token row ``r`` takes caption ``r % N``. Reading checks every file's
+dtype and shape against the others and meta.json, and (when asked) the encoder identity a model was trained with.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+
+from digit.errors import DigitError
+from digit.utils.artifacts import load_npy, read_json_object
+from digit.utils.io import atomic_save_numpy, atomic_write_bytes, atomic_write_json, file_sha256
+
+CAPTIONS_FILE, FEATURES_FILE, MASK_FILE = "captions.jsonl", "text_features.npy", "text_mask.npy"
+
+
+@runtime_checkable
+class TextEncoder(Protocol):
+    """Captions -> (features [N, L, D] float32, mask [N, L] bool). ``identity()`` names the weights (with a sha256)."""
+
+    def encode(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]: ...
+
+    def identity(self) -> dict[str, Any]: ...
+
+
+class RandomTextEncoder:
+    """A tiny deterministic encoder for tests and offline smoke runs: UTF-8 bytes -> a seeded random embedding table
+    plus a position table. Not a language model; the same (seed, dim, length) always gives the same features."""
+
+    def __init__(self, dim: int = 16, max_length: int = 32, seed: int = 0):
+        rng = np.random.default_rng(seed)
+        self.dim, self.max_length, self.seed = dim, max_length, seed
+        self.table = rng.standard_normal((256, dim)).astype(np.float32)
+        self.pos = rng.standard_normal((max_length, dim)).astype(np.float32) * 0.1
+
+    def encode(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        feats = np.zeros((len(texts), self.max_length, self.dim), dtype=np.float32)
+        mask = np.zeros((len(texts), self.max_length), dtype=bool)
+        for i, t in enumerate(texts):
+            ids = np.frombuffer(t.encode("utf-8")[: self.max_length], dtype=np.uint8)
+            feats[i, : len(ids)] = self.table[ids] + self.pos[: len(ids)]
+            mask[i, : len(ids)] = True
+        return feats, mask
+
+    def identity(self) -> dict[str, Any]:
+        h = hashlib.sha256(self.table.tobytes() + self.pos.tobytes()).hexdigest()
+        return {"kind": "random-test", "name": f"random-bytes-d{self.dim}-s{self.seed}", "sha256": h,
+                "max_length": self.max_length}  # fmt: skip
+
+
+class T5TextEncoder:
+    """``transformers``' T5EncoderModel + tokenizer from a local directory (never downloads). Captions are padded or
+    truncated to ``max_length`` tokens (LlamaGen uses 120); padded positions are zeroed and masked."""
+
+    def __init__(self, directory: str | os.PathLike, max_length: int = 120, device: str = "cpu"):
+        try:
+            from transformers import AutoTokenizer, T5EncoderModel
+        except ImportError as e:
+            raise DigitError("the T5 text encoder needs transformers: pip install transformers sentencepiece") from e
+        self.directory = Path(directory)
+        if not self.directory.is_dir():
+            raise DigitError(f"text encoder directory not found: {self.directory}")
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(self.directory, local_files_only=True)
+            self.model = T5EncoderModel.from_pretrained(self.directory, local_files_only=True).to(device).eval()
+        except (OSError, ValueError) as e:
+            raise DigitError(f"{self.directory}: not a loadable T5 encoder ({str(e).splitlines()[0]})") from e
+        self.max_length, self.device = max_length, device
+
+    def encode(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        import torch
+
+        enc = self.tokenizer(
+            list(texts), max_length=self.max_length, padding="max_length", truncation=True, return_tensors="pt"
+        )
+        mask = enc["attention_mask"].to(self.device)
+        with torch.no_grad():
+            feats = self.model(input_ids=enc["input_ids"].to(self.device), attention_mask=mask).last_hidden_state
+        feats = feats * mask.unsqueeze(-1)
+        return feats.float().cpu().numpy(), mask.bool().cpu().numpy()
+
+    def identity(self) -> dict[str, Any]:
+        # the weights and tokenizer files, hashed in name order: a renamed copy of the same model is the same encoder
+        h = hashlib.sha256()
+        for p in sorted(q for q in self.directory.rglob("*") if q.is_file() and not q.name.startswith(".")):
+            h.update(f"{p.relative_to(self.directory).as_posix()}\0{file_sha256(p)}\n".encode())
+        return {"kind": "t5", "name": self.directory.name, "sha256": h.hexdigest(), "max_length": self.max_length}
+
+
+@dataclass
+class CaptionFeatures:
+    texts: list[str]
+    features: np.ndarray  # [N, L, D], a read-only memmap by default
+    mask: np.ndarray  # [N, L] bool
+    encoder: dict[str, Any]
+
+
+def write_caption_features(
+    token_dir: str | os.PathLike,
+    texts: Sequence[str],
+    encoder: TextEncoder,
+    *,
+    batch_size: int = 64,
+    dtype: str = "float16",
+) -> Path:
+    """Encode ``texts`` (one per image of the token directory) and store them beside its tokens. Each file is written
+    atomically and meta.json last, so a killed run leaves the directory readable as it was before."""
+    token_dir = Path(token_dir)
+    meta = read_json_object(token_dir / "meta.json")
+    n_images = int(meta.get("n_images", -1))
+    if n_images != len(texts):
+        raise DigitError(f"{token_dir}: {len(texts)} captions for {n_images} images")
+    if dtype not in ("float16", "float32"):
+        raise DigitError(f"text feature dtype must be float16 or float32, got {dtype!r}")
+    feats, mask = [], []
+    for s in range(0, len(texts), batch_size):
+        f, m = encoder.encode(list(texts[s : s + batch_size]))
+        feats.append(np.asarray(f, dtype=dtype))
+        mask.append(np.asarray(m, dtype=bool))
+    features, masks = np.concatenate(feats), np.concatenate(mask)
+    lines = "".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in texts)
+    atomic_write_bytes(token_dir / CAPTIONS_FILE, lines.encode("utf-8"))
+    atomic_save_numpy(token_dir / FEATURES_FILE, features)
+    atomic_save_numpy(token_dir / MASK_FILE, masks)
+    meta["text"] = {
+        "encoder": encoder.identity(),
+        "n": len(texts),
+        "length": int(features.shape[1]),
+        "dim": int(features.shape[2]),
+        "dtype": dtype,
+    }
+    atomic_write_json(token_dir / "meta.json", meta)
+    return token_dir
+
+
+def _read_captions_file(path: Path, n: int) -> list[str]:
+    if not path.is_file():
+        raise DigitError(f"{path}: file not found")
+    try:
+        lines = path.read_bytes().decode("utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise DigitError(f"{path}: not UTF-8 text (byte {e.start}); the file is corrupt") from e
+    texts = []
+    for i, line in enumerate(lines, 1):
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DigitError(f"{path}: line {i}: invalid JSON ({e.msg})") from e
+        if not isinstance(rec, dict) or not isinstance(rec.get("text"), str):
+            raise DigitError(f"{path}: line {i}: expected an object with a 'text' string")
+        texts.append(rec["text"])
+    if len(texts) != n:
+        raise DigitError(f"{path}: {len(texts)} captions, meta.json says {n}")
+    return texts
+
+
+def read_caption_features(
+    token_dir: str | os.PathLike, *, mmap: bool = True, expect_encoder: dict[str, Any] | None = None
+) -> CaptionFeatures:
+    """Open and check the caption features of a token directory; with ``expect_encoder`` (the identity a model was
+    trained with), refuse features made by another encoder."""
+    token_dir = Path(token_dir)
+    meta_path = token_dir / "meta.json"
+    meta = read_json_object(meta_path)
+    info = meta.get("text")
+    if not isinstance(info, dict):
+        raise DigitError(f"{token_dir}: no caption features (run `digit tokenize --captions --text-encoder DIR`)")
+    enc = info.get("encoder")
+    if not isinstance(enc, dict) or not isinstance(enc.get("sha256"), str):
+        raise DigitError(f"{meta_path}: 'text.encoder' must be an object with a 'sha256' string")
+    if not all(isinstance(info.get(k), int) for k in ("n", "length", "dim")):
+        raise DigitError(f"{meta_path}: 'text' must record integer n, length and dim")
+    n, length, dim = info["n"], info["length"], info["dim"]
+    fpath, mpath = token_dir / FEATURES_FILE, token_dir / MASK_FILE
+    features = load_npy(fpath, kinds="f", ndim=3, mmap=mmap, what="text feature array")
+    if features.dtype not in (np.float16, np.float32):
+        raise DigitError(f"{fpath}: text features must be float16 or float32, got {features.dtype}")
+    if list(features.shape) != [n, length, dim]:
+        raise DigitError(f"{fpath}: shape {list(features.shape)} differs from meta.json's [{n}, {length}, {dim}]")
+    mask = load_npy(mpath, kinds="b", ndim=2, what="text mask array")
+    if list(mask.shape) != [n, length]:
+        raise DigitError(f"{mpath}: shape {list(mask.shape)} differs from meta.json's [{n}, {length}]")
+    texts = _read_captions_file(token_dir / CAPTIONS_FILE, n)
+    if expect_encoder is not None and expect_encoder.get("sha256") != enc["sha256"]:
+        raise DigitError(
+            f"{token_dir}: caption features made by text encoder {enc.get('name')!r} ({enc['sha256'][:12]}), "
+            f"not the {expect_encoder.get('name')!r} ({str(expect_encoder.get('sha256'))[:12]}) expected"
+        )
+    return CaptionFeatures(texts=texts, features=features, mask=mask, encoder=enc)
