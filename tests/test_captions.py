@@ -308,3 +308,58 @@ def test_t5_loader_without_transformers_says_how_to_install(tmp_path, monkeypatc
     monkeypatch.setattr(builtins, "__import__", no_transformers)
     with pytest.raises(DigitError, match="pip install transformers"):
         T5TextEncoder(tmp_path)
+
+
+# ----------------------------------------------------------------------------------------------- digit tokenize
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory):
+    """A tiny random-init discriminative tokenizer (random centroids, no fitting), as in test_outputs."""
+    from conftest import TINY_IMAGE_SIZE, TINY_VIT, TINY_VIT_KWARGS
+    from digit.cli import main
+
+    d = tmp_path_factory.mktemp("tok")
+    np.save(d / "km.npy", np.random.default_rng(0).normal(size=(8, 64)).astype(np.float32))
+    argv = ["tokenizer", "from-centroids", "--centroids", str(d / "km.npy"), "--encoder", TINY_VIT,
+            "--encoder-kwargs", json.dumps(TINY_VIT_KWARGS), "--random-init", "--image-size", str(TINY_IMAGE_SIZE),
+            "--layer", "1", "--out", str(d / "tokenizer")]  # fmt: skip
+    assert main(argv) == 0
+    return d / "tokenizer"
+
+
+def test_cli_tokenize_captions_skips_uncaptioned_and_undecodable(tokenizer_dir, tmp_path, capsys):
+    from digit.cli import main
+    from digit.data.tokens import read_token_dir
+
+    root = _sidecar_folder(tmp_path / "d", classes=("a", "b"), n=3)
+    (root / "a" / "img_001.txt").unlink()  # no caption: skipped and counted
+    (root / "b" / "img_000.png").write_bytes(b"garbage")  # has a caption, but is not an image: skipped and counted
+    enc_dir = tmp_path / "enc"
+    enc_dir.mkdir()
+    (enc_dir / "text_encoder.json").write_text(
+        json.dumps({"kind": "random-test", "dim": 8, "max_length": 40, "seed": 5})
+    )
+    out = tmp_path / "tok"
+    argv = ["tokenize", "--tokenizer", str(tokenizer_dir), "--data", str(root), "--workers", "0"]
+    assert main([*argv, "--captions", "--text-encoder", str(enc_dir), "--flip", "--out", str(out)]) == 0
+    assert "skipped 2 file(s)" in capsys.readouterr().out
+    tok = read_token_dir(out)
+    cf = read_caption_features(out, expect_encoder=RandomTextEncoder(8, 40, 5).identity())
+    kept = ["a/img_000.png", "a/img_002.png", "b/img_001.png", "b/img_002.png"]
+    assert tok.n_images == 4 and len(tok) == 8 and cf.texts == [_caption(k) for k in kept]
+    assert list(tok.labels) == [0, 0, 1, 1] * 2
+    want, mask = RandomTextEncoder(8, 40, 5).encode(cf.texts)
+    np.testing.assert_array_equal(cf.features, want.astype(np.float16))
+    np.testing.assert_array_equal(cf.mask, mask)
+    skipped = {s["file"] for s in tok.meta["source"]["skipped"]}
+    assert skipped == {"a/img_001.png", "b/img_000.png"}
+
+    plain = write_image_folder(tmp_path / "plain", classes=("a",), n_per_class=2)
+    assert (
+        main([*argv[:4], str(plain), "--captions", "--text-encoder", str(enc_dir), "--out", str(tmp_path / "o2")]) == 2
+    )
+    err = capsys.readouterr().err
+    assert "error: no captions in" in err and "Traceback" not in err
+    assert main([*argv, "--captions", "--out", str(tmp_path / "o3")]) == 2
+    assert "--captions and --text-encoder DIR go together" in capsys.readouterr().err

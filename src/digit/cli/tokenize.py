@@ -28,6 +28,15 @@ def register(sub) -> None:
         default="auto",
         help="encoder precision: auto = bf16 on CUDA, fp32 on CPU (bf16 on CPU is faster, ids may flip at ties)",
     )
+    p.add_argument(
+        "--captions",
+        action="store_true",
+        help="also store caption features (a .txt beside each image, a metadata.jsonl, or name.jpg + name.txt in a "
+        "tar); images without a caption are skipped and counted",
+    )
+    p.add_argument("--text-encoder", type=existing_dir, help="local T5 encoder directory (with --captions)")
+    p.add_argument("--text-length", type=positive_int, default=120, help="caption length in T5 tokens (default 120)")
+    p.add_argument("--text-dtype", choices=["float16", "float32"], default="float16", help="stored feature dtype")
     add_device_arg(p)
     add_output_args(p, "output token directory")
     p.set_defaults(func=run)
@@ -37,13 +46,17 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from digit.cli.common import resolve_device
+    from digit.data.captions import with_captions
     from digit.data.sources import open_image_source
+    from digit.data.text_features import CaptionTask, load_text_encoder
     from digit.errors import DigitError
     from digit.tokenizers import load_tokenizer
     from digit.tokenizers.apply import tokenize_to_dir
     from digit.utils.distributed import init_distributed
     from digit.utils.outputs import output_dir
 
+    if args.captions != (args.text_encoder is not None):
+        raise DigitError("--captions and --text-encoder DIR go together")
     out = output_dir(args.out, kind="tokenize", inputs=(args.data, args.tokenizer), overwrite=args.overwrite)
     dist = init_distributed()
     device = (
@@ -52,6 +65,11 @@ def run(args: argparse.Namespace) -> int:
         else torch.device(f"cuda:{dist.local_rank}")
     )
     source = open_image_source(args.data, args.layout)
+    captions = None
+    if args.captions:
+        source, texts = with_captions(source)
+        encoder = load_text_encoder(args.text_encoder, max_length=args.text_length, device=str(device))
+        captions = CaptionTask(texts, encoder, batch_size=args.batch_size, dtype=args.text_dtype, progress=dist.is_main)
     tok = load_tokenizer(args.tokenizer, device=device)
     if hasattr(tok, "set_precision"):
         tok.set_precision(args.precision)
@@ -70,6 +88,7 @@ def run(args: argparse.Namespace) -> int:
         flip=args.flip,
         strict=args.strict,
         limit=args.limit,
+        captions=captions,
         extra_meta={"tokenizer_dir": str(args.tokenizer.resolve()), "precision": args.precision},
     )
     if dist.is_main and report is not None:

@@ -22,7 +22,7 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 
 from digit.errors import DigitError
-from digit.utils.artifacts import load_npy, read_json_object
+from digit.utils.artifacts import INT, POSITIVE_INT, STR, load_npy, read_json_object
 from digit.utils.io import atomic_save_numpy, atomic_write_bytes, atomic_write_json, file_sha256
 
 CAPTIONS_FILE, FEATURES_FILE, MASK_FILE = "captions.jsonl", "text_features.npy", "text_mask.npy"
@@ -101,6 +101,40 @@ class T5TextEncoder:
         return {"kind": "t5", "name": self.directory.name, "sha256": h.hexdigest(), "max_length": self.max_length}
 
 
+RANDOM_ENCODER_FILE = "text_encoder.json"  # {"kind": "random-test", "dim", "max_length", "seed"}: a test encoder dir
+
+
+def load_text_encoder(directory: str | os.PathLike, max_length: int = 120, device: str = "cpu") -> TextEncoder:
+    """A text encoder from a local directory: a T5 encoder (``transformers`` format), or the random test encoder when
+    the directory holds a ``text_encoder.json`` of kind ``random-test`` (for offline smoke runs and tests)."""
+    directory = Path(directory)
+    spec_path = directory / RANDOM_ENCODER_FILE
+    if spec_path.is_file():
+        spec = read_json_object(spec_path, {"kind": STR, "dim": POSITIVE_INT, "max_length": POSITIVE_INT, "seed": INT})
+        if spec["kind"] != "random-test":
+            raise DigitError(f"{spec_path}: unknown text encoder kind {spec['kind']!r} (expected 'random-test')")
+        return RandomTextEncoder(dim=spec["dim"], max_length=spec["max_length"], seed=spec["seed"])
+    return T5TextEncoder(directory, max_length=max_length, device=device)
+
+
+@dataclass
+class CaptionTask:
+    """What `digit tokenize --captions` adds to a token directory: ``texts[i]`` is source entry i's caption."""
+
+    texts: list[str]
+    encoder: TextEncoder
+    batch_size: int = 64
+    dtype: str = "float16"
+    progress: bool = True
+
+    def write(self, token_dir: Path, kept_indices: Sequence[int]) -> None:
+        """Encode the captions of the images the token directory kept (source indices, in its row order)."""
+        texts = [self.texts[int(i)] for i in kept_indices]
+        write_caption_features(
+            token_dir, texts, self.encoder, batch_size=self.batch_size, dtype=self.dtype, progress=self.progress
+        )
+
+
 @dataclass
 class CaptionFeatures:
     texts: list[str]
@@ -116,6 +150,7 @@ def write_caption_features(
     *,
     batch_size: int = 64,
     dtype: str = "float16",
+    progress: bool = False,
 ) -> Path:
     """Encode ``texts`` (one per image of the token directory) and store them beside its tokens. Each file is written
     atomically and meta.json last, so a killed run leaves the directory readable as it was before."""
@@ -127,7 +162,9 @@ def write_caption_features(
     if dtype not in ("float16", "float32"):
         raise DigitError(f"text feature dtype must be float16 or float32, got {dtype!r}")
     feats, mask = [], []
-    for s in range(0, len(texts), batch_size):
+    from tqdm import tqdm
+
+    for s in tqdm(range(0, len(texts), batch_size), desc="caption features", unit="batch", disable=not progress):
         f, m = encoder.encode(list(texts[s : s + batch_size]))
         feats.append(np.asarray(f, dtype=dtype))
         mask.append(np.asarray(m, dtype=bool))

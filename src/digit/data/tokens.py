@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -94,9 +95,11 @@ def write_token_dir(
     num_classes: int | None = None,
     views: list[str] | None = None,
     extra_meta: dict[str, Any] | None = None,
+    add_files: Callable[[Path], None] | None = None,
 ) -> Path:
     """Write a token directory atomically (a staging directory renamed into place). A plain path may replace only an
-    earlier token directory (see `digit.utils.outputs`); the CLI passes its own ``OutputDir``."""
+    earlier token directory (see `digit.utils.outputs`); the CLI passes its own ``OutputDir``. ``add_files`` is called
+    with the staging directory once tokens and meta are in it (caption features go in before the rename)."""
     tokens = np.asarray(tokens)
     if tokens.ndim != 3:
         raise ValueError(f"tokens must be [N, h, w], got shape {tokens.shape}")
@@ -129,6 +132,8 @@ def write_token_dir(
         atomic_save_numpy(tmp / "tokens.npy", tokens.astype(token_dtype(vocab_size), copy=False))
         atomic_save_numpy(tmp / "labels.npy", labels)
         atomic_write_json(tmp / "meta.json", meta)
+        if add_files is not None:
+            add_files(tmp)
     return target.path
 
 

@@ -13,6 +13,7 @@ from tqdm import tqdm
 
 from digit.data.datasets import SkipReport, StreamingImageDataset, image_loader
 from digit.data.sources import ImageSource
+from digit.data.text_features import CaptionTask
 from digit.data.tokens import token_dtype, write_token_dir
 from digit.errors import DigitError
 from digit.utils.distributed import barrier, get_dist_info
@@ -61,7 +62,9 @@ def tokenize_shard(
     }
 
 
-def _merge(parts: list[dict[str, Any]], source: ImageSource, n_views: int) -> tuple[np.ndarray, np.ndarray, list]:
+def _merge(
+    parts: list[dict[str, Any]], source: ImageSource, n_views: int
+) -> tuple[np.ndarray, np.ndarray, list, np.ndarray]:
     indices = np.concatenate([p["indices"] for p in parts])
     tokens = np.concatenate([p["tokens"] for p in parts], axis=1)  # [V, n, h, w]
     if len(np.unique(indices)) != len(indices):
@@ -71,7 +74,7 @@ def _merge(parts: list[dict[str, Any]], source: ImageSource, n_views: int) -> tu
     failures = sorted((f for p in parts for f in p["failures"]), key=lambda f: f[0])
     tokens = tokens.reshape(n_views * len(indices), *tokens.shape[2:])
     labels = np.tile(source.labels[indices], n_views)
-    return tokens, labels, failures
+    return tokens, labels, failures, indices
 
 
 def tokenize_to_dir(
@@ -86,6 +89,7 @@ def tokenize_to_dir(
     limit: int | None = None,
     progress: bool = True,
     extra_meta: dict[str, Any] | None = None,
+    captions: CaptionTask | None = None,
 ) -> SkipReport | None:
     """Write the token directory (rank 0). Under torchrun every rank tokenizes its shard and rank 0 merges them."""
     dist = get_dist_info()
@@ -135,7 +139,7 @@ def tokenize_to_dir(
     else:
         parts = [part]
     n_views = 2 if flip else 1
-    tokens, labels, failures = _merge(parts, source, n_views)
+    tokens, labels, failures, kept = _merge(parts, source, n_views)
     report = SkipReport(source, strict=strict)
     report.add(failures)
     try:
@@ -162,6 +166,7 @@ def tokenize_to_dir(
         class_names=source.class_names,
         views=["orig", "flip"][:n_views],
         extra_meta=meta,
+        add_files=None if captions is None else lambda tmp: captions.write(tmp, kept),
     )
     if dist.enabled:
         shutil.rmtree(out.with_name(f".{out.name}.shards"), ignore_errors=True)
