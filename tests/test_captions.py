@@ -354,6 +354,9 @@ def test_cli_tokenize_captions_skips_uncaptioned_and_undecodable(tokenizer_dir, 
     np.testing.assert_array_equal(cf.mask, mask)
     skipped = {s["file"] for s in tok.meta["source"]["skipped"]}
     assert skipped == {"a/img_001.png", "b/img_000.png"}
+    # the output with caption files is still this command's own: a rerun replaces it, here without captions
+    assert main([*argv, "--out", str(out)]) == 0
+    assert not (out / "text_features.npy").exists() and "text" not in read_token_dir(out).meta
 
     plain = write_image_folder(tmp_path / "plain", classes=("a",), n_per_class=2)
     assert (
