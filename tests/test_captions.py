@@ -366,3 +366,34 @@ def test_cli_tokenize_captions_skips_uncaptioned_and_undecodable(tokenizer_dir, 
     assert "error: no captions in" in err and "Traceback" not in err
     assert main([*argv, "--captions", "--out", str(tmp_path / "o3")]) == 2
     assert "--captions and --text-encoder DIR go together" in capsys.readouterr().err
+
+
+def test_t5_encoder_from_local_dir_matches_transformers(tmp_path):
+    """Runs where `transformers` is installed (not a dependency of digit): a tiny random T5 saved locally, loaded by
+    directory; features equal the model's own output on the valid positions, zero and masked on the padded ones."""
+    pytest.importorskip("transformers")
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast, T5Config, T5EncoderModel
+
+    from digit.data.text_features import load_text_encoder
+
+    tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    trainer = trainers.WordLevelTrainer(special_tokens=["<pad>", "</s>", "<unk>"])
+    tok.train_from_iterator(["a red circle", "a blue square left of"], trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+    fast.save_pretrained(tmp_path)
+    torch.manual_seed(0)
+    cfg = T5Config(vocab_size=16, d_model=16, d_ff=32, num_layers=1, num_heads=2, d_kv=8, pad_token_id=0)
+    model = T5EncoderModel(cfg).eval()
+    model.save_pretrained(tmp_path)
+    enc = load_text_encoder(tmp_path, max_length=6)
+    feats, mask = enc.encode(["a red circle", "a blue square left of a red circle"])
+    assert feats.shape == (2, 6, 16) and mask.tolist() == [[True] * 3 + [False] * 3, [True] * 6]
+    assert not feats[~mask].any()
+    with torch.no_grad():
+        ref = model(**fast(["a red circle"], return_tensors="pt")).last_hidden_state[0].numpy()
+    np.testing.assert_allclose(feats[0, :3], ref, atol=1e-5)
+    ident = enc.identity()
+    assert ident["kind"] == "t5" and ident == load_text_encoder(tmp_path, max_length=6).identity()
