@@ -3,7 +3,8 @@ one naming, each foreign layout is a pair of pure functions at the boundary).
 
 - ``from_llamagen`` / ``to_llamagen``: LlamaGen's ``Transformer`` names (``tok_embeddings``, ``layers.{i}.attention.wqkv``,
   ``attention.wo``, ``feed_forward.w1/w3/w2``, ``attention_norm``, ``ffn_norm``, ``norm``, ``output``,
-  ``cls_embedding.embedding_table``). A c2i state dict maps one to one, so ``to_llamagen(model.state_dict())`` loads
+  ``cls_embedding.embedding_table``; t2i: ``cls_embedding.cap_proj.{fc1,fc2}``, ``cls_embedding.uncond_embedding``).
+  A c2i or t2i state dict maps one to one, so ``to_llamagen(model.state_dict())`` loads
   into LlamaGen's ``Transformer`` with ``strict=True``.
 - ``from_fairseq`` / ``to_fairseq``: fairseq's ``TransformerDecoder`` names (``embed_tokens``, ``embed_positions``,
   ``embed_positions_1``, ``layers.{i}.self_attn.{q,k,v,out}_proj``, ``self_attn_layer_norm``, ``fc1``, ``fc2``,
@@ -60,6 +61,9 @@ _FAIRSEQ_TOP = {"token_embed.weight": "embed_tokens.weight", "pos_embed.weight":
                 "prefix_pos_embed.weight": "embed_positions_1.weight", "final_norm.weight": "layer_norm.weight",
                 "final_norm.bias": "layer_norm.bias", "head.weight": "output_projection.weight"}  # fmt: skip
 _CONDITION_NAMES = ("start_embedding.", "cls_embedding.", "prefix_embedding.")
+# text condition suffix (ours) -> LlamaGen's CaptionEmbedder suffix, under cls_embedding.
+_CAPTION = {"mlp.up.weight": "cap_proj.fc1.weight", "mlp.down.weight": "cap_proj.fc2.weight",
+            "null_caption": "uncond_embedding"}  # fmt: skip
 _BLOCK = re.compile(r"^blocks\.(\d+)\.(.+)$")
 _LAYER = re.compile(r"^layers\.(\d+)\.(.+)$")
 
@@ -79,6 +83,8 @@ def _condition_to_foreign(sd: StateDict) -> StateDict:
     cond = {k.removeprefix("condition."): v for k, v in sd.items() if k.startswith("condition.")}
     if not cond:
         return {}
+    if "null_caption" in cond:  # text: LlamaGen's CaptionEmbedder names
+        return {f"cls_embedding.{_CAPTION.get(k, k)}": v for k, v in cond.items()}
     kind = "prefix_embedding" if {"start", "table.weight"} <= set(cond) else None
     kind = kind or ("cls_embedding" if "table.weight" in cond else "start_embedding")
     return {f"{kind}.{k.replace('table.', 'embedding_table.')}": v for k, v in cond.items()}
@@ -90,6 +96,8 @@ def _condition_from_foreign(key: str) -> str | None:
     if not key.startswith(_CONDITION_NAMES):
         return None
     rest = key.split(".", 1)[1]
+    if key.startswith("cls_embedding.") and rest in (caption := _invert(_CAPTION)):
+        return "condition." + caption[rest]
     return "condition." + rest.replace("embedding_table.", "table.")
 
 

@@ -1,8 +1,9 @@
 """The one image GPT. LlamaGen's Llama layout and DiGIT's fairseq layout are two settings of its config.
 
 Sequence layout: ``[condition (C positions); image tokens]``. The condition is a learned start token (or the
-vocabulary's BOS row), a class embedding, or a prefix of another vocabulary's tokens followed by a start token (see
-`digit.models.conditions`). Autoregressive (``causal=True``): the input is ``[cond; tokens[:, :-1]]`` and
+vocabulary's BOS row), a class embedding, a prefix of another vocabulary's tokens followed by a start token, or
+projected caption features (see `digit.models.conditions`). A text model masks the padded caption positions as keys
+for every query except themselves (LlamaGen's t2i mask); the cached path keeps that mask from ``prefill`` on. Autoregressive (``causal=True``): the input is ``[cond; tokens[:, :-1]]`` and
 ``logits[:, t]`` predicts ``tokens[:, t]``; the shift happens inside. MaskGIT-style (``causal=False``): the input is
 ``[cond; tokens]`` with masked positions holding ``mask_token_id == vocab_size`` and attention is bidirectional.
 
@@ -23,7 +24,7 @@ import torch
 from torch import nn
 
 from digit.errors import DigitError
-from digit.models.conditions import CONDITIONS, build_condition
+from digit.models.conditions import CONDITIONS, Caption, build_condition
 from digit.models.layers import Block, KVCache, make_norm, swiglu_hidden
 from digit.models.rope import grid_table, zero_table
 
@@ -64,9 +65,11 @@ class GPTConfig:
     rope_base: float = 10000.0  # rope2d only
     max_positions: int | None = None  # learned only: table rows = max_positions + 2; None = just enough
     bos_id: int | None = None  # start token = this vocabulary row (fairseq's </s> = 2) instead of a learned vector
-    cond: str = "none"  # "none" | "class" | "prefix"
+    cond: str = "none"  # "none" | "class" | "prefix" | "text"
     num_classes: int = 0
-    class_dropout: float = 0.1  # label -> null class with this probability in training (CFG)
+    class_dropout: float = 0.1  # label -> null class (caption -> null caption) with this probability in training (CFG)
+    caption_len: int = 120  # text: caption positions (LlamaGen cls_token_num for t2i)
+    caption_dim: int = 2048  # text: caption feature size (FLAN-T5-XL's 2048)
     prefix_vocab_size: int = 0
     prefix_grid: tuple[int, int] | None = None
     causal: bool = True  # False: MaskGIT-style bidirectional model with a mask token
@@ -96,6 +99,12 @@ class GPTConfig:
             raise DigitError("a class-conditional model needs num_classes >= 1")
         if self.cond == "prefix" and (self.prefix_vocab_size < 1 or not self.prefix_grid or min(self.prefix_grid) < 1):
             raise DigitError("a prefix-conditioned model needs prefix_vocab_size and prefix_grid")
+        if self.cond == "text" and (self.caption_len < 1 or self.caption_dim < 1):
+            raise DigitError(
+                f"a text model needs caption_len, caption_dim >= 1, got {self.caption_len}, {self.caption_dim}"
+            )
+        if self.cond == "text" and not self.causal:
+            raise DigitError("text conditioning is implemented for autoregressive (causal) models only")
         if self.bos_id is not None and not 0 <= self.bos_id < self.vocab_size:
             raise DigitError(f"bos_id {self.bos_id} outside the vocabulary [0, {self.vocab_size})")
         if not 0.0 <= self.class_dropout < 1.0:
@@ -127,6 +136,8 @@ class GPTConfig:
 
     @property
     def cond_len(self) -> int:
+        if self.cond == "text":
+            return self.caption_len  # no start token: the last caption position predicts the first image token
         return self.prefix_len + 1  # prefix tokens (if any) then one start / class position
 
     @property
@@ -135,7 +146,8 @@ class GPTConfig:
 
     @property
     def main_positions(self) -> int:
-        return 1 + self.seq_len  # start / class token then the image tokens (fairseq table without the prefix)
+        # start / class token (or the caption) then the image tokens (fairseq table without the prefix)
+        return self.cond_len - self.prefix_len + self.seq_len
 
     @property
     def hidden_dim(self) -> int:
@@ -218,6 +230,7 @@ class GPT(nn.Module):
             self.rope = None
         self.register_buffer("causal_mask", torch.ones(L, L, dtype=torch.bool).tril(), persistent=False)
         self.cache_len = 0
+        self.key_valid: torch.Tensor | None = None  # text: [rows, cache_len] keys readable (set by prefill)
         self.reset_parameters()
 
     # ---- initialisation
@@ -232,6 +245,8 @@ class GPT(nn.Module):
             nn.init.zeros_(self.head.weight)
             for p in self.condition.parameters(recurse=False):
                 nn.init.normal_(p, std=0.02)
+            if hasattr(self.condition, "reset_null"):
+                self.condition.reset_null()
             return
         # fairseq: embeddings N(0, dim^-0.5), xavier-uniform projections with zero biases (q, k and v each with gain
         # 1/sqrt(2), as fairseq's MultiheadAttention initialises its separate projections), head N(0, dim^-0.5)
@@ -250,6 +265,8 @@ class GPT(nn.Module):
         nn.init.normal_(self.head.weight, std=std)
         for p in self.condition.parameters(recurse=False):
             nn.init.normal_(p, std=std)
+        if hasattr(self.condition, "reset_null"):
+            self.condition.reset_null()
 
     # ---- small helpers
     def num_params(self) -> int:
@@ -264,6 +281,30 @@ class GPT(nn.Module):
         if cfg.cond == "prefix" and (cond is None or cond.shape != (batch, cfg.prefix_len)):
             shape = None if cond is None else tuple(cond.shape)
             raise DigitError(f"a prefix-conditioned model needs prefix tokens [{batch}, {cfg.prefix_len}], got {shape}")
+        if cfg.cond == "text":
+            want = (batch, cfg.caption_len, cfg.caption_dim)
+            ok = isinstance(cond, Caption) and tuple(cond.features.shape) == want
+            if not ok or tuple(cond.mask.shape) != want[:2] or cond.mask.dtype != torch.bool:
+                raise DigitError(
+                    f"a text model needs a Caption: features {list(want)} and a bool mask {list(want[:2])}"
+                )
+
+    def _key_valid(self, cond, length: int) -> torch.Tensor | None:
+        """Text: which of ``length`` sequence positions may be read as keys [B, length] (the caption mask, then the
+        image positions); None for the other conditions."""
+        if self.config.cond != "text":
+            return None
+        m = cond.mask
+        return torch.cat([m, m.new_ones(m.shape[0], length - m.shape[1])], dim=1)
+
+    def _key_mask(self, key_valid: torch.Tensor, pos: torch.Tensor, S: int) -> torch.Tensor:
+        """The attention mask over ``S`` keys for queries at ``pos`` ([T] or per row [B, T]): causal, padded caption
+        keys removed, each query's own position kept (LlamaGen adds the identity) -> [B, 1, T, S] bool."""
+        base = self.causal_mask[pos, :S]
+        own = pos[..., None] == torch.arange(S, device=pos.device)
+        if pos.dim() == 2:
+            base, own = base[:, None], own[:, None]
+        return (base & key_valid[:, None, None, :S]) | own
 
     def embed_condition(self, cond: torch.Tensor | None, batch: int) -> torch.Tensor:
         """Raw (unscaled, position-free) condition embeddings [B, C, dim]."""
@@ -283,7 +324,7 @@ class GPT(nn.Module):
                 x = x + self.pos_embed(input_pos + FAIRSEQ_POS_OFFSET)
         return self.dropout(x)
 
-    def _sequence(self, tokens: torch.Tensor, cond: torch.Tensor | None, shift: bool) -> torch.Tensor:
+    def _sequence(self, tokens: torch.Tensor, cond, shift: bool) -> torch.Tensor:
         B, T = tokens.shape
         if T != self.config.seq_len:
             raise DigitError(f"expected {self.config.seq_len} tokens per sample (grid {self.config.grid}), got {T}")
@@ -293,13 +334,20 @@ class GPT(nn.Module):
         x = torch.cat([c, self.token_embed(tokens[:, :-1] if shift else tokens)], dim=1)
         return self._embed(x, torch.arange(x.shape[1], device=x.device))
 
-    def _blocks(self, x, input_pos=None, collect: list | None = None, kv_len: int | None = None) -> torch.Tensor:
+    def _blocks(self, x, input_pos=None, collect: list | None = None, kv_len: int | None = None,
+                key_valid: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
         """The blocks and the final norm. Cached path (``input_pos`` given): ``kv_len`` cache entries are read, the
         queries being the last of them (decode: kv_len = position + 1; prefill from 0: kv_len = T); a chunk elsewhere
-        reads them under the causal mask; ``kv_len=None`` reads the whole static cache through the mask."""
+        reads them under the causal mask; ``kv_len=None`` reads the whole static cache through the mask.
+        ``key_valid`` [B, S] (text models): keys that may be read; the mask is then always explicit."""
         mask = None
         if input_pos is None:
             rope = self.rope[: x.shape[1]] if self.rope is not None else None
+            if key_valid is not None:
+                mask = self._key_mask(key_valid, torch.arange(x.shape[1], device=x.device), x.shape[1])
+        elif key_valid is not None:
+            rope = self.rope[input_pos] if self.rope is not None else None
+            mask = self._key_mask(key_valid, input_pos, kv_len if kv_len is not None else self.cache_len)
         else:
             rope = self.rope[input_pos] if self.rope is not None else None
             T = x.shape[1]
@@ -316,21 +364,21 @@ class GPT(nn.Module):
         return self.final_norm(x)
 
     # ---- training / scoring
-    def forward(self, tokens: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
-        """tokens [B, T] long, cond None | labels [B] | prefix [B, P] -> logits [B, T, vocab_size] float32."""
+    def forward(self, tokens: torch.Tensor, cond=None) -> torch.Tensor:
+        """tokens [B, T] long, cond None | labels [B] | prefix [B, P] | Caption -> logits [B, T, vocab_size] float32."""
         cfg = self.config
         x = self._sequence(tokens, cond, shift=cfg.causal)
-        h = self._blocks(x)
+        h = self._blocks(x, key_valid=self._key_valid(cond, x.shape[1]))
         start = cfg.cond_len - 1 if cfg.causal else cfg.cond_len
         return self.head(h[:, start : start + cfg.seq_len]).float()
 
-    def hidden_states(self, tokens: torch.Tensor, cond: torch.Tensor | None = None) -> list[torch.Tensor]:
+    def hidden_states(self, tokens: torch.Tensor, cond=None) -> list[torch.Tensor]:
         """[embedding output, block 1, ..., block n] over ``[cond; tokens]`` (all T tokens, no shift): n_layers + 1
         tensors [B, C + T, dim]. As in HF transformers, the last entry has the final norm applied (the features the
         head reads); for a post-norm model there is no final norm and it is the last block's output."""
         x = self._sequence(tokens, cond, shift=False)
         states = [x]
-        h = self._blocks(x, collect=states)
+        h = self._blocks(x, collect=states, key_valid=self._key_valid(cond, x.shape[1]))
         states[-1] = h
         return states
 
@@ -355,12 +403,15 @@ class GPT(nn.Module):
         for block in self.blocks:
             block.attn.kv_cache = None
         self.cache_len = 0
+        self.key_valid = None
 
-    def prefill(self, cond: torch.Tensor | None, batch: int) -> torch.Tensor:
-        """Run the condition positions through the cache; logits [B, vocab] for the first image token."""
+    def prefill(self, cond, batch: int) -> torch.Tensor:
+        """Run the condition positions through the cache; logits [B, vocab] for the first image token. A text model
+        keeps the caption's key mask for the decode steps that follow."""
         c = self.embed_condition(cond, batch)
         pos = torch.arange(c.shape[1], device=c.device)
-        h = self._blocks(self._embed(c, pos), pos, kv_len=c.shape[1])
+        self.key_valid = self._key_valid(cond, self.cache_len)
+        h = self._blocks(self._embed(c, pos), pos, kv_len=c.shape[1], key_valid=self.key_valid)
         return self.head(h[:, -1]).float()
 
     def decode_step(self, tokens: torch.Tensor, input_pos: torch.Tensor, kv_len: int | None = None) -> torch.Tensor:
@@ -374,7 +425,8 @@ class GPT(nn.Module):
         eager_cpu = input_pos.device.type == "cpu" and not torch.compiler.is_compiling()
         if kv_len is None and input_pos.dim() == 1 and eager_cpu:  # per-row positions [B, 1] read through the mask
             kv_len = int(input_pos[-1]) + 1
-        h = self._blocks(self._embed(self.token_embed(tokens), input_pos), input_pos, kv_len=kv_len)
+        x = self._embed(self.token_embed(tokens), input_pos)
+        h = self._blocks(x, input_pos, kv_len=kv_len, key_valid=self.key_valid)
         return self.head(h[:, -1]).float()
 
     def decode_block(self, tokens: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
@@ -387,5 +439,6 @@ class GPT(nn.Module):
         kv_len = None
         if input_pos.device.type == "cpu" and not torch.compiler.is_compiling():
             kv_len = int(input_pos[-1]) + 1
-        h = self._blocks(self._embed(self.token_embed(tokens), input_pos), input_pos, kv_len=kv_len)
+        x = self._embed(self.token_embed(tokens), input_pos)
+        h = self._blocks(x, input_pos, kv_len=kv_len, key_valid=self.key_valid)
         return self.head(h).float()

@@ -140,7 +140,8 @@ class Attention(nn.Module):
                 y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1)
         else:
             p = self.attn_dropout if self.training else 0.0
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=causal)
+            # an explicit mask (text models: padded caption keys removed) carries the causal structure itself
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, is_causal=causal and mask is None)
         return self.proj(y.transpose(1, 2).reshape(B, T, -1))
 
 

@@ -82,6 +82,8 @@ class Engine:
         cfg = model.config
         if not cfg.causal:
             raise DigitError("the engine serves autoregressive models (a causal=False model decodes with MaskGIT)")
+        if cfg.cond == "text":  # per-slot caption masks are not wired into the slot prefill yet (issue 16)
+            raise DigitError("the engine does not serve text-conditional models yet; use digit.sampling.sample")
         if slots < 1:
             raise DigitError(f"slots must be >= 1, got {slots}")
         self.model, self.slots = model, slots

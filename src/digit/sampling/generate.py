@@ -25,6 +25,7 @@ from typing import Any, Protocol
 import torch
 
 from digit.errors import DigitError
+from digit.models.conditions import cond_rows, join_conditions
 from digit.sampling.filters import Generators, cfg, cfg_scale_at, fill_exponential, filter_logits_rows
 from digit.sampling.filters import sample_with_noise as _draw
 from digit.sampling.params import SamplingParams
@@ -128,8 +129,8 @@ def step_function(compile: bool, device: torch.device) -> Callable[..., torch.Te
 
 def check_params(model: CachedDecoder, params: SamplingParams) -> None:
     """What depends on the model (the values themselves were validated by SamplingParams)."""
-    if params.cfg_scale != 1.0 and model.config.cond != "class":
-        raise DigitError("classifier-free guidance needs a class-conditional model")
+    if params.cfg_scale != 1.0 and model.config.cond not in ("class", "text"):
+        raise DigitError("classifier-free guidance needs a class-conditional or text-conditional model")
 
 
 def batch_size(model: CachedDecoder, cond: torch.Tensor | None, n: int | None) -> int:
@@ -141,9 +142,10 @@ def batch_size(model: CachedDecoder, cond: torch.Tensor | None, n: int | None) -
         return int(n)
     if cond is None:
         raise DigitError(f"a {model.config.cond}-conditioned model needs cond")
-    if n is not None and n != cond.shape[0]:
-        raise DigitError(f"n = {n} but cond has {cond.shape[0]} rows")
-    return int(cond.shape[0])
+    rows = cond_rows(cond)
+    if n is not None and n != rows:
+        raise DigitError(f"n = {n} but cond has {rows} rows")
+    return rows
 
 
 @torch.inference_mode()
@@ -231,7 +233,7 @@ def _sample_ar(model, cond, B, params, generator, compile, on_step, logits_filte
     guided = params.guided
     rows = 2 * B if guided else B
     if guided:
-        cond = torch.cat([cond, model.condition.null(cond)])  # LlamaGen layout [cond; uncond]
+        cond = join_conditions(cond, model.condition.null(cond))  # LlamaGen layout [cond; uncond]
     model.setup_cache(rows)
     step = step_function(compile, device)
     settings = RowSettings.build([params] * B, V, device)

@@ -43,6 +43,7 @@ from typing import Protocol
 import torch
 
 from digit.errors import DigitError
+from digit.models.conditions import join_conditions
 from digit.sampling.filters import Generators, cfg, cfg_scale_at, fill_exponential, filter_logits
 from digit.sampling.generate import batch_size, check_params
 from digit.sampling.params import check_value
@@ -178,7 +179,7 @@ def _decode(model, cond, B, params, generator, window, init, on_advance):
     guided = params.cfg_scale != 1.0
     rows = 2 * B if guided else B
     if guided:
-        cond = torch.cat([cond, model.condition.null(cond)])  # LlamaGen layout [cond; uncond], as standard decoding
+        cond = join_conditions(cond, model.condition.null(cond))  # LlamaGen layout [cond; uncond], as standard decoding
     scales = None
     if guided:
         s = [cfg_scale_at(i, T, params.cfg_scale, params.cfg_interval, params.cfg_schedule) for i in range(T)]

@@ -1,0 +1,196 @@
+"""Text condition (LlamaGen t2i design): caption MLP prefix, null caption, padded-caption attention mask, KV cache,
+classifier-free guidance on the null caption, LlamaGen key names."""
+
+import pytest
+import torch
+from torch import nn
+
+from digit.convert.keys import from_llamagen, to_llamagen
+from digit.errors import DigitError
+from digit.models.conditions import Caption, left_pad_captions
+from digit.models.gpt import ARCHS, GPT, GPTConfig
+from digit.sampling.generate import sample
+from digit.sampling.params import SamplingParams
+
+L, DT, GRID, V = 6, 10, (3, 3), 17
+
+
+def tiny(arch="llama", seed=0, **kw):
+    torch.manual_seed(seed)
+    base = dict(vocab_size=V, grid=GRID, dim=32, n_layers=2, n_heads=4, multiple_of=16, cond="text", caption_len=L,
+                caption_dim=DT)  # fmt: skip
+    cfg = GPTConfig(**{**base, **ARCHS[arch], **kw})
+    model = GPT(cfg)
+    nn.init.normal_(model.head.weight, std=0.5)  # LlamaGen zero-initialises the head: logits would all be 0
+    return model.eval()
+
+
+def caption(B=3, seed=1, valid=(2, 6, 4)):
+    """Left-padded captions (LlamaGen's sampler layout): row b has its valid[b] real positions at the end."""
+    g = torch.Generator().manual_seed(seed)
+    feats = torch.randn(B, L, DT, generator=g)
+    mask = torch.arange(L)[None] >= (L - torch.tensor(valid[:B]))[:, None]
+    return Caption(feats * mask[..., None], mask)
+
+
+def tokens(B=3, seed=2):
+    return torch.randint(0, V, (B, GRID[0] * GRID[1]), generator=torch.Generator().manual_seed(seed))
+
+
+def test_shapes_and_config():
+    m = tiny()
+    assert m.config.cond_len == L and m.config.n_positions == L + 9
+    out = m(tokens(), caption())
+    assert out.shape == (3, 9, V) and out.dtype == torch.float32 and out.abs().sum() > 0
+    assert m.condition.null_caption.shape == (L, DT) and m.condition.null_caption.requires_grad
+    # LlamaGen's init of the null caption: N(0, 1/D_t)
+    assert 0.1 < m.condition.null_caption.std().item() < 0.6
+    with pytest.raises(DigitError, match="Caption"):
+        m(tokens(), caption().features)
+    with pytest.raises(DigitError, match="Caption"):
+        m(tokens(), Caption(caption().features, caption().mask.long()))
+    with pytest.raises(DigitError, match="causal"):
+        GPTConfig(vocab_size=V, grid=GRID, cond="text", causal=False)
+
+
+@pytest.mark.parametrize("arch", ["llama", "fairseq"])
+def test_padded_positions_do_not_affect_logits(arch):
+    m = tiny(arch)
+    cap, toks = caption(), tokens()
+    ref = m(toks, cap)
+    noisy = cap.features + 100 * torch.randn(cap.features.shape) * (~cap.mask)[..., None]
+    assert torch.equal(m(toks, Caption(noisy, cap.mask)), ref)
+    # the same change with every position marked valid does change the logits (the mask is what hides them)
+    everything = torch.ones_like(cap.mask)
+    assert not torch.allclose(m(toks, Caption(noisy, everything)), m(toks, Caption(cap.features, everything)))
+    # and a change at a valid position changes them too
+    f = cap.features.clone()
+    f[:, -1] += 1.0
+    assert (m(toks, Caption(f, cap.mask)) - ref).abs().amax(dim=(1, 2)).min() > 1e-4
+
+
+def test_mask_matches_explicit_attention_formula():
+    """The model's attention mask against the mask written out: causal, padded caption keys removed for every query,
+    each query's own position kept (LlamaGen's causal_mask * emb_mask, then + identity)."""
+    m = tiny(n_layers=1)
+    cap = caption()
+    S = L + 8
+    kv = m._key_valid(cap, S)
+    mask = m._key_mask(kv, torch.arange(S), S)[:, 0]
+    want = torch.ones(S, S, dtype=torch.bool).tril()[None].clone().repeat(3, 1, 1)
+    for b, valid in enumerate((2, 6, 4)):
+        want[b, :, : L - valid] = False
+        want[b].diagonal().fill_(True)
+    assert torch.equal(mask, want)
+
+
+def test_caption_dropout_rate_one_is_the_null_caption():
+    m = tiny()
+    cap, toks = caption(), tokens()
+    null_out = m(toks, m.condition.null(cap))
+    m.train()
+    m.condition.dropout_prob = 1.0
+    assert torch.equal(m(toks, cap), null_out)
+    m.condition.dropout_prob = 0.0
+    assert not torch.allclose(m(toks, cap), null_out)
+    m.eval()  # eval never drops
+    m.condition.dropout_prob = 1.0
+    assert not torch.allclose(m(toks, cap), null_out)
+    # the null caption is trained through dropped rows
+    m.train()
+    m(toks, cap).sum().backward()
+    assert m.condition.null_caption.grad is not None and m.condition.null_caption.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("arch", ["llama", "fairseq"])
+def test_kv_cache_decode_equals_full_forward(arch):
+    m = tiny(arch)
+    cap, toks = caption(), tokens()
+    full = m(toks, cap)  # [B, 9, V]; logits[:, t] predicts token t
+    T = toks.shape[1]
+    with torch.no_grad():
+        m.setup_cache(3)
+        steps = [m.prefill(cap, 3)]
+        for i in range(T - 1):
+            steps.append(m.decode_step(toks[:, i : i + 1], torch.tensor([L + i])))
+        torch.testing.assert_close(torch.stack(steps, 1), full, rtol=0, atol=1e-5)
+        # the whole static cache through the mask (the compiled / accelerator path)
+        m.prefill(cap, 3)
+        for i in range(T - 1):
+            last = m.decode_step(toks[:, i : i + 1], torch.tensor([L + i]), kv_len=m.cache_len)
+        torch.testing.assert_close(last, full[:, -1], rtol=0, atol=1e-5)
+        # a block of tokens after the prefill (speculative verification)
+        m.prefill(cap, 3)
+        block = m.decode_block(toks[:, :-1], torch.arange(L, L + T - 1))
+        torch.testing.assert_close(block, full[:, 1:], rtol=0, atol=1e-5)
+        # per-row positions (continuous batching)
+        m.prefill(cap, 3)
+        for i in range(T - 1):
+            last = m.decode_step(toks[:, i : i + 1], torch.full((3, 1), L + i))
+        torch.testing.assert_close(last, full[:, -1], rtol=0, atol=1e-5)
+
+
+def _greedy_rollout(m, cap, scale=None):
+    """Greedy tokens by full forwards only (no cache): token t = argmax of (guided) logits at t."""
+    B, T = len(cap), GRID[0] * GRID[1]
+    toks = torch.zeros(B, T, dtype=torch.long)
+    for t in range(T):
+        logits = m(toks, cap)[:, t]
+        if scale is not None:
+            u = m(toks, m.condition.null(cap))[:, t]
+            logits = u + scale * (logits - u)
+        toks[:, t] = logits.argmax(-1)
+    return toks
+
+
+@pytest.mark.parametrize("scale", [1.0, 3.0])
+def test_greedy_sampling_deterministic_and_equal_to_full_forward(scale):
+    m = tiny()
+    cap = caption()
+    params = SamplingParams(top_k=1, cfg_scale=scale)
+    a = sample(m, cap, params=params, generator=torch.Generator().manual_seed(0)).tokens
+    b = sample(m, cap, params=params, generator=torch.Generator().manual_seed(5)).tokens
+    assert a.shape == (3, *GRID) and torch.equal(a, b)
+    want = _greedy_rollout(m, cap, None if scale == 1.0 else scale)
+    assert torch.equal(a.view(3, -1), want)
+
+
+def test_jacobi_greedy_equals_standard():
+    from digit.sampling.jacobi import jacobi_generate
+
+    m = tiny()
+    cap = caption()
+    params = SamplingParams(top_k=1, cfg_scale=2.0)
+    ar = sample(m, cap, params=params, generator=torch.Generator().manual_seed(0)).tokens
+    jac = jacobi_generate(m, cap, 3, params, torch.Generator().manual_seed(0))
+    assert torch.equal(jac[0].view(3, -1), ar.view(3, -1))
+
+
+def test_engine_refuses_text_models():
+    from digit.sampling.engine import Engine
+
+    with pytest.raises(DigitError, match="text"):
+        Engine(tiny(), slots=2)
+
+
+def test_llamagen_key_names_round_trip():
+    m = tiny()
+    sd = m.state_dict()
+    theirs = to_llamagen(sd)
+    assert {"cls_embedding.cap_proj.fc1.weight", "cls_embedding.cap_proj.fc2.weight",
+            "cls_embedding.uncond_embedding"} <= set(theirs)  # fmt: skip
+    assert theirs["cls_embedding.cap_proj.fc1.weight"].shape == (32, DT)
+    assert not any(k.startswith("condition.") for k in theirs)
+    back = from_llamagen(theirs)
+    assert set(back) == set(sd) and all(torch.equal(back[k], sd[k]) for k in sd)
+    m2 = tiny(seed=9)
+    m2.load_state_dict(back)
+    torch.testing.assert_close(m2(tokens(), caption()), m(tokens(), caption()), rtol=0, atol=0)
+
+
+def test_left_pad_captions():
+    feats = torch.arange(2 * 4 * 1, dtype=torch.float32).view(2, 4, 1) + 1  # rows [1,2,3,4], [5,6,7,8]
+    mask = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1]], dtype=torch.bool)  # T5 right padding
+    out = left_pad_captions(feats, mask)
+    assert out.features[..., 0].tolist() == [[0, 0, 1, 2], [5, 6, 7, 8]]
+    assert out.mask.tolist() == [[False, False, True, True], [True, True, True, True]]
