@@ -7,11 +7,21 @@ from pathlib import Path
 from typing import Any
 
 from digit.errors import DigitError
+from digit.models.conditions import Caption, left_pad_captions
 from digit.models.gpt import GPT, GPTConfig
 from digit.models.presets import PRESETS, build_config
 from digit.utils.artifacts import GRID, OBJECT, POSITIVE_INT, config_from_dict, load_safetensors, read_json_object
 
-__all__ = ["GPT", "GPTConfig", "PRESETS", "build_config", "load_gpt_run", "read_run_config"]
+__all__ = [
+    "GPT",
+    "Caption",
+    "GPTConfig",
+    "PRESETS",
+    "build_config",
+    "left_pad_captions",
+    "load_gpt_run",
+    "read_run_config",
+]
 
 
 RUN_SCHEMA = {"model": {"vocab_size": POSITIVE_INT, "grid": GRID}, "data?": OBJECT, "train?": OBJECT}

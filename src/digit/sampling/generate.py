@@ -160,7 +160,7 @@ def sample(
     on_step: Callable[[int], None] | None = None,
     logits_filter: LogitsFilter | None = None,
 ) -> Sampled:
-    """Sample token grids ``[B, h, w]`` (long). ``cond``: labels [B] | prefix [B, P] | None with ``n`` samples.
+    """Sample token grids ``[B, h, w]`` (long). ``cond``: labels [B] | prefix [B, P] | Caption | None with ``n`` samples.
 
     ``generator``: one for the batch, or one per row (then a row's tokens depend only on its own generator).
     ``compile``: use the compiled decode step. The KV cache stays allocated on the model for the next call with the

@@ -147,7 +147,7 @@ def jacobi_generate(
     on_advance: Callable[[int], None] | None = None,
 ) -> tuple[torch.Tensor, int]:
     """Sample token sequences ``[B, h*w]`` (long) with speculative Jacobi decoding; returns them and the number of
-    model forward passes (prefill included). ``cond``: labels [B] | prefix [B, P] | None with ``batch`` samples.
+    model forward passes (prefill included). ``cond``: labels [B] | prefix [B, P] | Caption | None with ``batch`` samples.
     ``generator``: one for the batch or one per row (a row's tokens still depend on the batch: the window follows the
     slowest row, which sets how many draws each row makes).
     ``window``: draft tokens per iteration; ``init``: "random" | "repeat" (module docstring). ``on_advance(k)`` is
