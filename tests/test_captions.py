@@ -397,3 +397,17 @@ def test_t5_encoder_from_local_dir_matches_transformers(tmp_path):
     np.testing.assert_allclose(feats[0, :3], ref, atol=1e-5)
     ident = enc.identity()
     assert ident["kind"] == "t5" and ident == load_text_encoder(tmp_path, max_length=6).identity()
+
+
+def test_encoder_with_inconsistent_shapes_refused_and_nothing_left(tmp_path):
+    class Drifting(RandomTextEncoder):  # a second batch with another length: a broken encoder
+        def encode(self, texts):
+            f, m = super().encode(texts)
+            self.calls = getattr(self, "calls", 0) + 1
+            return (f, m) if self.calls == 1 else (f[:, :-1], m[:, :-1])
+
+    d = _token_dir(tmp_path, n=3)
+    before = sorted(p.name for p in d.iterdir())
+    with pytest.raises(DigitError, match=r"text encoder returned features \[1, 3, 4\] and mask \[1, 3\] for 1"):
+        write_caption_features(d, ["a", "b", "c"], Drifting(dim=4, max_length=4), batch_size=2)
+    assert sorted(p.name for p in d.iterdir()) == before  # no temp file, no half-written features

@@ -23,7 +23,7 @@ import numpy as np
 
 from digit.errors import DigitError
 from digit.utils.artifacts import INT, POSITIVE_INT, STR, load_npy, read_json_object
-from digit.utils.io import atomic_save_numpy, atomic_write_bytes, atomic_write_json, file_sha256
+from digit.utils.io import atomic_save_numpy, atomic_write, atomic_write_bytes, atomic_write_json, file_sha256
 
 CAPTIONS_FILE, FEATURES_FILE, MASK_FILE = "captions.jsonl", "text_features.npy", "text_mask.npy"
 
@@ -161,23 +161,44 @@ def write_caption_features(
         raise DigitError(f"{token_dir}: {len(texts)} captions for {n_images} images")
     if dtype not in ("float16", "float32"):
         raise DigitError(f"text feature dtype must be float16 or float32, got {dtype!r}")
-    feats, mask = [], []
+    if not texts:
+        raise DigitError(f"{token_dir}: no captions to encode")
     from tqdm import tqdm
 
-    for s in tqdm(range(0, len(texts), batch_size), desc="caption features", unit="batch", disable=not progress):
-        f, m = encoder.encode(list(texts[s : s + batch_size]))
-        feats.append(np.asarray(f, dtype=dtype))
-        mask.append(np.asarray(m, dtype=bool))
-    features, masks = np.concatenate(feats), np.concatenate(mask)
+    held: dict[str, np.ndarray] = {}  # the features go straight to disk, batch by batch; only the mask stays in RAM
+
+    def write_features(tmp: Path) -> None:
+        out = None
+        for s in tqdm(range(0, len(texts), batch_size), desc="caption features", unit="batch", disable=not progress):
+            batch = list(texts[s : s + batch_size])
+            f, m = encoder.encode(batch)
+            f, m = np.asarray(f, dtype=dtype), np.asarray(m, dtype=bool)
+            if out is None:
+                if f.ndim != 3:
+                    raise DigitError(f"text encoder returned features of shape {list(f.shape)}, not [N, L, D]")
+                out = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=(len(texts), *f.shape[1:]))
+                held["mask"] = np.zeros((len(texts), f.shape[1]), dtype=bool)
+            if f.shape != (len(batch), *out.shape[1:]) or m.shape != f.shape[:2]:
+                raise DigitError(
+                    f"text encoder returned features {list(f.shape)} and mask {list(m.shape)} for {len(batch)} "
+                    f"captions; expected [{len(batch)}, {out.shape[1]}, {out.shape[2]}] and [{len(batch)}, {out.shape[1]}]"
+                )
+            out[s : s + len(batch)] = f
+            held["mask"][s : s + len(batch)] = m
+        out.flush()
+        held["shape"] = np.array(out.shape)
+        del out
+
     lines = "".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in texts)
+    atomic_write(token_dir / FEATURES_FILE, write_features)
+    atomic_save_numpy(token_dir / MASK_FILE, held["mask"])
     atomic_write_bytes(token_dir / CAPTIONS_FILE, lines.encode("utf-8"))
-    atomic_save_numpy(token_dir / FEATURES_FILE, features)
-    atomic_save_numpy(token_dir / MASK_FILE, masks)
+    _, length, dim = (int(x) for x in held["shape"])
     meta["text"] = {
         "encoder": encoder.identity(),
         "n": len(texts),
-        "length": int(features.shape[1]),
-        "dim": int(features.shape[2]),
+        "length": length,
+        "dim": dim,
         "dtype": dtype,
     }
     atomic_write_json(token_dir / "meta.json", meta)
