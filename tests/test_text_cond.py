@@ -3,6 +3,7 @@ classifier-free guidance on the null caption, LlamaGen key names."""
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from digit.convert.keys import from_llamagen, to_llamagen
@@ -194,3 +195,80 @@ def test_left_pad_captions():
     out = left_pad_captions(feats, mask)
     assert out.features[..., 0].tolist() == [[0, 0, 1, 2], [5, 6, 7, 8]]
     assert out.mask.tolist() == [[False, False, True, True], [True, True, True, True]]
+
+
+# ---- LlamaGen's t2i GPT written out from its public formulas (weights in LlamaGen's names)
+FFN = 48
+
+
+def _llamagen_t2i_state(seed=3) -> dict:
+    g = torch.Generator().manual_seed(seed)
+
+    def r(*shape, std=0.2):
+        return torch.randn(*shape, generator=g) * std
+
+    s = {"tok_embeddings.weight": r(V, 32), "cls_embedding.cap_proj.fc1.weight": r(32, DT),
+         "cls_embedding.cap_proj.fc2.weight": r(32, 32), "cls_embedding.uncond_embedding": r(L, DT),
+         "norm.weight": 1 + r(32), "output.weight": r(V, 32)}  # fmt: skip
+    for i in range(2):
+        p = f"layers.{i}."
+        s.update({p + "attention.wqkv.weight": r(96, 32), p + "attention.wo.weight": r(32, 32),
+                  p + "feed_forward.w1.weight": r(FFN, 32), p + "feed_forward.w3.weight": r(FFN, 32),
+                  p + "feed_forward.w2.weight": r(32, FFN), p + "attention_norm.weight": 1 + r(32),
+                  p + "ffn_norm.weight": 1 + r(32)})  # fmt: skip
+    return s
+
+
+def _llamagen_t2i_logits(s: dict, ids: torch.Tensor, feats: torch.Tensor, emb_mask: torch.Tensor) -> torch.Tensor:
+    """Training forward of LlamaGen's t2i Transformer: cap_proj (fc1, tanh-GELU, fc2) over the caption, then the
+    image tokens; 2D RoPE with an all-zero table (cos 0, sin 0) at the caption positions; attention mask
+    tril * caption mask on the caption columns, then the identity added; logits from position cls_token_num - 1."""
+    B, T = ids.shape
+    cap = F.gelu(feats @ s["cls_embedding.cap_proj.fc1.weight"].t(), approximate="tanh")
+    h = torch.cat([cap @ s["cls_embedding.cap_proj.fc2.weight"].t(), s["tok_embeddings.weight"][ids[:, :-1]]], 1)
+    S, hd, H = h.shape[1], 8, 4
+    half = hd // 2
+    freqs = 1.0 / 10000.0 ** (torch.arange(0, half, 2).float() / half)
+    f = torch.outer(torch.arange(GRID[0]).float(), freqs)
+    ang = torch.cat([f[:, None].expand(*GRID, -1), f[None].expand(*GRID, -1)], -1).reshape(-1, half)
+    table = torch.cat([torch.zeros(L, half, 2), torch.stack([ang.cos(), ang.sin()], -1)])[:S]
+
+    def rot(x):  # adjacent pairs rotate together
+        xp = x.reshape(*x.shape[:-1], -1, 2)
+        c, sn = table[None, :, None, :, 0], table[None, :, None, :, 1]
+        return torch.stack([xp[..., 0] * c - xp[..., 1] * sn, xp[..., 1] * c + xp[..., 0] * sn], -1).flatten(3)
+
+    def rms(x, w):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5) * w
+
+    allowed = torch.ones(S, S).tril()[None].repeat(B, 1, 1)
+    allowed[:, :, :L] *= emb_mask[:, None].float()
+    eye = torch.eye(S)
+    allowed = (allowed * (1 - eye) + eye).bool()[:, None]
+    for i in range(2):
+        p = f"layers.{i}."
+        q, k, v = (rms(h, s[p + "attention_norm.weight"]) @ s[p + "attention.wqkv.weight"].t()).split(32, -1)
+        q, k, v = rot(q.view(B, S, H, hd)), rot(k.view(B, S, H, hd)), v.view(B, S, H, hd)
+        w = (q.transpose(1, 2) @ k.transpose(1, 2).transpose(-1, -2)) / hd**0.5
+        a = (w.masked_fill(~allowed, float("-inf")).softmax(-1) @ v.transpose(1, 2)).transpose(1, 2).reshape(B, S, 32)
+        h = h + a @ s[p + "attention.wo.weight"].t()
+        x = rms(h, s[p + "ffn_norm.weight"])
+        h = (
+            h
+            + (F.silu(x @ s[p + "feed_forward.w1.weight"].t()) * (x @ s[p + "feed_forward.w3.weight"].t()))
+            @ s[p + "feed_forward.w2.weight"].t()
+        )
+    return (rms(h, s["norm.weight"]) @ s["output.weight"].t())[:, L - 1 :]
+
+
+def test_logits_equal_llamagen_t2i_formulas():
+    s = _llamagen_t2i_state()
+    m = tiny(ffn_dim=FFN)
+    m.load_state_dict(from_llamagen(s), strict=True)
+    cap, toks = caption(), tokens()
+    ref = _llamagen_t2i_logits(s, toks, cap.features, cap.mask)
+    torch.testing.assert_close(m(toks, cap), ref, rtol=0, atol=1e-4)
+    # the null caption under the prompt's mask (LlamaGen's CFG branch)
+    null = s["cls_embedding.uncond_embedding"].expand(3, -1, -1)
+    torch.testing.assert_close(m(toks, m.condition.null(cap)), _llamagen_t2i_logits(s, toks, null, cap.mask),
+                               rtol=0, atol=1e-4)  # fmt: skip
