@@ -128,11 +128,11 @@ def test_heads_come_from_args_or_size_table(tmp_path):
         convert_llamagen_gpt(tmp_path / "nosize.pt", n_heads=HEADS)
 
 
-def test_t2i_and_foreign_files_are_refused(tmp_path):
-    s = llamagen_state()
+def test_incomplete_t2i_and_foreign_files_are_refused(tmp_path):
+    s = llamagen_state()  # a caption MLP but no null caption (t2i conversion itself: tests/test_text_cond.py)
     s["cls_embedding.cap_proj.fc1.weight"] = torch.zeros(DIM, 8)
     torch.save({"model": s, "args": _args()}, tmp_path / "t2i.pt")
-    with pytest.raises(DigitError, match="t2i"):
+    with pytest.raises(DigitError, match="t2i GPT .no cls_embedding.uncond_embedding"):
         convert_llamagen_gpt(tmp_path / "t2i.pt", n_heads=HEADS)
     torch.save({"model": {"w": torch.zeros(2)}}, tmp_path / "x.pt")
     with pytest.raises(DigitError, match="not a LlamaGen c2i GPT"):

@@ -272,3 +272,29 @@ def test_logits_equal_llamagen_t2i_formulas():
     null = s["cls_embedding.uncond_embedding"].expand(3, -1, -1)
     torch.testing.assert_close(m(toks, m.condition.null(cap)), _llamagen_t2i_logits(s, toks, null, cap.mask),
                                rtol=0, atol=1e-4)  # fmt: skip
+
+
+def test_convert_llamagen_t2i_checkpoint(tmp_path):
+    import argparse
+
+    from digit.convert.llamagen import convert_llamagen, convert_llamagen_gpt
+    from digit.models import load_gpt_run
+
+    s = _llamagen_t2i_state()
+    args = argparse.Namespace(image_size=48, downsample_size=16, cls_token_num=L, class_dropout_prob=0.1)
+    torch.save({"model": {f"module.{k}": v.to(torch.bfloat16) for k, v in s.items()}, "args": args}, tmp_path / "t.pt")
+    s = {k: v.to(torch.bfloat16).float() for k, v in s.items()}  # what the converter reads
+    model, _ = convert_llamagen_gpt(tmp_path / "t.pt", n_heads=4)
+    c = model.config
+    assert (c.cond, c.caption_len, c.caption_dim, c.grid, c.ffn_dim) == ("text", L, DT, GRID, FFN)
+    cap, toks = caption(), tokens()
+    ref = _llamagen_t2i_logits(s, toks, cap.features, cap.mask)
+    torch.testing.assert_close(model(toks, cap), ref, rtol=0, atol=1e-4)
+    written = convert_llamagen(tmp_path / "out", gpt=str(tmp_path / "t.pt"), n_heads=4)
+    run, config = load_gpt_run(written["gpt"])
+    assert config["model"]["cond"] == "text"
+    torch.testing.assert_close(run(toks, cap), ref, rtol=0, atol=1e-4)
+    args.cls_token_num = L + 1
+    torch.save({"model": s, "args": args}, tmp_path / "bad.pt")
+    with pytest.raises(DigitError, match="cls_token_num"):
+        convert_llamagen_gpt(tmp_path / "bad.pt", n_heads=4)

@@ -53,10 +53,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     g = sub.add_parser(
         "llamagen",
-        help="LlamaGen c2i GPT (+ VQ tokenizer)",
+        help="LlamaGen c2i or t2i GPT (+ VQ tokenizer)",
         description="Writes DIR/gpt (run directory) and DIR/vq (VQ tokenizer directory, with --vq).",
     )
-    g.add_argument("--gpt", type=existing_path, required=True, help="c2i_*.pt (DDP dict or FSDP consolidated.pth)")
+    g.add_argument(
+        "--gpt", type=existing_path, required=True, help="c2i_*.pt or t2i_*.pt (DDP dict or FSDP consolidated.pth)"
+    )
     g.add_argument("--vq", type=existing_path, help="vq_ds16_c2i.pt")
     g.add_argument("--image-size", type=positive_int, help="GPT image size (default: args in the file or its name)")
     g.add_argument("--heads", type=positive_int, help="attention heads (default: args.gpt_model / LlamaGen's sizes)")

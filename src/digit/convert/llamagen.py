@@ -1,5 +1,6 @@
-"""LlamaGen's released class-conditional GPTs (``c2i_*.pt``) and VQ tokenizer (``vq_ds16_c2i.pt``) -> a run directory
-and a VQ tokenizer directory.
+"""LlamaGen's released class-conditional GPTs (``c2i_*.pt``), text-conditional GPTs (``t2i_*.pt``: caption MLP and
+null caption, ``cond="text"`` with ``caption_len`` = the null caption's rows, 120) and VQ tokenizer (``vq_ds16_c2i.pt``)
+-> a run directory and a VQ tokenizer directory.
 
 The GPT keys are renamed by `digit.convert.keys.from_llamagen` (one to one; ``to_llamagen`` goes back) after
 unwrapping: DDP checkpoints are ``{"model", "optimizer", "steps", "args"}`` with ``args`` a pickled ``argparse.Namespace``; FSDP
@@ -57,11 +58,11 @@ def llamagen_gpt_config(
     """GPTConfig from the shapes, ``args`` (gpt_model, image_size, downsample_size, class_dropout_prob) and overrides."""
     from digit.models.gpt import ARCHS, GPTConfig
 
-    if any(k.startswith("cls_embedding.cap_proj") for k in state):
-        raise DigitError(f"{path} is a text-conditional (t2i) LlamaGen model; only c2i is supported")
-    for k in ("tok_embeddings.weight", "cls_embedding.embedding_table.weight", "output.weight", "norm.weight"):
+    t2i = any(k.startswith("cls_embedding.cap_proj") for k in state)
+    cond_key = "cls_embedding.uncond_embedding" if t2i else "cls_embedding.embedding_table.weight"
+    for k in ("tok_embeddings.weight", cond_key, "output.weight", "norm.weight"):
         if k not in state:
-            raise DigitError(f"{path} is not a LlamaGen c2i GPT (no {k})")
+            raise DigitError(f"{path} is not a LlamaGen {'t2i' if t2i else 'c2i'} GPT (no {k})")
     vocab, dim = state["tok_embeddings.weight"].shape
     n_layers = len({int(k.split(".")[1]) for k in state if re.match(r"layers\.\d+\.", k)})
     a = vars(args) if args is not None else {}
@@ -77,13 +78,19 @@ def llamagen_gpt_config(
     downsample = downsample or a.get("downsample_size") or 16
     if not image_size:
         raise DigitError(f"{path}: the image size is not recorded; pass --image-size (256 or 384 for c2i models)")
-    if a.get("cls_token_num", 1) != 1:
-        raise DigitError(f"{path}: cls_token_num {a['cls_token_num']} (only class-conditional c2i models, 1 token)")
+    if t2i:
+        caption_len, caption_dim = state[cond_key].shape
+        if a.get("cls_token_num", caption_len) != caption_len:
+            raise DigitError(f"{path}: cls_token_num {a['cls_token_num']} but a {caption_len}-row null caption")
+        cond = dict(cond="text", caption_len=caption_len, caption_dim=caption_dim)
+    else:
+        if a.get("cls_token_num", 1) != 1:
+            raise DigitError(f"{path}: cls_token_num {a['cls_token_num']} (a class-conditional c2i model has 1 token)")
+        cond = dict(cond="class", num_classes=state[cond_key].shape[0] - 1)
     g = int(image_size) // int(downsample)
     return GPTConfig(
         **ARCHS["llama"], vocab_size=vocab, grid=(g, g), dim=dim, n_layers=n_layers, n_heads=int(n_heads),
-        ffn_dim=state["layers.0.feed_forward.w1.weight"].shape[0], norm_eps=1e-5, rope_base=10000.0, cond="class",
-        num_classes=state["cls_embedding.embedding_table.weight"].shape[0] - 1,
+        ffn_dim=state["layers.0.feed_forward.w1.weight"].shape[0], norm_eps=1e-5, rope_base=10000.0, **cond,
         class_dropout=float(a.get("class_dropout_prob", 0.1)), embed_dropout=float(a.get("token_dropout_p", 0.1)),
         resid_dropout=float(a.get("dropout_p", 0.1)), ffn_dropout=float(a.get("dropout_p", 0.1)),
     )  # fmt: skip
