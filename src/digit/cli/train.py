@@ -59,6 +59,12 @@ def register(sub) -> None:
         "(old rows kept, null row moved last, new rows = mean of the old ones + small seeded noise)",
     )
     m.add_argument("--class-dropout", type=non_negative_float, help="label -> null class probability (default 0.1)")
+    m.add_argument(
+        "--text-cond",
+        action="store_true",
+        help="condition on the caption features stored with --tokens (digit tokenize --captions); --class-dropout "
+        "is then the caption dropout to the null caption",
+    )
     m.add_argument("--dropout", type=non_negative_float, help="set embedding, residual and FFN dropout")
     m.add_argument("--nar", action="store_true", help="MaskGIT-style bidirectional model trained on masked tokens")
     f = p.add_argument_group("fine-tuning")
@@ -132,8 +138,8 @@ def run(args: argparse.Namespace) -> int:
     val_prefix = read_token_dir(args.val_prefix_tokens) if args.val_prefix_tokens else None
     if prefix is not None and val is not None and val_prefix is None:
         raise DigitError("a prefix-conditioned model needs --val-prefix-tokens with --val-tokens")
-    if args.class_cond and prefix is not None:
-        raise DigitError("choose one condition: --class-cond or --prefix-tokens")
+    if sum((bool(args.class_cond), prefix is not None, bool(args.text_cond))) > 1:
+        raise DigitError("choose one condition: --class-cond, --prefix-tokens or --text-cond")
     model_cfg, init = _model_config(args, tokens, prefix)
 
     task = GPTTask(
@@ -173,7 +179,7 @@ def _model_config(args: argparse.Namespace, tokens, prefix):
     from digit.models.presets import build_config
     from digit.training.finetune import FineTuneRequest, plan
 
-    cond = "class" if args.class_cond else "prefix" if prefix is not None else None
+    cond = "class" if args.class_cond else "prefix" if prefix is not None else "text" if args.text_cond else None
     request = FineTuneRequest(
         init_from=args.init_from, out=args.out, resume=args.resume, seed=args.seed, preset=args.model, dim=args.dim,
         layers=args.layers, heads=args.heads, arch=args.arch, vocab_size=args.vocab_size, nar=args.nar, cond=cond,
@@ -200,6 +206,11 @@ def _model_config(args: argparse.Namespace, tokens, prefix):
         overrides.update(cond="class", num_classes=n_cls, class_dropout=args.class_dropout)
     elif prefix is not None:
         overrides.update(cond="prefix", prefix_vocab_size=prefix.vocab_size, prefix_grid=prefix.grid)
+    elif args.text_cond:
+        from digit.data.text_features import read_caption_features
+
+        _, length, dim = read_caption_features(tokens.path).features.shape
+        overrides.update(cond="text", caption_len=length, caption_dim=dim, class_dropout=args.class_dropout)
     if args.dropout is not None:
         overrides.update(embed_dropout=args.dropout, resid_dropout=args.dropout, ffn_dropout=args.dropout)
     return build_config(args.model, **overrides), None

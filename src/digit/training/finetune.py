@@ -75,7 +75,7 @@ class FineTuneRequest:
     arch: str | None = None
     vocab_size: int | None = None
     nar: bool = False
-    cond: str | None = None  # "class" (--class-cond) | "prefix" (--prefix-tokens) | None
+    cond: str | None = None  # "class" (--class-cond) | "prefix" (--prefix-tokens) | "text" (--text-cond) | None
     num_classes: int | None = None
     class_dropout: float | None = None
     dropout: float | None = None
@@ -265,7 +265,7 @@ def check_architecture(cfg: GPTConfig, req: FineTuneRequest, origin: str) -> Non
     if req.nar and cfg.causal:
         bad.append("--nar")
     if req.cond is not None and req.cond != cfg.cond:
-        bad.append({"class": "--class-cond", "prefix": "--prefix-tokens"}[req.cond])
+        bad.append({"class": "--class-cond", "prefix": "--prefix-tokens", "text": "--text-cond"}[req.cond])
     if bad:
         raise DigitError(
             f"{', '.join(bad)} conflict with the init model {origin} ({_describe(cfg)}): the architecture comes from "

@@ -25,6 +25,7 @@ from torch import nn
 
 from digit.data.tokens import TokenDirectory
 from digit.errors import DigitError
+from digit.models.conditions import Caption, left_pad_captions
 from digit.training.finetune import RECORD_KEY, FineTune
 from digit.training.optim import OptimizerConfig
 from digit.training.task import OptimizerSpec, TaskBase
@@ -47,10 +48,12 @@ def nar_mask(T: int, seed: int, step: int, index: int) -> torch.Tensor:
 
 
 class TokenDataset:
-    """Rows of a token directory (and the aligned prefix directory) as ``{"tokens", "label", "prefix", "index"}``."""
+    """Rows of a token directory (and the aligned prefix directory) as ``{"tokens", "label", "prefix", "index"}``;
+    with caption features (text models) also ``caption_features`` [L, D] float32 and ``caption_mask`` [L] bool, left
+    padded as LlamaGen's t2i dataset stores them (the valid positions at the end)."""
 
-    def __init__(self, tokens: TokenDirectory, prefix: TokenDirectory | None = None) -> None:
-        self.tokens, self.prefix = tokens, prefix
+    def __init__(self, tokens: TokenDirectory, prefix: TokenDirectory | None = None, captions: Any = None) -> None:
+        self.tokens, self.prefix, self.captions = tokens, prefix, captions
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -63,7 +66,29 @@ class TokenDataset:
         }
         if self.prefix is not None:
             item["prefix"] = torch.from_numpy(np.asarray(self.prefix.tokens[i], dtype=np.int64).reshape(-1))
+        if self.captions is not None:
+            f = torch.from_numpy(np.asarray(self.captions.features[i], dtype=np.float32))[None]
+            cap = left_pad_captions(f, torch.from_numpy(np.asarray(self.captions.mask[i], dtype=bool))[None])
+            item["caption_features"], item["caption_mask"] = cap.features[0], cap.mask[0]
         return item
+
+
+def read_captions(model_cfg: Any, tokens: TokenDirectory, what: str = "tokens") -> Any:
+    """The caption features stored with a token directory, checked against a text model (None for other models)."""
+    if model_cfg.cond != "text":
+        return None
+    from digit.data.text_features import read_caption_features
+
+    caps = read_caption_features(tokens.path)
+    n, L, D = caps.features.shape
+    if n != len(tokens):
+        raise DigitError(f"{what} in {tokens.path}: {n} caption feature rows for {len(tokens)} token rows")
+    if (L, D) != (model_cfg.caption_len, model_cfg.caption_dim):
+        raise DigitError(
+            f"{what} in {tokens.path}: captions of {L} x {D} features, the model takes "
+            f"{model_cfg.caption_len} x {model_cfg.caption_dim}"
+        )
+    return caps
 
 
 def _max_id(arr: np.ndarray, chunk: int = 65536) -> int:
@@ -159,8 +184,10 @@ class GPTTask(TaskBase):
             optim = dataclasses.replace(optim, label_smoothing=label_smoothing)
         self.cfg, self.optim, self.seed = model_cfg, optim, seed
         self.total_steps, self.eval_batch_size = total_steps, eval_batch_size
-        self.dataset = TokenDataset(tokens, prefix)
-        self.val = TokenDataset(val, val_prefix) if val is not None else None
+        captions = read_captions(model_cfg, tokens)
+        val_captions = read_captions(model_cfg, val, "validation tokens") if val is not None else None
+        self.dataset = TokenDataset(tokens, prefix, captions)
+        self.val = TokenDataset(val, val_prefix, val_captions) if val is not None else None
         self._data_cfg = {
             "tokens": str(Path(tokens.path).resolve()),
             "prefix_tokens": str(Path(prefix.path).resolve()) if prefix is not None else None,
@@ -168,6 +195,8 @@ class GPTTask(TaskBase):
             "prefix_meta": prefix.meta if prefix is not None else None,
             "val_tokens": str(Path(val.path).resolve()) if val is not None else None,
         }
+        if captions is not None:  # checked again when prompts are encoded for this model
+            self._data_cfg["text_encoder"] = captions.encoder
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)  # the initial weights are a function of the seed alone
             self.model = GPT(model_cfg)
@@ -208,6 +237,8 @@ class GPTTask(TaskBase):
             return batch["label"]
         if self.cfg.cond == "prefix":
             return batch["prefix"]
+        if self.cfg.cond == "text":
+            return Caption(batch["caption_features"], batch["caption_mask"])
         return None
 
     def compute_loss(self, batch: dict[str, torch.Tensor], step: int, phase: str = "main"):

@@ -1,0 +1,74 @@
+"""`digit train --text-cond`: caption features stored with the tokens condition the GPT (LlamaGen t2i training)."""
+
+import json
+
+import numpy as np
+import torch
+
+from digit.cli import main
+from digit.data.text_features import RandomTextEncoder, write_caption_features
+from digit.data.tokens import read_token_dir, write_token_dir
+from digit.models import Caption, load_gpt_run
+from digit.sampling.generate import sample
+from digit.sampling.params import SamplingParams
+from digit.training.gpt_task import TokenDataset, read_captions
+
+WORDS = ("red", "a blue one")  # caption i -> every token of the grid is 3 * i + 1
+
+
+def captioned_tokens(path, n=16):
+    texts = [WORDS[i % 2] for i in range(n)]
+    tokens = np.stack([np.full((2, 2), 3 * (i % 2) + 1) for i in range(n)])
+    d = write_token_dir(path, tokens, None, vocab_size=8)
+    write_caption_features(d, texts, RandomTextEncoder(dim=8, max_length=12, seed=1))
+    return d
+
+
+def train(*args) -> int:
+    return main(["train", "--model", "tiny", "--no-progress", "--log-every", "1", *map(str, args)])
+
+
+def test_dataset_rows_are_left_padded_captions(tmp_path):
+    d = captioned_tokens(tmp_path / "tok")
+    tokens = read_token_dir(d)
+    feats, mask = RandomTextEncoder(dim=8, max_length=12, seed=1).encode([WORDS[1]])
+    n = int(mask.sum())  # "a blue one": 10 bytes of 12
+    assert n == 10
+
+    class Cfg:
+        cond, caption_len, caption_dim = "text", 12, 8
+
+    item = TokenDataset(tokens, None, read_captions(Cfg, tokens))[1]
+    assert item["caption_mask"].tolist() == [False] * 2 + [True] * 10
+    want = np.concatenate([np.zeros((2, 8)), feats[0, :n]]).astype(np.float16).astype(np.float32)  # stored fp16
+    assert np.array_equal(item["caption_features"].numpy(), want)
+    assert item["tokens"].tolist() == [4] * 4
+
+
+def test_text_cond_training_learns_the_caption(tmp_path, capsys):
+    d = captioned_tokens(tmp_path / "tok")
+    run = tmp_path / "run"
+    args = f"--tokens {d} --text-cond --class-dropout 0.1 --steps 40 --batch-size 8 --lr 3e-3 --seed 0 --out {run}"
+    assert train(*args.split()) == 0
+    cfg = json.loads((run / "config.json").read_text())
+    m = cfg["model"]
+    assert (m["cond"], m["caption_len"], m["caption_dim"], m["class_dropout"]) == ("text", 12, 8, 0.1)
+    assert cfg["data"]["text_encoder"]["sha256"] == RandomTextEncoder(dim=8, max_length=12, seed=1).identity()["sha256"]
+    model, _ = load_gpt_run(run)
+    f, msk = RandomTextEncoder(dim=8, max_length=12, seed=1).encode(list(WORDS))
+    from digit.models import left_pad_captions
+
+    cap = left_pad_captions(torch.from_numpy(f).half().float(), torch.from_numpy(msk))
+    out = sample(model, Caption(cap.features, cap.mask), params=SamplingParams(top_k=1)).tokens
+    assert out.view(2, -1).tolist() == [[1] * 4, [4] * 4]
+
+
+def test_text_cond_refusals(tmp_path, capsys):
+    plain = write_token_dir(tmp_path / "plain", np.zeros((4, 2, 2), dtype=np.int64), None, vocab_size=8)
+    assert train("--tokens", plain, "--text-cond", "--steps", "1", "--out", tmp_path / "r1") == 2
+    assert "no caption features" in capsys.readouterr().err
+    d = captioned_tokens(tmp_path / "tok")
+    assert train("--tokens", d, "--text-cond", "--class-cond", "--steps", "1", "--out", tmp_path / "r2") == 2
+    assert "choose one condition" in capsys.readouterr().err
+    assert train("--tokens", d, "--text-cond", "--nar", "--steps", "1", "--out", tmp_path / "r3") == 2
+    assert "causal" in capsys.readouterr().err
