@@ -72,3 +72,34 @@ def test_text_cond_refusals(tmp_path, capsys):
     assert "choose one condition" in capsys.readouterr().err
     assert train("--tokens", d, "--text-cond", "--nar", "--steps", "1", "--out", tmp_path / "r3") == 2
     assert "causal" in capsys.readouterr().err
+
+
+def test_sample_by_prompt_cli(tmp_path, capsys):
+    d = captioned_tokens(tmp_path / "tok")
+    run = tmp_path / "run"
+    assert train(*f"--tokens {d} --text-cond --steps 40 --batch-size 8 --lr 3e-3 --out {run}".split()) == 0
+    enc = tmp_path / "enc"
+    enc.mkdir()
+    (enc / "text_encoder.json").write_text(json.dumps({"kind": "random-test", "dim": 8, "max_length": 12, "seed": 1}))
+    base = ["sample", "--run", str(run), "--text-encoder", str(enc), "--top-k", "1"]
+    prompts = ["--prompt", WORDS[0], "--prompt", WORDS[1]]
+    for i, extra in enumerate((["-n", "4"], ["-n", "4", "--cfg-scale", "2.0"])):
+        out = tmp_path / f"out{i}"
+        assert main([*base, *prompts, *extra, "--out", str(out)]) == 0, capsys.readouterr().err
+        got = read_token_dir(out)
+        assert np.asarray(got.tokens).reshape(4, -1).tolist() == [[1] * 4, [4] * 4, [1] * 4, [4] * 4]
+        assert got.meta["sampling"]["prompts"] == [WORDS[0], WORDS[1], WORDS[0], WORDS[1]]
+    # a prompts file gives the same as the flags
+    (tmp_path / "p.txt").write_text(f"{WORDS[1]}\n\n{WORDS[0]}\n")
+    assert main([*base, "--prompts", str(tmp_path / "p.txt"), "--out", str(tmp_path / "outf")]) == 0
+    assert np.asarray(read_token_dir(tmp_path / "outf").tokens).reshape(2, -1).tolist() == [[4] * 4, [1] * 4]
+    # refusals: another encoder, no prompt, -n below the prompt count
+    other = tmp_path / "enc2"
+    other.mkdir()
+    (other / "text_encoder.json").write_text(json.dumps({"kind": "random-test", "dim": 8, "max_length": 12, "seed": 2}))
+    capsys.readouterr()
+    bad = [*base[:3], "--text-encoder", str(other), *prompts, "--out", str(tmp_path / "x1")]
+    assert main(bad) == 2 and "not the encoder this run was trained with" in capsys.readouterr().err
+    assert main([*base, "--out", str(tmp_path / "x2")]) == 2 and "--prompt" in capsys.readouterr().err
+    assert main([*base, *prompts, "-n", "1", "--out", str(tmp_path / "x3")]) == 2
+    assert "fewer than the 2 prompts" in capsys.readouterr().err

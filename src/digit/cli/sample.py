@@ -2,7 +2,9 @@
 
 Class lists are balanced: ``--classes`` (default: every trained class) with ``--per-class K`` gives each class K
 samples in class-major order; with ``-n N`` the classes are taken round-robin (counts differ by at most one); the
-listed ``--classes`` alone give one sample each (as in `digit generate`).
+listed ``--classes`` alone give one sample each (as in `digit generate`). Prompts (text-conditional runs) are spread
+the same way: ``--prompt`` (repeatable) or ``--prompts FILE`` (one per line), encoded by ``--text-encoder DIR`` (the
+encoder the run was trained with, checked by its hash), ``-n N`` round-robin over them (default: one each).
 Sampling parameters are `digit.sampling.params.SamplingParams` (the same flags as `digit generate`); their semantics
 (CFG on raw logits, temperature, top-k, top-p) are documented in `digit.sampling.filters`.
 Sample ``i`` draws from its own generator seeded from (``--seed``, i): the same seed gives the same tokens whatever
@@ -16,6 +18,7 @@ run ``--gpt-run`` there: torchrun's own parser refuses ``--run`` as an ambiguous
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import Any
 
 from digit.cli.common import add_device_arg, add_output_args, existing_dir
@@ -62,6 +65,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--prefix-tokens", type=existing_dir, default=None, help="token directory of prefixes (prefix models)"
     )
+    p.add_argument("--prompt", action="append", default=None, help="a caption to sample (text models; repeatable)")
+    p.add_argument("--prompts", type=Path, default=None, help="a file of captions, one per line (text models)")
+    p.add_argument("--text-encoder", type=existing_dir, default=None, help="text encoder directory (text models)")
     SamplingParams.add_arguments(p.add_argument_group("sampling"), only=AR_FIELDS)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=32)
@@ -98,8 +104,8 @@ def _validate(args: argparse.Namespace, params: SamplingParams, model_cfg: Any, 
     if args.batch_size < 1:
         raise DigitError(f"--batch-size must be positive, got {args.batch_size}")
     if params.guided:
-        if model_cfg.cond != "class":
-            raise DigitError("--cfg-scale needs a class-conditional model")
+        if model_cfg.cond not in ("class", "text"):
+            raise DigitError("--cfg-scale needs a class- or text-conditional model")
         if float(model_dict.get("class_dropout", 0.0)) == 0.0:
             raise DigitError("--cfg-scale needs a model trained with class dropout (this run has class_dropout 0)")
     if model_cfg.cond != "class" and (args.classes is not None or args.per_class is not None):
@@ -110,6 +116,54 @@ def _validate(args: argparse.Namespace, params: SamplingParams, model_cfg: Any, 
         raise DigitError("--prefix-tokens is only for prefix-conditioned models")
     if model_cfg.cond == "none" and args.n is None:
         raise DigitError("give -n N")
+    prompts = args.prompt is not None or args.prompts is not None
+    if model_cfg.cond != "text" and (prompts or args.text_encoder is not None):
+        raise DigitError(
+            f"--prompt/--prompts/--text-encoder need a text-conditional model (this one is {model_cfg.cond!r})"
+        )
+    if model_cfg.cond == "text" and not (prompts and args.text_encoder is not None):
+        raise DigitError("a text-conditional model needs --prompt TEXT (or --prompts FILE) and --text-encoder DIR")
+
+
+def _prompt_list(args) -> list[str]:
+    prompts = list(args.prompt or [])
+    if args.prompts is not None:
+        try:
+            lines = args.prompts.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as e:
+            raise DigitError(f"--prompts {args.prompts}: {e}") from e
+        prompts += [line.strip() for line in lines if line.strip()]
+    if not prompts or any(not p.strip() for p in prompts):
+        raise DigitError("the prompts must be non-empty text")
+    if args.n is not None and args.n < len(prompts):
+        raise DigitError(f"-n {args.n} is fewer than the {len(prompts)} prompts")
+    n = len(prompts) if args.n is None else args.n
+    return [prompts[i % len(prompts)] for i in range(n)]
+
+
+def _captions(args, model_cfg, config, prompts: list[str]):
+    """Encode the prompts with --text-encoder (checked against the run's encoder), left-padded as LlamaGen samples."""
+    import torch
+
+    from digit.data.text_features import load_text_encoder
+    from digit.models.conditions import left_pad_captions
+
+    encoder = load_text_encoder(args.text_encoder, max_length=model_cfg.caption_len)
+    want = (config.get("data") or {}).get("text_encoder")
+    have = encoder.identity()
+    if isinstance(want, dict) and want.get("sha256") != have.get("sha256"):
+        raise DigitError(
+            f"--text-encoder {args.text_encoder} ({have.get('sha256', '')[:12]}) is not the encoder this run was "
+            f"trained with ({want.get('name')!r}, {str(want.get('sha256'))[:12]})"
+        )
+    features, mask = encoder.encode(prompts)
+    if tuple(features.shape[1:]) != (model_cfg.caption_len, model_cfg.caption_dim):
+        raise DigitError(
+            f"--text-encoder gives {list(features.shape[1:])} features, the model takes "
+            f"[{model_cfg.caption_len}, {model_cfg.caption_dim}]"
+        )
+    # the features as training read them (stored at the run data's dtype would differ only by rounding)
+    return left_pad_captions(torch.from_numpy(features).float(), torch.from_numpy(mask))
 
 
 def _conditions(args, model_cfg, config):
@@ -134,6 +188,9 @@ def _conditions(args, model_cfg, config):
             raise DigitError(f"-n {n} but {args.prefix_tokens} holds only {len(pre)} prefixes")
         prefix = torch.from_numpy(np.asarray(pre.tokens[:n], dtype=np.int64)).flatten(1)
         return prefix, np.asarray(pre.labels[:n], dtype=np.int64), n
+    if model_cfg.cond == "text":
+        prompts = _prompt_list(args)
+        return _captions(args, model_cfg, config, prompts), np.full(len(prompts), -1, dtype=np.int64), len(prompts)
     return None, np.full(args.n, -1, dtype=np.int64), args.n
 
 
@@ -208,6 +265,8 @@ def run(args: argparse.Namespace) -> int:
         "classes": sorted({int(x) for x in labels if x >= 0}),
         "prefix_tokens": str(args.prefix_tokens) if args.prefix_tokens else None,
     }
+    if mcfg.cond == "text":
+        sampling["prompts"] = _prompt_list(args)  # sample i's caption
     extra = {k: v for k, v in meta.items() if k not in _OWN_KEYS}
     extra.update(source="digit sample", sampling=sampling)
     class_names = meta.get("class_names") or []

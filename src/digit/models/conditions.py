@@ -122,6 +122,9 @@ class Caption:
     def to(self, device) -> Caption:
         return Caption(self.features.to(device), self.mask.to(device))
 
+    def __getitem__(self, rows) -> Caption:  # a row slice, as a label or prefix batch is sliced
+        return Caption(self.features[rows], self.mask[rows])
+
 
 def left_pad_captions(features: torch.Tensor, mask: torch.Tensor) -> Caption:
     """Right-padded encoder output (valid tokens first, as a T5 tokenizer pads) -> LlamaGen's sampler layout: each
