@@ -9,6 +9,7 @@ a server with one slot and a one-request queue, kept full, answers a series of r
 
     python benchmarks/serve.py                       # shipped CIFAR-10 models, 1 / 4 / 16 clients, one torch thread
     python benchmarks/serve.py --levels 1 4 16 64 --per-client 4
+    python benchmarks/serve.py --soak 600             # 4 clients for 10 minutes: the server's RSS over time
 
 Everything runs on this machine (server, clients, offline sampler): on a shared CPU the figures move with the load.
 """
@@ -105,6 +106,49 @@ def closed_loop(server: Server, clients: int, per_client: int, max_seconds: floa
     return len(latencies), time.perf_counter() - t0, latencies
 
 
+def rss_mb(pid: int) -> float:
+    """Resident set size of a process (Linux /proc), in MiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise SystemExit(f"no VmRSS for pid {pid}")
+
+
+def soak(model: str, threads: int, seconds: float, clients: int = 4, every: float = 30.0) -> None:
+    """Clients in a closed loop for ``seconds``; the server's RSS printed every ``every`` seconds (a leak shows as growth)."""
+    server = Server(model, threads, "--max-batch", str(clients), "--max-queue", str(2 * clients))
+    served = [0]
+    stop_at = time.perf_counter() + seconds
+
+    def client(k: int) -> None:
+        i = 0
+        while time.perf_counter() < stop_at:
+            status, _ = server.call(
+                "POST", "/v1/images/generations", {"class": (k + i) % 10, "n": 1, "seed": i, **PARAMS}
+            )
+            if status != 200:
+                raise SystemExit(f"request failed: {status}")
+            served[0] += 1
+            i += 1
+
+    try:
+        threads_ = [threading.Thread(target=client, args=(k,), daemon=True) for k in range(clients)]
+        t0 = time.perf_counter()
+        for t in threads_:
+            t.start()
+        print(f"{'t (s)':>6} | {'images':>6} | server RSS (MiB)", flush=True)
+        while True:
+            print(f"{time.perf_counter() - t0:>6.0f} | {served[0]:>6} | {rss_mb(server.proc.pid):.1f}", flush=True)
+            if time.perf_counter() >= stop_at:
+                break
+            time.sleep(min(every, max(stop_at - time.perf_counter(), 0.0)))
+        for t in threads_:
+            t.join()
+        print(f"{time.perf_counter() - t0:>6.0f} | {served[0]:>6} | {rss_mb(server.proc.pid):.1f}  (end)")
+    finally:
+        server.stop()
+
+
 def offline_rate(model: str, batch: int, images: int) -> float:
     from digit.hub import load_pretrained
     from digit.pipeline import generate_images
@@ -156,10 +200,16 @@ def main() -> None:
     p.add_argument("--max-seconds", type=float, default=120, help="wall-clock cap per level")
     p.add_argument("--overload-probes", type=int, default=50)
     p.add_argument("--threads", type=int, default=1, help="torch threads, server and offline sampler")
+    p.add_argument(
+        "--soak", type=float, default=0, help="instead: 4 clients for this many seconds, server RSS over time"
+    )
     args = p.parse_args()
     import torch
 
     torch.set_num_threads(args.threads)
+    if args.soak > 0:
+        soak(args.model, args.threads, args.soak)
+        return
     rows = []
     for c in args.levels:
         server = Server(args.model, args.threads, "--max-batch", str(c), "--max-queue", str(max(2 * c, 8)))
