@@ -384,4 +384,7 @@ def test_frozen_groups_under_torchrun_match_one_process(tmp_path, parallel):
             assert torch.equal(two[k], start[k]), k
         else:
             assert not torch.equal(two[k], start[k]), k
-        torch.testing.assert_close(two[k], one[k], rtol=1e-4, atol=1e-5)
+        # the all-reduce sums in another order than one process; Adam (lr 1e-2) divides by sqrt(v), so an element whose
+        # gradient is near 0 moves by up to ~5e-5 between CPUs (measured with kernels capped at AVX2); a wrong batch or
+        # a frozen group trained by one side differs by ~lr on many elements
+        torch.testing.assert_close(two[k], one[k], rtol=1e-3, atol=5e-4)

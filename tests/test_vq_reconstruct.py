@@ -89,6 +89,6 @@ def test_cli_writes_what_the_function_returns(tmp_path, capsys):
     assert main(["vq", "reconstruct", "--vq", str(tmp_path / "vq"), "--data", str(data), "--out", str(tmp_path / "o"),
                  "--batch-size", "2"]) == 0  # fmt: skip
     written = json.loads((tmp_path / "o" / "metrics.json").read_text())
-    direct = reconstruct(VQModel.load(tmp_path / "vq"), open_image_source(data), progress=False).metrics
+    direct = reconstruct(VQModel.load(tmp_path / "vq"), open_image_source(data), batch_size=2, progress=False).metrics
     assert {k: written[k] for k in direct} == pytest.approx(direct)
     assert f"PSNR {direct['psnr']:.2f} dB" in capsys.readouterr().out
