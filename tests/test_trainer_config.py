@@ -185,3 +185,18 @@ def test_gpt_task_accepts_the_old_optimizer_dict(tmp_path):
     (spec,) = task.optimizers()
     assert spec.lr_at(0) == pytest.approx(1e-7) and spec.betas == (0.9, 0.98)
     assert task.config()["train"] == {**task.optim.to_dict(), "nar": False}
+
+
+def test_parallel_auto_is_ddp_under_torchrun_and_none_in_one_process(tmp_path, monkeypatch):
+    import digit.utils.distributed as distributed
+    from digit.cli.common import trainer_config
+    from digit.errors import DigitError
+
+    argv = ["train", "--tokens", str(tmp_path), "--model", "tiny", "--steps", "3", "--out", str(tmp_path / "o")]
+    assert trainer_config(_parse(*argv)).parallel == "none"
+    assert trainer_config(_parse(*argv, "--parallel", "fsdp")).parallel == "fsdp"
+    monkeypatch.setattr(distributed, "get_dist_info", lambda: distributed.DistInfo(rank=0, world_size=2))
+    assert trainer_config(_parse(*argv)).parallel == "ddp"
+    assert trainer_config(_parse(*argv, "--parallel", "fsdp")).parallel == "fsdp"
+    with pytest.raises(DigitError, match="pass --parallel ddp or fsdp"):
+        trainer_config(_parse(*argv, "--parallel", "none"))

@@ -179,9 +179,9 @@ def add_trainer_args(p: argparse.ArgumentParser, *, batch_size: int, omit: tuple
     )
     g.add_argument(
         "--parallel",
-        choices=["none", "ddp", "fsdp"],
-        default="none",
-        help="data parallelism (default %(default)s; under torchrun pass ddp or fsdp)",
+        choices=["auto", "none", "ddp", "fsdp"],
+        default="auto",
+        help="data parallelism (default %(default)s: ddp under torchrun, none in one process)",
     )
     g.add_argument("--compile", action="store_true", help="torch.compile each transformer block")
     g.add_argument(
@@ -207,14 +207,15 @@ def add_trainer_args(p: argparse.ArgumentParser, *, batch_size: int, omit: tuple
 def trainer_config(args: argparse.Namespace, **fixed: Any):
     """The ``TrainConfig`` of flags registered by ``add_trainer_args`` (``fixed`` sets what a command decides itself).
 
-    Call it after ``init_distributed()``: under torchrun it refuses ``--parallel none`` (every rank would train and
-    write the same run on its own)."""
+    Call it after ``init_distributed()``: ``--parallel auto`` becomes ddp under torchrun and none in one process; under
+    torchrun it refuses ``--parallel none`` (every rank would train and write the same run on its own)."""
     from digit.errors import DigitError
     from digit.training.trainer import TrainConfig
     from digit.utils.distributed import get_dist_info
 
     dist = get_dist_info()
-    if dist.enabled and args.parallel == "none":
+    parallel = ("ddp" if dist.enabled else "none") if args.parallel == "auto" else args.parallel
+    if dist.enabled and parallel == "none":
         raise DigitError(f"running under torchrun with {dist.world_size} processes: pass --parallel ddp or fsdp")
     values = {
         "steps": getattr(args, "steps", None),
@@ -226,7 +227,7 @@ def trainer_config(args: argparse.Namespace, **fixed: Any):
         "save_every": args.save_every,
         "eval_every": getattr(args, "eval_every", 0),
         "log_every": args.log_every,
-        "parallel": args.parallel,
+        "parallel": parallel,
         "compile": args.compile,
         "precision": args.precision,
         "num_workers": args.workers,
