@@ -26,7 +26,6 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__)
 
 import argparse  # noqa: E402
 import time  # noqa: E402
-from dataclasses import dataclass  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -34,18 +33,9 @@ import torch  # noqa: E402
 import digit  # noqa: E402
 from digit.sampling.generate import generate  # noqa: E402
 from digit.sampling.jacobi import jacobi_generate  # noqa: E402
+from digit.sampling.params import SamplingParams as Params  # noqa: E402
 
 ASSETS = Path(digit.__file__).resolve().parent / "assets" / "cifar10"
-
-
-@dataclass(frozen=True)
-class Params:
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-    cfg_scale: float = 1.0
-    cfg_interval: int = -1
-    cfg_schedule: str = "constant"
 
 
 STAGE1 = Params(cfg_scale=2.0, top_k=100)  # the CIFAR-10 recipe's sample step
@@ -55,8 +45,7 @@ STAGE2 = Params(top_p=0.8)  # DiGIT's AR-decoder default
 def decode(model, cond, n, params, mode, generator, window):
     """-> (tokens [B, T], forward passes of this batch). mode: "ar" | "jacobi-random" | "jacobi-repeat"."""
     if mode == "ar":
-        kw = {k: getattr(params, k) for k in ("temperature", "top_k", "top_p", "cfg_scale", "cfg_interval")}
-        out = generate(model, cond, n, cfg_schedule=params.cfg_schedule, generator=generator, **kw)
+        out = generate(model, cond, n, params, generator=generator)
         return out.flatten(1), model.config.seq_len  # prefill + one step per further token
     init = mode.split("-", 1)[1]
     return jacobi_generate(model, cond, n, params, generator, window=window, init=init)

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from digit.errors import DigitError
-from digit.tokenizers.protocol import to_unit_float
+from digit.tokenizers.encoder import FeatureEncoder
 
 # timm model modules whose models are convolutional backbones with feature_info + forward_intermediates
 CNN_MODULES = frozenset(
@@ -66,7 +66,7 @@ def select_feature(feature_info: list[dict[str, Any]], layer: int | str) -> int:
     return matches[-1]
 
 
-class CNNEncoder(nn.Module):
+class CNNEncoder(FeatureEncoder):
     """A timm CNN returning one stage's feature map as patch features [B, h*w, C]."""
 
     family = "cnn"
@@ -98,33 +98,14 @@ class CNNEncoder(nn.Module):
         self.grid_size = (self.image_size // self.stride, self.image_size // self.stride)
         self.source = source
         self.mean_std = (tuple(float(v) for v in mean), tuple(float(v) for v in std))
-        self.register_buffer("mean", torch.tensor(self.mean_std[0]).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(self.mean_std[1]).view(1, 3, 1, 1), persistent=False)
-        self.precision = "auto"
-
-    def set_precision(self, precision: str) -> CNNEncoder:
-        from digit.tokenizers.encoder import PRECISIONS
-
-        if precision not in PRECISIONS:
-            raise DigitError(f"unknown precision {precision!r} (choose from {', '.join(PRECISIONS)})")
-        self.precision = precision
-        return self
+        self._init_normalization(*self.mean_std)
 
     @property
     def depth(self) -> int:
         return self.n_features
 
-    @property
-    def device(self) -> torch.device:
-        return self.mean.device
-
-    def normalize(self, images: torch.Tensor) -> torch.Tensor:
-        x = to_unit_float(images, self.device)
-        return (x - self.mean) / self.std
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        bf16 = self.precision == "bf16" or (self.precision == "auto" and x.is_cuda)
-        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
+        with self._autocast(x):
             (fmap,) = self.model.forward_intermediates(
                 x, indices=[self.feature_index], stop_early=True, intermediates_only=True
             )

@@ -40,7 +40,37 @@ MISSING_WEIGHTS_HELP = (
 )
 
 
-class Encoder(nn.Module):
+class FeatureEncoder(nn.Module):
+    """What every tokenizer encoder shares: its input normalisation, its precision, its device."""
+
+    def _init_normalization(self, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+        # "auto": bf16 autocast on CUDA, exact fp32 on CPU. "bf16" on a CPU with avx512_bf16/AMX roughly doubles
+        # throughput at ~0.3% feature error (DiGIT itself tokenized under fp16); ids can flip at near-ties.
+        self.precision = "auto"
+
+    def set_precision(self, precision: str) -> FeatureEncoder:
+        if precision not in PRECISIONS:
+            raise DigitError(f"unknown precision {precision!r} (choose from {', '.join(PRECISIONS)})")
+        self.precision = precision
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return self.mean.device
+
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 or [0, 1] images [B, 3, S, S] -> normalised float32 on the encoder's device."""
+        x = to_unit_float(images, self.device)
+        return (x - self.mean) / self.std
+
+    def _autocast(self, x: torch.Tensor) -> torch.autocast:
+        bf16 = self.precision == "bf16" or (self.precision == "auto" and x.is_cuda)
+        return torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16)
+
+
+class Encoder(FeatureEncoder):
     """A timm ViT that returns patch features at one inner block (then the final norm)."""
 
     def __init__(self, model: nn.Module, *, layer: int = 3, image_size: int, source: dict[str, Any]):
@@ -61,35 +91,15 @@ class Encoder(nn.Module):
             raise DigitError(f"image size {image_size} is not a multiple of the patch size {self.patch_size}")
         self.grid_size = (image_size // self.patch_size, image_size // self.patch_size)
         self.embed_dim = int(model.embed_dim)
-        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
-        # "auto": bf16 autocast on CUDA, exact fp32 on CPU. "bf16" on a CPU with avx512_bf16/AMX roughly doubles
-        # throughput at ~0.3% feature error (DiGIT itself tokenized under fp16); ids can flip at near-ties.
-        self.precision = "auto"
-
-    def set_precision(self, precision: str) -> Encoder:
-        if precision not in PRECISIONS:
-            raise DigitError(f"unknown precision {precision!r} (choose from {', '.join(PRECISIONS)})")
-        self.precision = precision
-        return self
+        self._init_normalization(IMAGENET_MEAN, IMAGENET_STD)
 
     @property
     def depth(self) -> int:
         return len(self.model.blocks)
 
-    @property
-    def device(self) -> torch.device:
-        return self.mean.device
-
-    def normalize(self, images: torch.Tensor) -> torch.Tensor:
-        """uint8 or [0, 1] images [B, 3, S, S] -> ImageNet-normalised float32 on the encoder's device."""
-        x = to_unit_float(images, self.device)
-        return (x - self.mean) / self.std
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Normalised images [B, 3, S, S] -> patch features [B, h*w, D] (cls and registers dropped)."""
-        bf16 = self.precision == "bf16" or (self.precision == "auto" and x.is_cuda)
-        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
+        with self._autocast(x):
             (feats,) = self.model.forward_intermediates(
                 x, indices=[self.block_index], norm=True, stop_early=True, output_fmt="NLC", intermediates_only=True
             )
