@@ -116,9 +116,9 @@ def _load_images(folder: Path, size: int) -> tuple[torch.Tensor, list[str]]:
 
 def tokenizer_at_work(models: Path, pipe: Any, seed: int, scale: int = 96) -> tuple[np.ndarray, dict[str, Any]]:
     """image | token map | stage-2 re-rendering from the discriminative tokens | VQ reconstruction, one row each."""
-    from digit.pipeline import to_uint8
     from digit.sampling.generate import generate
     from digit.tokenizers import load_tokenizer
+    from digit.utils.images import to_uint8
 
     tok = load_tokenizer(models / "tokenizer", device=pipe.device)
     x, names = _load_images(models / "images", tok.image_size)
@@ -155,8 +155,9 @@ def run_demo(
     fallback_size: str = "small",
     log=print,
 ) -> Path:
-    from digit.pipeline import generate_images, load_pipeline, save_png
+    from digit.pipeline import generate_images, load_pipeline
     from digit.sampling.params import SamplingParams
+    from digit.utils.images import save_png
 
     t_start = time.perf_counter()
     out = Path(out)

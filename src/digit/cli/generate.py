@@ -121,7 +121,7 @@ def _write_output(args, target, pipe, res, stage1, decoder, n, world_size) -> No
 
     import numpy as np
 
-    from digit.pipeline import image_grid, save_png
+    from digit.utils.images import image_grid, save_png
     from digit.utils.io import atomic_write, atomic_write_json
 
     names = pipe.class_names

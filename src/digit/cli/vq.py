@@ -143,9 +143,9 @@ def run_reconstruct(args: argparse.Namespace) -> int:
 
     from digit.cli.common import resolve_device
     from digit.data.sources import open_image_source
-    from digit.pipeline import save_png
     from digit.tokenizers.reconstruct import reconstruct
     from digit.tokenizers.vq import VQModel
+    from digit.utils.images import save_png
     from digit.utils.io import atomic_write_json
     from digit.utils.outputs import output_dir
 

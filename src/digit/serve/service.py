@@ -290,8 +290,8 @@ class GenerationService:
 
     @torch.inference_mode()
     def _finish(self, batch: list[tuple[Job, Finished, float]]) -> None:
-        from digit.pipeline import to_uint8
         from digit.sampling.generate import sample
+        from digit.utils.images import to_uint8
 
         groups: dict[SamplingParams | None, list[tuple[Job, Finished, float]]] = {}
         for item in batch:

@@ -25,7 +25,7 @@ class Reconstruction:
 
     def side_by_side(self, pairs_per_row: int = 4) -> np.ndarray:
         """One uint8 grid image: original | reconstruction, pair after pair, ``pairs_per_row`` pairs per row."""
-        from digit.pipeline import image_grid
+        from digit.utils.images import image_grid
 
         pairs = np.stack([self.originals, self.reconstructions], axis=1).reshape(-1, *self.originals.shape[1:])
         return image_grid(pairs, ncols=2 * max(1, min(pairs_per_row, len(self.originals))))
@@ -43,8 +43,8 @@ def reconstruct(
     from tqdm import tqdm
 
     from digit.data.datasets import ImageDataset, SkipReport, image_loader
-    from digit.pipeline import to_uint8
     from digit.tokenizers.vq_train import codebook_stats, psnr, ssim
+    from digit.utils.images import to_uint8
 
     ds = ImageDataset(source, vq.image_size, train=False)
     if limit is not None and limit < len(ds):
