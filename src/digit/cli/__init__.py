@@ -55,6 +55,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _release_process_group() -> None:
+    """Destroy a torchrun process group the command left alive (any command, on success or error): a rank that exits
+    with its gloo group alive can abort in teardown ("terminate called without an active exception")."""
+    dist = sys.modules.get("torch.distributed")  # never imports torch for a command that did not
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -70,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"digit {args.command}: interrupted", file=sys.stderr)
         return 130
     finally:
+        _release_process_group()
         if saved_env is None:
             os.environ.pop(VERIFY_ENV, None)
         else:

@@ -57,8 +57,6 @@ def register(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    import torch
-
     from digit.cli.common import resolve_rank_device
     from digit.errors import DigitError
     from digit.pipeline import decoder_defaults, generate_images, load_pipeline, merge_results, resolve_labels
@@ -106,8 +104,6 @@ def run(args: argparse.Namespace) -> int:
         shard=(dist.rank, dist.world_size),
     )
     parts = gather_to_main(part)
-    if dist.enabled:
-        torch.distributed.destroy_process_group()
     if not dist.is_main:
         return 0
     res = merge_results(parts)

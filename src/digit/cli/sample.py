@@ -196,7 +196,6 @@ def _conditions(args, model_cfg, config):
 
 def run(args: argparse.Namespace) -> int:
     import numpy as np
-    import torch
     from tqdm import tqdm
 
     from digit.cli.common import resolve_rank_device
@@ -243,8 +242,6 @@ def run(args: argparse.Namespace) -> int:
             passes += res.forward_passes
     model.clear_cache()
     parts = gather_to_main((part, passes))
-    if dist.enabled:
-        torch.distributed.destroy_process_group()
     if not dist.is_main:
         return 0
     out = np.empty((n, *mcfg.grid), dtype=np.int64)

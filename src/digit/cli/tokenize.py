@@ -94,6 +94,4 @@ def run(args: argparse.Namespace) -> int:
     if dist.is_main and report is not None:
         print(report.summary())
         print(f"wrote {args.out}")
-    if dist.enabled:
-        torch.distributed.destroy_process_group()
     return 0

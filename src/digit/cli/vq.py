@@ -133,8 +133,6 @@ def run_train(args: argparse.Namespace) -> int:
         }
         print(task.skipped.summary())
         print(f"wrote {args.out} {shown}")
-    if dist.enabled:
-        torch.distributed.destroy_process_group()
     return 0
 
 
