@@ -132,7 +132,7 @@ def test_engine_refusals():
     model = class_model()
     with pytest.raises(DigitError, match="slots"):
         Engine(model, slots=0)
-    with pytest.raises(DigitError, match="class-conditional"):
+    with pytest.raises(DigitError, match="class- or text-conditional"):
         Engine(GPT(build_config("tiny")), slots=2, guided=True)
     with pytest.raises(DigitError, match="MaskGIT"):
         Engine(GPT(build_config("tiny", causal=False)), slots=2)

@@ -167,13 +167,6 @@ def test_jacobi_greedy_equals_standard():
     assert torch.equal(jac[0].view(3, -1), ar.view(3, -1))
 
 
-def test_engine_refuses_text_models():
-    from digit.sampling.engine import Engine
-
-    with pytest.raises(DigitError, match="text"):
-        Engine(tiny(), slots=2)
-
-
 def test_llamagen_key_names_round_trip():
     m = tiny()
     sd = m.state_dict()

@@ -7,6 +7,10 @@ A model folder has the layout `digit recipe ship` writes, so the shipped referen
   when it was converted from DiGIT's release;
 - ``vq/``: the VQ tokenizer (``tokenizer.json`` + ``model.safetensors``);
 - ``tokenizer/`` (optional): the discriminative tokenizer, to encode images (sampling does not need it);
+- ``text_encoder/`` (optional, a text-conditional stage 1): its text encoder directory, when you put one there.
+  `save_pretrained` does not copy the encoder (FLAN-T5-XL is ~10 GB); ``pipeline.json`` records its identity (name,
+  sha256) and the directory it was loaded from, and loading takes ``text_encoder=DIR``, else ``text_encoder/``, else
+  that recorded directory, each checked against the identity the stage-1 run was trained with;
 - ``pipeline.json`` (`save_pretrained`) or ``models.json`` (`digit recipe ship`): what the model card says (kind,
   classes, licence, figures, provenance);
 - ``README.md``: the model card, with the hub's YAML metadata (`digit.model_card`).
@@ -50,11 +54,12 @@ def load_pretrained(
     cache_dir: str | os.PathLike | None = None,
     token: str | bool | None = None,
     local_files_only: bool = False,
+    text_encoder: str | os.PathLike | None = None,
 ) -> Pipeline:
     folder = resolve_folder(
         path_or_repo_id, revision=revision, cache_dir=cache_dir, token=token, local_files_only=local_files_only
     )
-    return load_folder(folder, device=device)
+    return load_folder(folder, device=device, text_encoder=text_encoder)
 
 
 def resolve_folder(
@@ -171,9 +176,11 @@ def download(
     return Path(path)
 
 
-def load_folder(folder: str | os.PathLike, device: Any = "cpu") -> Pipeline:
+def load_folder(
+    folder: str | os.PathLike, device: Any = "cpu", text_encoder: str | os.PathLike | None = None
+) -> Pipeline:
     """A model folder (see the module docstring) -> the Pipeline, pieces checked against each other first."""
-    from digit.pipeline import load_pipeline
+    from digit.pipeline import _read_run_config, load_pipeline
 
     folder = Path(folder)
     missing = [p for p in ("stage1", "vq") if not (folder / p).is_dir()]
@@ -184,7 +191,12 @@ def load_folder(folder: str | os.PathLike, device: Any = "cpu") -> Pipeline:
         )
     meta = read_pipeline_meta(folder) if (folder / PIPELINE_FILE).is_file() else None
     decoder = folder / "stage2" if (folder / "stage2").is_dir() else None
-    pipe = load_pipeline(folder / "stage1", folder / "vq", decoder, device=device)
+    if _read_run_config(folder / "stage1")["model"].get("cond") == "text":
+        text_encoder = _text_encoder_dir(folder, meta, text_encoder)
+    pipe = load_pipeline(
+        folder / "stage1", folder / "vq", decoder, device=device, text_encoder=text_encoder,
+        text_encoder_flag="text_encoder=",
+    )  # fmt: skip
     if meta is not None:
         if meta["kind"] != pipe.kind:
             raise DigitError(f"{folder / PIPELINE_FILE} says kind {meta['kind']!r}, its models make {pipe.kind!r}")
@@ -200,11 +212,41 @@ def load_folder(folder: str | os.PathLike, device: Any = "cpu") -> Pipeline:
     return pipe
 
 
+def _text_encoder_dir(folder: Path, meta: dict[str, Any] | None, given: str | os.PathLike | None) -> Path:
+    """The text encoder of a text-conditional folder: the argument, the folder's ``text_encoder/``, or the directory
+    ``save_pretrained`` recorded (when it exists on this machine); else a one-line error saying what to pass."""
+    from digit.prompts import describe_encoder, recorded_encoder
+
+    if given is not None:
+        return Path(given)
+    if (folder / "text_encoder").is_dir():
+        return folder / "text_encoder"
+    recorded = ((meta or {}).get("text_encoder") or {}).get("path")
+    if isinstance(recorded, str) and Path(recorded).is_dir():
+        return Path(recorded)
+    from digit.pipeline import _read_run_config
+
+    want = describe_encoder(recorded_encoder(_read_run_config(folder / "stage1")))
+    where = f" (recorded at {recorded}, not on this machine)" if isinstance(recorded, str) else ""
+    raise DigitError(
+        f"{folder} is a text-conditional model and no text encoder was found{where}: pass text_encoder=DIR "
+        f"({want}) or put it in {folder / 'text_encoder'}"
+    )
+
+
 def read_pipeline_meta(folder: Path) -> dict[str, Any]:
     from digit.utils.artifacts import INT, OBJECT, STR, read_json_object
 
     path = folder / PIPELINE_FILE
-    meta = read_json_object(path, {"format": STR, "format_version": INT, "kind": STR, "info?": OBJECT, "license?": STR})
+    keys = {
+        "format": STR,
+        "format_version": INT,
+        "kind": STR,
+        "info?": OBJECT,
+        "license?": STR,
+        "text_encoder?": OBJECT,
+    }
+    meta = read_json_object(path, keys)
     if meta["format"] != FORMAT:
         raise DigitError(f"{path}: format {meta['format']!r}, expected {FORMAT!r}")
     if meta["format_version"] > FORMAT_VERSION:
@@ -257,12 +299,25 @@ def save_pretrained(
             "class_names": pipe.class_names,
             "image_size": pipe.image_size,
             "tokenizer": has_tokenizer,
+            "text_encoder": _text_encoder_record(pipe),
             "license": license or pipe.info.get("license") or default_license(pipe),
             "info": {k: v for k, v in pipe.info.items() if k != "license"},
         }
         atomic_write_json(tmp / PIPELINE_FILE, meta)
         atomic_write_bytes(tmp / "README.md", model_card(pipe, meta, repo_id=repo_id).encode())
     return out
+
+
+def _text_encoder_record(pipe: Pipeline) -> dict[str, Any] | None:
+    """What a text-conditional folder says about its encoder (not copied: see the module docstring)."""
+    if not pipe.is_text:
+        return None
+    identity = pipe.text_encoder.identity() if pipe.text_encoder is not None else None
+    from digit.prompts import recorded_encoder
+
+    identity = identity or recorded_encoder(pipe.stage1_config)
+    path = str(pipe.text_encoder_dir.resolve()) if pipe.text_encoder_dir is not None else None
+    return {"identity": identity, "path": path}
 
 
 def _write_run(out: Path, model: Any, config: dict[str, Any], specials: Any = None) -> None:

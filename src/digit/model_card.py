@@ -11,6 +11,7 @@ if TYPE_CHECKING:
     from digit.pipeline import Pipeline
 
 PIPELINE_TAG = "unconditional-image-generation"  # the Hub's task for image generators without a text prompt
+TEXT_PIPELINE_TAG = "text-to-image"
 KIND_TEXT = {
     "digit-ar": "DiGIT: a GPT samples discriminative tokens, an autoregressive decoder turns them into VQ tokens, "
     "a VQGAN renders them",
@@ -57,9 +58,11 @@ def _params(model: Any) -> str:
 
 def _gpt_row(name: str, model: Any) -> str:
     c = model.config
-    cond = {"class": f"class-conditional ({c.num_classes} classes)", "prefix": "conditioned on stage-1 tokens"}.get(
-        c.cond, "unconditional"
-    )
+    cond = {
+        "class": f"class-conditional ({c.num_classes} classes)",
+        "prefix": "conditioned on stage-1 tokens",
+        "text": f"text-conditional ({c.caption_len} x {c.caption_dim} caption features)",
+    }.get(c.cond, "unconditional")
     order = "autoregressive" if c.causal else "bidirectional (MaskGIT)"
     return (
         f"| {name} | GPT ({c.arch} layout), {c.n_layers} layers x {c.dim}, {c.n_heads} heads, {order}, {cond}; "
@@ -101,20 +104,27 @@ def model_card(pipe: Pipeline, meta: dict[str, Any], repo_id: str | None = None)
 
     k = pipe.num_classes
     tags = ["digit", "image-generation", "autoregressive", "pytorch", pipe.kind]
-    tags.append("class-conditional-image-generation" if k else "unconditional")
-    data = ModelCardData(license=meta["license"], library_name="digit", pipeline_tag=PIPELINE_TAG, tags=tags)
+    text = pipe.is_text
+    tags.append("text-to-image" if text else "class-conditional-image-generation" if k else "unconditional")
+    tag = TEXT_PIPELINE_TAG if text else PIPELINE_TAG
+    data = ModelCardData(license=meta["license"], library_name="digit", pipeline_tag=tag, tags=tags)
     info = meta.get("info") or {}
     names = pipe.class_names
     size = pipe.image_size
     where = repo_id or "path/to/this/folder"
     pick = [repr(n) for n in names[:2]] if names else ["0", "1"]
     call = f"classes=[{', '.join(pick)}], num_images=8, seed=0" if k else "num_images=8, seed=0"
+    load = f'"{where}"'
+    if text:
+        call = 'prompts=["a red circle", "a blue square"], num_images=8, seed=0'
+        load += ', text_encoder="path/to/its/text-encoder"'
     lines = [
         "---",
         data.to_yaml(),
         "---",
         "",
-        f"# digit pipeline: {pipe.kind}, {size}x{size} px" + (f", {k} classes" if k else ", unconditional"),
+        f"# digit pipeline: {pipe.kind}, {size}x{size} px"
+        + (", text-conditional" if text else f", {k} classes" if k else ", unconditional"),
         "",
         KIND_TEXT.get(pipe.kind, pipe.kind) + ". Written by the `digit` package (`Pipeline.save_pretrained`).",
         "",
@@ -122,7 +132,7 @@ def model_card(pipe: Pipeline, meta: dict[str, Any], repo_id: str | None = None)
         "",
         "```python",
         "from digit import Pipeline",
-        f'pipe = Pipeline.from_pretrained("{where}")',
+        f"pipe = Pipeline.from_pretrained({load})",
         f"images = pipe({call})  # a list of RGB PIL images",
         'images[0].save("sample.png")',
         "```",

@@ -1,4 +1,4 @@
-"""From a class label to pixels: stage 1 (GPT) -> stage 2 (prefix-conditioned AR or MaskGIT decoder) -> VQ decode.
+"""From a class label or a prompt to pixels: stage 1 (GPT) -> stage 2 (prefix-conditioned AR or MaskGIT decoder) -> VQ decode.
 
 Two paths share this module (``digit generate`` and ``benchmarks/generate.py``):
 
@@ -10,14 +10,15 @@ Two paths share this module (``digit generate`` and ``benchmarks/generate.py``):
 mismatches (with a one-line reason) before any weights are loaded or any sampling starts.
 
 The Python API (``from digit import Pipeline``) is the same object: ``Pipeline.from_pretrained(folder or hub id)``,
-``pipe(classes=[...], num_images=..., seed=..., **sampling)`` -> PIL images, ``save_pretrained`` / ``push_to_hub``
-(`digit.hub`: folder layout, model card, Hugging Face Hub).
+``pipe(classes=[...], num_images=..., seed=..., **sampling)`` -> PIL images (``pipe(prompts=[...])`` for a
+text-conditional stage 1, with its text encoder: `digit.prompts`), ``save_pretrained`` / ``push_to_hub`` (`digit.hub`:
+folder layout, model card, Hugging Face Hub). Running it over many images is `digit.generation`.
 """
 
 from __future__ import annotations
 
 import os
-import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ import numpy as np
 import torch
 
 from digit.errors import DigitError
+from digit.generation import GenerationResult, decoder_defaults, generate_images, merge_results  # noqa: F401
 from digit.pairing import _read_run_config, check_pipeline  # noqa: F401 (check_pipeline: public here too)
 from digit.sampling.params import SamplingParams
 from digit.utils.images import image_grid, save_png, to_uint8  # noqa: F401 (public here too, as before)
@@ -41,6 +43,7 @@ class PipelineOutput:
     labels: np.ndarray  # int64 [N], -1 unconditional
     tokens: np.ndarray  # stage-1 tokens [N, h, w] (discriminative for DiGIT, VQ for LlamaGen)
     parameters: dict[str, Any] = field(default_factory=dict)  # seed, sampling parameters of each stage
+    prompts: list[str] | None = None  # image i's caption (text-conditional pipelines)
 
 
 @dataclass
@@ -57,6 +60,8 @@ class Pipeline:
     decoder_special_rows: torch.Tensor | None = None  # fairseq special-symbol head rows of a converted DiGIT decoder
     info: dict[str, Any] = field(default_factory=dict)  # model-card material: figures, provenance, licence
     source: Path | None = None  # the folder it was loaded from (its discriminative tokenizer travels on save)
+    text_encoder: Any | None = None  # a digit.data.text_features.TextEncoder (text-conditional stage 1)
+    text_encoder_dir: Path | None = None  # where it was loaded from (recorded by save_pretrained)
 
     @classmethod
     def from_pretrained(
@@ -68,10 +73,13 @@ class Pipeline:
         cache_dir: str | os.PathLike | None = None,
         token: str | bool | None = None,
         local_files_only: bool = False,
+        text_encoder: str | os.PathLike | None = None,
     ) -> Pipeline:
         """Load a model folder (``save_pretrained``'s or ``digit recipe ship``'s), ``"cifar10"`` (the reference models
         shipped inside the package), or a Hugging Face repository id (downloaded through ``huggingface_hub``; offline,
-        only its cached copy). A local folder of that name wins over a repository id."""
+        only its cached copy). A local folder of that name wins over a repository id. A text-conditional model needs
+        its text encoder: ``text_encoder=DIR``, else the folder's ``text_encoder/``, else the directory recorded by
+        ``save_pretrained`` (checked against the encoder the run was trained with)."""
         from digit.hub import load_pretrained
 
         return load_pretrained(
@@ -81,6 +89,7 @@ class Pipeline:
             cache_dir=cache_dir,
             token=token,
             local_files_only=local_files_only,
+            text_encoder=text_encoder,
         )
 
     @classmethod
@@ -91,9 +100,10 @@ class Pipeline:
         decoder: str | os.PathLike | None = None,
         *,
         device: Any = "cpu",
+        text_encoder: str | os.PathLike | None = None,
     ) -> Pipeline:
-        """The pieces as separate directories (``digit generate --stage1 --vq [--decoder]``): `load_pipeline`."""
-        return load_pipeline(stage1, vq, decoder, device=device)
+        """The pieces as separate directories (``digit generate --stage1 --vq [--decoder] [--text-encoder]``)."""
+        return load_pipeline(stage1, vq, decoder, device=device, text_encoder=text_encoder)
 
     def save_pretrained(
         self, save_directory: str | os.PathLike, *, overwrite: bool = False, license: str | None = None
@@ -134,6 +144,7 @@ class Pipeline:
         classes: int | str | list[int | str] | None = None,
         num_images: int | None = None,
         *,
+        prompts: str | Sequence[str] | None = None,
         seed: int = 0,
         sampling: SamplingParams | dict[str, Any] | None = None,
         decoder_sampling: SamplingParams | dict[str, Any] | None = None,
@@ -144,7 +155,8 @@ class Pipeline:
         **sampling_kwargs: Any,
     ) -> list[Any] | PipelineOutput:
         """Sample images: ``classes`` (indices or names; one image each, or cycled to ``num_images``), or
-        ``num_images`` alone (class-balanced, or unconditional). Stage-1 sampling parameters come as keyword arguments
+        ``num_images`` alone (class-balanced, or unconditional); a text-conditional pipeline takes ``prompts`` instead
+        (one image each, or round-robin over ``num_images``; guidance is on the null caption). Stage-1 sampling parameters come as keyword arguments
         (``cfg_scale=2.0, top_k=100``) and/or ``sampling`` (a `SamplingParams` or dict), validated by SamplingParams;
         ``decoder_sampling`` for the stage-2 decoder (default top-p 0.8 for an AR decoder); ``decoder_official``:
         fairseq's sampling rules for a decoder converted from DiGIT (``--official-sampling``). Image ``i`` has its own
@@ -156,7 +168,8 @@ class Pipeline:
             raise DigitError(f"seed must be an integer, got {seed!r}")
         if not _is_int(batch_size) or batch_size < 1:
             raise DigitError(f"batch_size must be a positive integer, got {batch_size!r}")
-        labels = self.labels_for(classes, num_images)
+        captions = self.prompts_for(prompts, num_images, classes)
+        labels = np.full(len(captions), -1, np.int64) if captions is not None else self.labels_for(classes, num_images)
         stage1 = _sampling_params(sampling, sampling_kwargs, SamplingParams(), "sampling")
         if decoder_sampling is not None and self.decoder is None:
             raise DigitError("decoder_sampling given but this pipeline has no stage-2 decoder")
@@ -172,6 +185,7 @@ class Pipeline:
             labels,
             stage1,
             decoder,
+            prompts=captions,
             decoder_official=bool(decoder_official),
             batch_size=batch_size,
             seed=seed,
@@ -186,7 +200,43 @@ class Pipeline:
             "decoder": decoder.to_dict() if self.decoder else None,
             "decoder_official": bool(decoder_official),
         }
-        return PipelineOutput(images, res.labels, res.tokens, used)
+        return PipelineOutput(images, res.labels, res.tokens, used, captions)
+
+    def prompts_for(self, prompts: Any = None, num_images: int | None = None, classes: Any = None) -> list[str] | None:
+        """Image ``i``'s caption for a text-conditional pipeline (None for the others, which refuse ``prompts``)."""
+        from digit.prompts import check_prompt, spread_prompts
+
+        if not self.is_text:
+            if prompts is not None:
+                raise DigitError(
+                    f"prompts given but this pipeline's stage 1 is {self.stage1.config.cond!r}-conditioned"
+                )
+            return None
+        if classes is not None:
+            raise DigitError("classes given but this pipeline is text-conditional: pass prompts=[...]")
+        if prompts is None:
+            raise DigitError("this pipeline is text-conditional: pass prompts=[...] (one image each, or num_images)")
+        prompts = (
+            [prompts] if isinstance(prompts, str) else list(prompts) if isinstance(prompts, (list, tuple)) else prompts
+        )
+        if not isinstance(prompts, list) or not prompts:
+            raise DigitError("prompts must be a string or a non-empty list of strings")
+        return spread_prompts([check_prompt(p, "a prompt") for p in prompts], num_images, "num_images")
+
+    def encode_prompts(self, prompts: Sequence[str]) -> Any:
+        """Captions -> the `Caption` stage 1 reads (the pipeline's text encoder, LlamaGen's left-padded layout)."""
+        from digit.prompts import describe_encoder, encode_prompts, recorded_encoder
+
+        if self.text_encoder is None:
+            raise DigitError(
+                "this pipeline is text-conditional and has no text encoder: load it with text_encoder=DIR "
+                f"({describe_encoder(recorded_encoder(self.stage1_config))})"
+            )
+        return encode_prompts(self.text_encoder, prompts, self.stage1.config)
+
+    @property
+    def is_text(self) -> bool:
+        return self.stage1.config.cond == "text"
 
     def labels_for(self, classes: Any = None, num_images: int | None = None) -> np.ndarray:
         """The label of each image `__call__` would sample (the API's names for `resolve_labels`' rules)."""
@@ -219,9 +269,16 @@ class Pipeline:
 
 
 def load_pipeline(
-    stage1: str | os.PathLike, vq: str | os.PathLike, decoder: str | os.PathLike | None = None, device: Any = "cpu"
+    stage1: str | os.PathLike,
+    vq: str | os.PathLike,
+    decoder: str | os.PathLike | None = None,
+    device: Any = "cpu",
+    text_encoder: str | os.PathLike | None = None,
+    text_encoder_flag: str = "--text-encoder",
 ) -> Pipeline:
-    """Check the three pieces from their configs, then load them (models in eval mode)."""
+    """Check the three pieces from their configs, then load them (models in eval mode). ``text_encoder``: the text
+    encoder directory of a text-conditional stage 1, checked against the one its run recorded (refused for other
+    models; without it, prompts are refused when sampled)."""
     from digit.models import load_gpt_run
     from digit.tokenizers.vq import VQModel, read_vq_config
 
@@ -230,6 +287,10 @@ def load_pipeline(
     vq_cfg = read_vq_config(vq_dir)
     dec_cfg = _read_run_config(Path(decoder)) if decoder is not None else None
     kind = check_pipeline(s1_cfg, vq_cfg, dec_cfg)
+    if text_encoder is not None and s1_cfg["model"].get("cond") != "text":
+        raise DigitError(
+            f"{text_encoder_flag} given but stage 1 is {s1_cfg['model'].get('cond')!r}-conditioned, not text"
+        )
     s1_model, s1_cfg = load_gpt_run(s1_dir, device=device)
     vq_model = VQModel.load(vq_dir, device=device)  # also checks the codebook against tokenizer.json
     dec_model = None
@@ -240,22 +301,13 @@ def load_pipeline(
             from digit.sampling.official import load_special_rows
 
             special = load_special_rows(decoder).to(device)
-    return Pipeline(s1_model, s1_cfg, vq_model, dec_model, dec_cfg, kind, special)
+    pipe = Pipeline(s1_model, s1_cfg, vq_model, dec_model, dec_cfg, kind, special)
+    if text_encoder is not None:
+        from digit.prompts import load_prompt_encoder
 
-
-def decoder_defaults(kind: str) -> SamplingParams:
-    """The stage-2 decoder's sampling defaults: top-p 0.8 for an AR decoder (DiGIT), no filter for MaskGIT."""
-    return SamplingParams(top_p=0.8 if kind == "digit-ar" else 1.0)
-
-
-@dataclass
-class GenerationResult:
-    images: np.ndarray  # uint8 [N, H, W, 3]
-    labels: np.ndarray  # int64 [N], -1 unconditional
-    tokens: np.ndarray  # stage-1 tokens [N, h, w]
-    seconds: dict[str, float] = field(default_factory=dict)  # per stage: stage1, stage2, vq
-    forward_passes: dict[str, int] = field(default_factory=dict)  # model forward passes per stage, all batches
-    indices: np.ndarray | None = None  # which images of the run these are (all of them in one process)
+        pipe.text_encoder = load_prompt_encoder(text_encoder, s1_model.config, s1_cfg, text_encoder_flag)
+        pipe.text_encoder_dir = Path(text_encoder)
+    return pipe
 
 
 def resolve_labels(pipe: Pipeline, n: int | None, classes: list[str] | None) -> np.ndarray:
@@ -316,120 +368,6 @@ def _sampling_params(
     if overrides:
         return SamplingParams.from_dict({**params.to_dict(), **overrides})
     return params
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def generate_images(
-    pipe: Pipeline,
-    labels: np.ndarray,
-    stage1: SamplingParams | None = None,
-    decoder: SamplingParams | None = None,
-    *,
-    decoder_official: bool = False,
-    batch_size: int = 16,
-    seed: int = 0,
-    compile: bool = False,
-    progress: bool = False,
-    shard: tuple[int, int] = (0, 1),
-) -> GenerationResult:
-    """Run the whole pipeline over ``labels`` in batches. Image ``i`` draws from its own generator seeded from
-    (seed, i) through both stages (`digit.sampling.seeds`), so its pixels do not depend on the batch size.
-
-    ``decoder``: the stage-2 decoder's parameters (default `decoder_defaults`); ``decoder_official``: fairseq's rules
-    for a converted DiGIT AR decoder (`digit.sampling.official`: specials banned after normalising, top-p on
-    probabilities that are not renormalised; needs the run's official_head.safetensors).
-    ``shard=(rank, world_size)``: only the batches ``b`` with ``b % world_size == rank`` (torchrun); the result holds
-    those images (``indices``), and `merge_results` of every rank's result is the single-process result."""
-    from tqdm import tqdm
-
-    from digit.sampling.generate import check_params, sample
-    from digit.sampling.seeds import batch_ranges, image_generators
-
-    s1 = stage1 or SamplingParams()
-    dec = decoder or decoder_defaults(pipe.kind)
-    check_params(pipe.stage1, s1)
-    if pipe.decoder is not None:
-        check_params(pipe.decoder, dec)
-    if decoder_official and pipe.decoder_special_rows is None:
-        raise DigitError("official sampling needs a converted DiGIT decoder (official_head.safetensors)")
-    dev = pipe.device
-    n = len(labels)
-    images, tokens = [], []
-    secs = {"stage1": 0.0, "stage2": 0.0, "vq": 0.0}
-    passes = {"stage1": 0, "stage2": 0}
-    mine = batch_ranges(n, batch_size, *shard)
-    bar = tqdm(total=sum(e - s for s, e in mine), desc="generate", unit="img", disable=not progress)
-    for start, end in mine:
-        lab = labels[start:end]
-        g = image_generators(seed, range(start, end), dev)
-        cond = torch.as_tensor(lab, device=dev) if pipe.num_classes else None
-        t0 = time.perf_counter()
-        out = sample(pipe.stage1, cond, len(lab), s1, generator=g, compile=compile)
-        ids = out.tokens
-        passes["stage1"] += out.forward_passes
-        _sync(dev)
-        t1 = time.perf_counter()
-        vq_ids = ids
-        if pipe.decoder is not None:
-            prefix = ids.reshape(len(lab), -1)
-            if decoder_official:
-                from digit.sampling.official import generate_official
-
-                vq_ids = generate_official(
-                    pipe.decoder,
-                    pipe.decoder_special_rows,
-                    cond=prefix,
-                    temperature=dec.temperature,
-                    top_k=dec.top_k,
-                    top_p=dec.top_p,
-                    generator=g,
-                )
-                passes["stage2"] += pipe.decoder.config.seq_len
-            else:
-                out = sample(pipe.decoder, prefix, None, dec, generator=g, compile=compile)
-                vq_ids = out.tokens
-                passes["stage2"] += out.forward_passes
-        _sync(dev)
-        t2 = time.perf_counter()
-        images.append(to_uint8(pipe.vq.decode(vq_ids)))
-        _sync(dev)
-        t3 = time.perf_counter()
-        secs["stage1"] += t1 - t0
-        secs["stage2"] += t2 - t1
-        secs["vq"] += t3 - t2
-        tokens.append(ids.cpu().numpy())
-        bar.update(len(lab))
-    bar.close()
-    for m in (pipe.stage1, pipe.decoder):
-        if m is not None and hasattr(m, "clear_cache"):
-            m.clear_cache()
-    indices = np.concatenate([np.arange(s, e) for s, e in mine]) if mine else np.zeros(0, dtype=np.int64)
-    if not mine:  # a rank with no batch (more ranks than batches)
-        return GenerationResult(
-            np.zeros((0, 0, 0, 3), np.uint8), labels[:0], np.zeros((0, 0, 0)), secs, passes, indices
-        )
-    return GenerationResult(
-        np.concatenate(images),
-        np.asarray(labels, dtype=np.int64)[indices],
-        np.concatenate(tokens),
-        secs,
-        passes,
-        indices,
-    )
-
-
-def merge_results(parts: list[GenerationResult]) -> GenerationResult:
-    """Every rank's `generate_images` result -> the whole run's, in image order (seconds: the slowest rank's)."""
-    parts = [p for p in parts if len(p.indices)]
-    order = np.argsort(np.concatenate([p.indices for p in parts]), kind="stable")
-    cat = lambda name: np.concatenate([getattr(p, name) for p in parts])[order]  # noqa: E731
-    seconds = {k: max(p.seconds[k] for p in parts) for k in parts[0].seconds}
-    passes = {k: sum(p.forward_passes[k] for p in parts) for k in parts[0].forward_passes}
-    return GenerationResult(cat("images"), cat("labels"), cat("tokens"), seconds, passes, cat("indices"))
 
 
 # ----------------------------------------------------------------------------------------------- image files

@@ -1,8 +1,10 @@
-"""`digit generate`: class labels -> PNGs through stage 1 -> (stage-2 decoder) -> VQ decode."""
+"""`digit generate`: class labels (or prompts, for a text-conditional stage 1) -> PNGs through stage 1 -> (stage-2
+decoder) -> VQ decode."""
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from digit.cli.common import add_device_arg, add_output_args, existing_dir, positive_int
 from digit.cli.sample import AR_FIELDS
@@ -33,6 +35,10 @@ def register(sub) -> None:
     p.add_argument(
         "--classes", nargs="+", metavar="C", help="classes to sample (index or name); alone: one image per class"
     )
+    t = p.add_argument_group("text-conditional stage 1 (instead of classes; -n is spread over the prompts)")
+    t.add_argument("--prompt", action="append", default=None, help="a caption to sample (repeatable)")
+    t.add_argument("--prompts", type=Path, default=None, help="a file of captions, one per line")
+    t.add_argument("--text-encoder", type=existing_dir, default=None, help="the run's text encoder directory")
     SamplingParams.add_arguments(p.add_argument_group("stage-1 sampling"), only=AR_FIELDS)
     SamplingParams.add_arguments(
         p.add_argument_group("stage-2 decoder sampling (default top-p 0.8 for an AR decoder as DiGIT, 1.0 MaskGIT)"),
@@ -55,7 +61,7 @@ def register(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pathlib import Path
+    import numpy as np
 
     from digit.cli.common import resolve_rank_device
     from digit.errors import DigitError
@@ -68,11 +74,15 @@ def run(args: argparse.Namespace) -> int:
     SamplingParams.from_args(args, prefix="decoder-")  # the decoder's flags too (its defaults need the pipeline)
     out = Path(args.out)
     # every rank checks the output (the same verdict everywhere, so no rank waits for one that gave up)
-    target = output_dir(out, kind="generate", inputs=(args.stage1, args.decoder, args.vq), overwrite=args.overwrite)
+    target = output_dir(
+        out, kind="generate", inputs=(args.stage1, args.decoder, args.vq, args.text_encoder), overwrite=args.overwrite
+    )
     dist = init_distributed()
     device = resolve_rank_device(args.device, dist.local_rank)
-    pipe = load_pipeline(args.stage1, args.vq, args.decoder, device=device)  # refuses mismatches, samples nothing
-    labels = resolve_labels(pipe, args.n, args.classes)
+    # refuses mismatches (and a text encoder the run was not trained with), samples nothing
+    pipe = load_pipeline(args.stage1, args.vq, args.decoder, device=device, text_encoder=args.text_encoder)
+    prompts = _prompts(args, pipe)
+    labels = np.full(len(prompts), -1, np.int64) if prompts is not None else resolve_labels(pipe, args.n, args.classes)
     # the GPTs only: the VQ decoder stays fp32
     args.precision = cast_for_sampling(pipe.stage1, args.precision)
     if pipe.decoder is not None:
@@ -96,6 +106,7 @@ def run(args: argparse.Namespace) -> int:
         labels,
         stage1,
         decoder,
+        prompts=prompts,
         decoder_official=args.official_sampling,
         batch_size=args.batch_size,
         seed=args.seed,
@@ -107,14 +118,32 @@ def run(args: argparse.Namespace) -> int:
     if not dist.is_main:
         return 0
     res = merge_results(parts)
-    _write_output(args, target, pipe, res, stage1, decoder, len(labels), dist.world_size)
+    _write_output(args, target, pipe, res, stage1, decoder, len(labels), dist.world_size, prompts)
     return 0
 
 
-def _write_output(args, target, pipe, res, stage1, decoder, n, world_size) -> None:
-    """grid.png, images/, samples.npz and meta.json, staged then moved into place (rank 0)."""
-    from pathlib import Path
+def _prompts(args: argparse.Namespace, pipe) -> list[str] | None:
+    """Image i's caption for a text-conditional stage 1 (None otherwise); the flags of the other kind refused."""
+    from digit.errors import DigitError
+    from digit.prompts import read_prompts, spread_prompts
 
+    given = args.prompt is not None or args.prompts is not None
+    if not pipe.is_text:
+        if given or args.text_encoder is not None:
+            raise DigitError(
+                f"--prompt/--prompts/--text-encoder need a text-conditional --stage1 (this one is "
+                f"{pipe.stage1.config.cond!r}-conditioned)"
+            )
+        return None
+    if args.classes is not None:
+        raise DigitError("--classes given but --stage1 is text-conditional: give --prompt TEXT or --prompts FILE")
+    if not given or args.text_encoder is None:
+        raise DigitError("a text-conditional --stage1 needs --prompt TEXT (or --prompts FILE) and --text-encoder DIR")
+    return spread_prompts(read_prompts(args.prompt, args.prompts), args.n)
+
+
+def _write_output(args, target, pipe, res, stage1, decoder, n, world_size, prompts) -> None:
+    """grid.png, images/, samples.npz and meta.json, staged then moved into place (rank 0)."""
     import numpy as np
 
     from digit.utils.images import image_grid, save_png
@@ -124,6 +153,8 @@ def _write_output(args, target, pipe, res, stage1, decoder, n, world_size) -> No
     captions = [
         (names[v] if v < len(names) else f"class {v}") if v >= 0 else f"#{i}" for i, v in enumerate(res.labels.tolist())
     ]
+    if prompts is not None:  # the grid's labels: each image's caption (ASCII: the default bitmap font's range)
+        captions = [p.encode("ascii", "replace").decode("ascii") for p in prompts]
     tmp = target.begin()
     (tmp / "images").mkdir()
     for i, img in enumerate(res.images):
@@ -145,6 +176,8 @@ def _write_output(args, target, pipe, res, stage1, decoder, n, world_size) -> No
         "world_size": world_size,
         "seed": args.seed,
         "batch_size": args.batch_size,
+        "prompts": prompts,  # image i's caption (text-conditional stage 1), else null
+        "text_encoder": pipe.text_encoder.identity() if pipe.text_encoder is not None else None,
         "sampling": {
             "stage1": stage1.to_dict(),
             "decoder": decoder.to_dict() if pipe.decoder is not None else None,

@@ -126,44 +126,17 @@ def _validate(args: argparse.Namespace, params: SamplingParams, model_cfg: Any, 
 
 
 def _prompt_list(args) -> list[str]:
-    prompts = list(args.prompt or [])
-    if args.prompts is not None:
-        try:
-            lines = args.prompts.read_text(encoding="utf-8").splitlines()
-        except (OSError, UnicodeDecodeError) as e:
-            raise DigitError(f"--prompts {args.prompts}: {e}") from e
-        prompts += [line.strip() for line in lines if line.strip()]
-    if not prompts or any(not p.strip() for p in prompts):
-        raise DigitError("the prompts must be non-empty text")
-    if args.n is not None and args.n < len(prompts):
-        raise DigitError(f"-n {args.n} is fewer than the {len(prompts)} prompts")
-    n = len(prompts) if args.n is None else args.n
-    return [prompts[i % len(prompts)] for i in range(n)]
+    from digit.prompts import read_prompts, spread_prompts
+
+    return spread_prompts(read_prompts(args.prompt, args.prompts), args.n)
 
 
 def _captions(args, model_cfg, config, prompts: list[str]):
     """Encode the prompts with --text-encoder (checked against the run's encoder), left-padded as LlamaGen samples."""
-    import torch
+    from digit.prompts import encode_prompts, load_prompt_encoder
 
-    from digit.data.text_features import load_text_encoder
-    from digit.models.conditions import left_pad_captions
-
-    encoder = load_text_encoder(args.text_encoder, max_length=model_cfg.caption_len)
-    want = (config.get("data") or {}).get("text_encoder")
-    have = encoder.identity()
-    if isinstance(want, dict) and want.get("sha256") != have.get("sha256"):
-        raise DigitError(
-            f"--text-encoder {args.text_encoder} ({have.get('sha256', '')[:12]}) is not the encoder this run was "
-            f"trained with ({want.get('name')!r}, {str(want.get('sha256'))[:12]})"
-        )
-    features, mask = encoder.encode(prompts)
-    if tuple(features.shape[1:]) != (model_cfg.caption_len, model_cfg.caption_dim):
-        raise DigitError(
-            f"--text-encoder gives {list(features.shape[1:])} features, the model takes "
-            f"[{model_cfg.caption_len}, {model_cfg.caption_dim}]"
-        )
-    # the features as training read them (stored at the run data's dtype would differ only by rounding)
-    return left_pad_captions(torch.from_numpy(features).float(), torch.from_numpy(mask))
+    encoder = load_prompt_encoder(args.text_encoder, model_cfg, config, "--text-encoder")
+    return encode_prompts(encoder, prompts, model_cfg)
 
 
 def _conditions(args, model_cfg, config):

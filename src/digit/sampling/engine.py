@@ -14,9 +14,14 @@ slot from admission until its last token. Every :meth:`Engine.step` is one step 
 Between steps, :meth:`Engine.cancel` drops a request (its slots free for the next waiting images) and
 :meth:`Engine.progress` counts its tokens so far (`digit serve`: clients that leave, progress events).
 
-With classifier-free guidance (``guided=True``, the default for a class-conditional model) every slot carries its pair
-of rows, [cond rows; null rows] as in `digit.sampling.generate`; a request with ``cfg_scale`` 1 uses only its
+With classifier-free guidance (``guided=True``, the default for a class- or text-conditional model) every slot carries
+its pair of rows, [cond rows; null rows] as in `digit.sampling.generate`; a request with ``cfg_scale`` 1 uses only its
 conditional row. Free slots decode junk that is never read.
+
+Text-conditional models: a request's condition is one `Caption` row (features [L, D], mask [L], LlamaGen's left-padded
+layout: `digit.prompts.encode_prompts`). Each slot holds its caption, and its null row the null caption under the same
+mask (as LlamaGen's sampler); the prefill recomputes the model's per-row key mask from every slot's caption, so each
+row reads exactly its own caption's valid positions in every decode step.
 
 What is guaranteed about a request's tokens: image ``i`` of a request draws its noise from its own generator seeded
 from (``seed``, ``i``) (`digit.sampling.seeds`), one Exp(1) vector per token, and each row of the fixed-shape step is
@@ -37,6 +42,7 @@ from typing import Any
 import torch
 
 from digit.errors import DigitError
+from digit.models.conditions import Caption, join_conditions
 from digit.sampling.filters import cfg_scale_at, fill_exponential
 from digit.sampling.generate import CachedDecoder, RowSettings, choose, step_function
 from digit.sampling.params import SamplingParams
@@ -45,7 +51,8 @@ from digit.sampling.seeds import image_generators
 
 @dataclass(frozen=True)
 class Request:
-    """``cond``: a class id (class-conditional model), prefix tokens [P] (prefix model) or None (unconditional)."""
+    """``cond``: a class id (class-conditional model), prefix tokens [P] (prefix model), one `Caption` row (text
+    model: features [L, D] or [1, L, D], mask [L] or [1, L]) or None (unconditional)."""
 
     cond: Any = None
     n: int = 1
@@ -67,7 +74,7 @@ class Finished:
 class _Image:
     request_id: int
     index: int  # image index within its request
-    cond: torch.Tensor | None  # [] class id / [P] prefix
+    cond: torch.Tensor | Caption | None  # [] class id / [P] prefix / a Caption row ([L, D], [L])
     generator: torch.Generator
     params: SamplingParams
     step: int = 0  # index of the next token to produce
@@ -82,14 +89,12 @@ class Engine:
         cfg = model.config
         if not cfg.causal:
             raise DigitError("the engine serves autoregressive models (a causal=False model decodes with MaskGIT)")
-        if cfg.cond == "text":  # per-slot caption masks are not wired into the slot prefill yet (issue 16)
-            raise DigitError("the engine does not serve text-conditional models yet; use digit.sampling.sample")
         if slots < 1:
             raise DigitError(f"slots must be >= 1, got {slots}")
         self.model, self.slots = model, slots
-        self.guided = cfg.cond == "class" if guided is None else bool(guided)
-        if self.guided and cfg.cond != "class":
-            raise DigitError("classifier-free guidance needs a class-conditional model")
+        self.guided = cfg.cond in ("class", "text") if guided is None else bool(guided)
+        if self.guided and cfg.cond not in ("class", "text"):
+            raise DigitError("classifier-free guidance needs a class- or text-conditional model")
         self.device = next(model.parameters()).device
         self.rows = 2 * slots if self.guided else slots
         self._step_fn = step_function(compile, self.device)
@@ -114,20 +119,36 @@ class Engine:
         model.setup_cache(self.rows)
 
     # ---- requests
-    def _blank_cond(self) -> torch.Tensor | None:
+    def _blank_cond(self) -> torch.Tensor | Caption | None:
         cfg = self.model.config
+        if cfg.cond == "text":  # a free slot's caption: zero features, every position valid (junk, never read)
+            L, D = cfg.caption_len, cfg.caption_dim
+            feats = torch.zeros(self.slots, L, D, dtype=torch.float32, device=self.device)
+            return Caption(feats, torch.ones(self.slots, L, dtype=torch.bool, device=self.device))
         if cfg.cond == "class":
             return torch.zeros(self.slots, dtype=torch.long, device=self.device)
         if cfg.cond == "prefix":
             return torch.zeros(self.slots, cfg.prefix_len, dtype=torch.long, device=self.device)
         return None
 
-    def _check_cond(self, cond: Any) -> torch.Tensor | None:
+    def _check_cond(self, cond: Any) -> torch.Tensor | Caption | None:
         cfg = self.model.config
         if cfg.cond == "none":
             if cond is not None:
                 raise DigitError("an unconditional model takes no condition")
             return None
+        if cfg.cond == "text":
+            L, D = cfg.caption_len, cfg.caption_dim
+            ok = isinstance(cond, Caption)
+            f = cond.features.reshape(-1, D) if ok and cond.features.numel() == L * D else None
+            m = cond.mask.reshape(-1) if ok and cond.mask.numel() == L else None
+            if f is None or m is None or m.dtype != torch.bool or not torch.is_floating_point(f):
+                raise DigitError(
+                    f"a text request needs one Caption row: float features [{L}, {D}] and a bool mask [{L}]"
+                )
+            if not bool(torch.isfinite(f).all()):
+                raise DigitError("a text request's caption features must be finite")
+            return Caption(f.to(self.device, torch.float32), m.to(self.device))
         c = torch.as_tensor(cond, dtype=torch.long, device=self.device)
         if cfg.cond == "class":
             if c.dim() != 0 or not 0 <= int(c) < cfg.num_classes:
@@ -239,7 +260,10 @@ class Engine:
                 img = self._waiting.popleft()
                 self._slot[j] = img
                 admitted.append(j)
-                if img.cond is not None:
+                if isinstance(img.cond, Caption):
+                    self._cond.features[j] = img.cond.features
+                    self._cond.mask[j] = img.cond.mask
+                elif img.cond is not None:
                     self._cond[j] = img.cond
         self.stepped_slots = self.busy_slots
         if admitted or self._settings is None:
@@ -247,7 +271,7 @@ class Engine:
         if admitted:
             cond = self._cond
             if self.guided:
-                cond = torch.cat([cond, self.model.condition.null(cond)])
+                cond = join_conditions(cond, self.model.condition.null(cond))
             logits = self.model.prefill(cond, self.rows)
             self.forward_passes += 1
             tokens = choose(logits, self._scales(), self._settings, self._noise(logits.shape[-1], admitted))
