@@ -103,3 +103,64 @@ def test_sample_by_prompt_cli(tmp_path, capsys):
     assert main([*base, "--out", str(tmp_path / "x2")]) == 2 and "--prompt" in capsys.readouterr().err
     assert main([*base, *prompts, "-n", "1", "--out", str(tmp_path / "x3")]) == 2
     assert "fewer than the 2 prompts" in capsys.readouterr().err
+
+
+def _encoder_dir(path, seed=1):
+    path.mkdir()
+    (path / "text_encoder.json").write_text(
+        json.dumps({"kind": "random-test", "dim": 8, "max_length": 12, "seed": seed})
+    )
+    return path
+
+
+def test_train_checks_the_text_encoder_of_the_stored_features(tmp_path, capsys):
+    """`--text-encoder DIR` at train time: the stored features' encoder identity (sha256) must be that encoder's."""
+    d = captioned_tokens(tmp_path / "tok")
+    base = ["--tokens", d, "--text-cond", "--steps", "1", "--batch-size", "4"]
+    assert train(*base, "--text-encoder", _encoder_dir(tmp_path / "same"), "--out", tmp_path / "ok") == 0
+    capsys.readouterr()
+    assert train(*base, "--text-encoder", _encoder_dir(tmp_path / "other", seed=2), "--out", tmp_path / "bad") == 2
+    err = capsys.readouterr().err
+    assert "caption features made by text encoder 'random-bytes-d8-s1'" in err
+    assert "not the 'random-bytes-d8-s2'" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "bad" / "model.safetensors").exists()
+    plain = write_token_dir(tmp_path / "plain", np.zeros((4, 2, 2), dtype=np.int64), None, vocab_size=8)
+    args = ["--tokens", plain, "--steps", "1", "--text-encoder", tmp_path / "same", "--out", tmp_path / "r"]
+    assert train(*args) == 2 and "--text-encoder needs a text-conditional model" in capsys.readouterr().err
+
+
+def test_init_from_a_text_run(tmp_path, capsys):
+    """Fine-tuning a text-conditional run: its weights are the start (caption MLP and null caption included), the
+    caption dropout may change, a frozen condition stays put, and features of another encoder than the init's are
+    refused."""
+    from safetensors.torch import load_file
+
+    d = captioned_tokens(tmp_path / "tok")
+    init = tmp_path / "init"
+    assert train(*f"--tokens {d} --text-cond --steps 20 --batch-size 8 --lr 3e-3 --out {init}".split()) == 0
+    w0 = load_file(str(init / "model.safetensors"))
+    ft = tmp_path / "ft"
+    args = f"--tokens {d} --init-from {init} --class-dropout 0.3 --freeze condition --steps 3 --batch-size 8"
+    assert train(*args.split(), "--lr", "1e-2", "--out", ft) == 0, capsys.readouterr().err
+    cfg = json.loads((ft / "config.json").read_text())
+    assert (cfg["model"]["cond"], cfg["model"]["class_dropout"], cfg["model"]["caption_len"]) == ("text", 0.3, 12)
+    assert cfg["init_from"]["path"] == str(init.resolve()) and cfg["init_from"]["freeze"] == ["condition"]
+    assert cfg["data"]["text_encoder"]["sha256"] == RandomTextEncoder(dim=8, max_length=12, seed=1).identity()["sha256"]
+    w1 = load_file(str(ft / "model.safetensors"))
+    for k in ("condition.null_caption", "condition.mlp.up.weight", "condition.mlp.down.weight"):
+        assert torch.equal(w0[k], w1[k]), k  # frozen: exactly the init's
+    assert not torch.equal(w0["head.weight"], w1["head.weight"])  # the rest trained on
+    # the fine-tuned run still samples by caption, as the init learned
+    model, _ = load_gpt_run(ft)
+    f, msk = RandomTextEncoder(dim=8, max_length=12, seed=1).encode(list(WORDS))
+    from digit.models import left_pad_captions
+
+    cap = left_pad_captions(torch.from_numpy(f).half().float(), torch.from_numpy(msk))
+    assert sample(model, cap, params=SamplingParams(top_k=1)).tokens.view(2, -1).tolist() == [[1] * 4, [4] * 4]
+    # caption features of another encoder than the init run's are refused
+    other = write_token_dir(tmp_path / "tok2", np.stack([np.full((2, 2), 1)] * 4), None, vocab_size=8)
+    write_caption_features(other, ["red"] * 4, RandomTextEncoder(dim=8, max_length=12, seed=2))
+    capsys.readouterr()
+    assert train("--tokens", other, "--init-from", init, "--steps", "1", "--out", tmp_path / "x") == 2
+    err = capsys.readouterr().err
+    assert "not the 'random-bytes-d8-s1'" in err and len(err.strip().splitlines()) == 1

@@ -65,6 +65,13 @@ def register(sub) -> None:
         help="condition on the caption features stored with --tokens (digit tokenize --captions); --class-dropout "
         "is then the caption dropout to the null caption",
     )
+    m.add_argument(
+        "--text-encoder",
+        type=existing_dir,
+        metavar="DIR",
+        help="with --text-cond (or --init-from a text run): the text encoder the stored caption features must come "
+        "from (its sha256 checked against theirs; the encoder itself is not run)",
+    )
     m.add_argument("--dropout", type=non_negative_float, help="set embedding, residual and FFN dropout")
     m.add_argument("--nar", action="store_true", help="MaskGIT-style bidirectional model trained on masked tokens")
     f = p.add_argument_group("fine-tuning")
@@ -141,6 +148,15 @@ def run(args: argparse.Namespace) -> int:
     if sum((bool(args.class_cond), prefix is not None, bool(args.text_cond))) > 1:
         raise DigitError("choose one condition: --class-cond, --prefix-tokens or --text-cond")
     model_cfg, init = _model_config(args, tokens, prefix)
+    text_encoder = None
+    if args.text_encoder is not None:
+        if model_cfg.cond != "text":
+            raise DigitError(
+                f"--text-encoder needs a text-conditional model (--text-cond); this one is {model_cfg.cond!r}"
+            )
+        from digit.data.text_features import text_encoder_identity
+
+        text_encoder = text_encoder_identity(args.text_encoder, max_length=model_cfg.caption_len)
 
     task = GPTTask(
         model_cfg,
@@ -152,6 +168,7 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
         eval_batch_size=max(1, args.batch_size // max(1, dist.world_size * args.grad_accum)),
         init=init,
+        text_encoder=text_encoder,
     )
     inputs = (args.tokens, args.prefix_tokens, args.val_tokens, args.val_prefix_tokens, args.init_from)
     trainer = Trainer(

@@ -94,27 +94,50 @@ class T5TextEncoder:
         return feats.float().cpu().numpy(), mask.bool().cpu().numpy()
 
     def identity(self) -> dict[str, Any]:
-        # the weights and tokenizer files, hashed in name order: a renamed copy of the same model is the same encoder
-        h = hashlib.sha256()
-        for p in sorted(q for q in self.directory.rglob("*") if q.is_file() and not q.name.startswith(".")):
-            h.update(f"{p.relative_to(self.directory).as_posix()}\0{file_sha256(p)}\n".encode())
-        return {"kind": "t5", "name": self.directory.name, "sha256": h.hexdigest(), "max_length": self.max_length}
+        return _t5_identity(self.directory, self.max_length)
+
+
+def _t5_identity(directory: Path, max_length: int) -> dict[str, Any]:
+    # the weights and tokenizer files, hashed in name order: a renamed copy of the same model is the same encoder
+    h = hashlib.sha256()
+    for p in sorted(q for q in directory.rglob("*") if q.is_file() and not q.name.startswith(".")):
+        h.update(f"{p.relative_to(directory).as_posix()}\0{file_sha256(p)}\n".encode())
+    return {"kind": "t5", "name": directory.name, "sha256": h.hexdigest(), "max_length": max_length}
 
 
 RANDOM_ENCODER_FILE = "text_encoder.json"  # {"kind": "random-test", "dim", "max_length", "seed"}: a test encoder dir
+
+
+def _random_spec(directory: Path) -> dict[str, Any] | None:
+    spec_path = directory / RANDOM_ENCODER_FILE
+    if not spec_path.is_file():
+        return None
+    spec = read_json_object(spec_path, {"kind": STR, "dim": POSITIVE_INT, "max_length": POSITIVE_INT, "seed": INT})
+    if spec["kind"] != "random-test":
+        raise DigitError(f"{spec_path}: unknown text encoder kind {spec['kind']!r} (expected 'random-test')")
+    return spec
 
 
 def load_text_encoder(directory: str | os.PathLike, max_length: int = 120, device: str = "cpu") -> TextEncoder:
     """A text encoder from a local directory: a T5 encoder (``transformers`` format), or the random test encoder when
     the directory holds a ``text_encoder.json`` of kind ``random-test`` (for offline smoke runs and tests)."""
     directory = Path(directory)
-    spec_path = directory / RANDOM_ENCODER_FILE
-    if spec_path.is_file():
-        spec = read_json_object(spec_path, {"kind": STR, "dim": POSITIVE_INT, "max_length": POSITIVE_INT, "seed": INT})
-        if spec["kind"] != "random-test":
-            raise DigitError(f"{spec_path}: unknown text encoder kind {spec['kind']!r} (expected 'random-test')")
+    spec = _random_spec(directory)
+    if spec is not None:
         return RandomTextEncoder(dim=spec["dim"], max_length=spec["max_length"], seed=spec["seed"])
     return T5TextEncoder(directory, max_length=max_length, device=device)
+
+
+def text_encoder_identity(directory: str | os.PathLike, max_length: int = 120) -> dict[str, Any]:
+    """``load_text_encoder(directory).identity()`` without loading a T5 model (its files are hashed, not read into
+    memory as a model): what `digit train --text-encoder` checks stored caption features against."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise DigitError(f"text encoder directory not found: {directory}")
+    spec = _random_spec(directory)
+    if spec is not None:
+        return RandomTextEncoder(dim=spec["dim"], max_length=spec["max_length"], seed=spec["seed"]).identity()
+    return _t5_identity(directory, max_length)
 
 
 @dataclass
@@ -253,9 +276,16 @@ def read_caption_features(
     if list(mask.shape) != [n, length]:
         raise DigitError(f"{mpath}: shape {list(mask.shape)} differs from meta.json's [{n}, {length}]")
     texts = _read_captions_file(token_dir / CAPTIONS_FILE, n)
-    if expect_encoder is not None and expect_encoder.get("sha256") != enc["sha256"]:
-        raise DigitError(
-            f"{token_dir}: caption features made by text encoder {enc.get('name')!r} ({enc['sha256'][:12]}), "
-            f"not the {expect_encoder.get('name')!r} ({str(expect_encoder.get('sha256'))[:12]}) expected"
-        )
+    if expect_encoder is not None:
+        check_encoder(token_dir, enc, expect_encoder)
     return CaptionFeatures(texts=texts, features=features, mask=mask, encoder=enc)
+
+
+def check_encoder(token_dir: str | os.PathLike, found: dict[str, Any], expected: dict[str, Any]) -> None:
+    """Refuse caption features (of ``token_dir``, made by ``found``) that another encoder than ``expected`` made."""
+    if expected.get("sha256") != found.get("sha256"):
+        raise DigitError(
+            f"{token_dir}: caption features made by text encoder {found.get('name')!r} "
+            f"({str(found.get('sha256'))[:12]}), not the {expected.get('name')!r} "
+            f"({str(expected.get('sha256'))[:12]}) expected"
+        )

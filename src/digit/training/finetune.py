@@ -95,6 +95,9 @@ class FineTune:
     seed: int
     meta: dict[str, Any] | None  # the token-directory meta the weights were trained on (`data.meta`)
     prefix_meta: dict[str, Any] | None
+    text_encoder: dict[str, Any] | None = (
+        None  # the text encoder identity of its caption features (`data.text_encoder`)
+    )
 
     # ---- what the run records
     def record(self, cfg: GPTConfig) -> dict[str, Any]:
@@ -286,8 +289,10 @@ def finetune_config(cfg: GPTConfig, req: FineTuneRequest) -> GPTConfig:
             )
         changes["num_classes"] = req.num_classes
     if req.class_dropout is not None:
-        if cfg.cond != "class":
-            raise DigitError(f"--class-dropout applies to class-conditional models; the init model has cond {cfg.cond}")
+        if cfg.cond not in ("class", "text"):
+            raise DigitError(
+                f"--class-dropout applies to class- or text-conditional models; the init model has cond {cfg.cond}"
+            )
         changes["class_dropout"] = req.class_dropout
     if req.dropout is not None:
         changes.update(embed_dropout=req.dropout, resid_dropout=req.dropout, ffn_dropout=req.dropout)
@@ -353,7 +358,8 @@ def _new(req: FineTuneRequest) -> tuple[GPTConfig, FineTune]:
         )
     data = config.get("data") or {}
     init = FineTune(path=origin, sha256=sha, state=state, init_num_classes=init_cfg.num_classes, freeze=items,
-                    seed=req.seed, meta=data.get("meta"), prefix_meta=data.get("prefix_meta"))  # fmt: skip
+                    seed=req.seed, meta=data.get("meta"), prefix_meta=data.get("prefix_meta"),
+                    text_encoder=data.get("text_encoder"))  # fmt: skip
     return cfg, init
 
 
@@ -376,5 +382,5 @@ def _resumed(req: FineTuneRequest, rec: dict[str, Any]) -> tuple[GPTConfig, Fine
     data = config.get("data") or {}
     init = FineTune(path=rec["path"], sha256=rec["sha256"], state=state, freeze=items, seed=req.seed,
                     init_num_classes=int(classes.get("init", cfg.num_classes)), meta=data.get("meta"),
-                    prefix_meta=data.get("prefix_meta"))  # fmt: skip
+                    prefix_meta=data.get("prefix_meta"), text_encoder=data.get("text_encoder"))  # fmt: skip
     return cfg, init

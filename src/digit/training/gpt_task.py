@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -73,13 +74,19 @@ class TokenDataset:
         return item
 
 
-def read_captions(model_cfg: Any, tokens: TokenDirectory, what: str = "tokens") -> Any:
-    """The caption features stored with a token directory, checked against a text model (None for other models)."""
+def read_captions(
+    model_cfg: Any, tokens: TokenDirectory, what: str = "tokens", expect: Sequence[dict[str, Any] | None] = ()
+) -> Any:
+    """The caption features stored with a token directory, checked against a text model (None for other models) and
+    against each text encoder identity in ``expect`` (`--text-encoder`, the init run's, the training features')."""
     if model_cfg.cond != "text":
         return None
-    from digit.data.text_features import read_caption_features
+    from digit.data.text_features import check_encoder, read_caption_features
 
-    caps = read_caption_features(tokens.path)
+    wants = [w for w in expect if w is not None]
+    caps = read_caption_features(tokens.path, expect_encoder=wants[0] if wants else None)
+    for want in wants[1:]:
+        check_encoder(tokens.path, caps.encoder, want)
     n, L, D = caps.features.shape
     if n != len(tokens):
         raise DigitError(f"{what} in {tokens.path}: {n} caption feature rows for {len(tokens)} token rows")
@@ -165,10 +172,12 @@ class GPTTask(TaskBase):
         seed: int = 0,
         eval_batch_size: int = 64,
         init: FineTune | None = None,
+        text_encoder: dict[str, Any] | None = None,
     ) -> None:
         """``label_smoothing`` (when given) replaces ``optim``'s; ``total_steps`` (the cosine horizon) is set by the
         ``Trainer`` that runs the task (given here, it must agree with the trainer's count). ``init``: start from a
-        trained model's weights, with frozen groups (`digit.training.finetune`)."""
+        trained model's weights, with frozen groups (`digit.training.finetune`). ``text_encoder``: the identity of
+        the encoder the caption features must come from (`digit train --text-encoder`), as the init run's must."""
         from digit.models.gpt import GPT
 
         if init is not None:  # first: its refusals say what the init model needs (e.g. --num-classes)
@@ -184,8 +193,13 @@ class GPTTask(TaskBase):
             optim = dataclasses.replace(optim, label_smoothing=label_smoothing)
         self.cfg, self.optim, self.seed = model_cfg, optim, seed
         self.total_steps, self.eval_batch_size = total_steps, eval_batch_size
-        captions = read_captions(model_cfg, tokens)
-        val_captions = read_captions(model_cfg, val, "validation tokens") if val is not None else None
+        expect = (text_encoder, init.text_encoder if init is not None else None)
+        captions = read_captions(model_cfg, tokens, expect=expect)
+        if val is not None:  # the validation features also from the training features' encoder
+            train_encoder = captions.encoder if captions is not None else None
+            val_captions = read_captions(model_cfg, val, "validation tokens", expect=(*expect, train_encoder))
+        else:
+            val_captions = None
         self.dataset = TokenDataset(tokens, prefix, captions)
         self.val = TokenDataset(val, val_prefix, val_captions) if val is not None else None
         self._data_cfg = {
