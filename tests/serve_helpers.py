@@ -26,7 +26,10 @@ SRC = str(Path(__file__).resolve().parents[1] / "src")
 START_TIMEOUT_S = 180  # importing torch and loading the models on a loaded 2-core machine
 
 
-def _save_run(path: Path, model_config, meta: dict[str, Any], seed: int) -> None:
+TEXT_ENCODER = {"kind": "random-test", "dim": 8, "max_length": 12, "seed": 1}
+
+
+def _save_run(path: Path, model_config, meta: dict[str, Any], seed: int, data: dict[str, Any] | None = None) -> None:
     torch.manual_seed(seed)
     model = GPT(model_config)
     with torch.no_grad():  # weights large enough that sampling is far from uniform (distinct images per seed)
@@ -34,7 +37,8 @@ def _save_run(path: Path, model_config, meta: dict[str, Any], seed: int) -> None
             p.normal_(0, 0.3)
     path.mkdir(parents=True)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path / "model.safetensors"))
-    (path / "config.json").write_text(json.dumps({"model": model_config.to_dict(), "data": {"meta": meta}}))
+    config = {"model": model_config.to_dict(), "data": {"meta": meta, **(data or {})}}
+    (path / "config.json").write_text(json.dumps(config))
 
 
 def make_model_folder(root: Path, stage1_grid: int = 16, decoder: bool = True) -> Path:
@@ -52,6 +56,24 @@ def make_model_folder(root: Path, stage1_grid: int = 16, decoder: bool = True) -
     else:
         s1 = build_config("tiny", vocab_size=32, grid=(4, 4), cond="class", num_classes=len(CLASSES))
     _save_run(root / "stage1", s1, meta, seed=1)
+    return root
+
+
+def make_text_model_folder(root: Path, stage1_grid: int = 8) -> Path:
+    """A DiGIT-shaped folder whose stage 1 is text-conditional (12 caption positions of 8 features), with the
+    deterministic random test encoder in ``text_encoder/`` (the run records its identity, as training does)."""
+    from digit.data.text_features import RandomTextEncoder
+
+    torch.manual_seed(0)
+    VQModel.from_preset("tiny", image_size=16, codebook_size=32).save(root / "vq")
+    (root / "text_encoder").mkdir()
+    (root / "text_encoder" / "text_encoder.json").write_text(json.dumps(TEXT_ENCODER))
+    g = stage1_grid
+    s1 = build_config("tiny", vocab_size=16, grid=(g, g), cond="text", caption_len=12, caption_dim=8)
+    dec = build_config("tiny", vocab_size=32, grid=(4, 4), cond="prefix", prefix_vocab_size=16, prefix_grid=(g, g))
+    _save_run(root / "stage2", dec, {}, seed=2)
+    identity = RandomTextEncoder(dim=8, max_length=12, seed=1).identity()
+    _save_run(root / "stage1", s1, {}, seed=1, data={"text_encoder": identity})
     return root
 
 

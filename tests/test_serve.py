@@ -135,6 +135,7 @@ BAD = [
     ({"class": 0, "timeout": 1000}, "timeout must be in (0, 60]"),
     ({"class": 0, "timeout": "soon"}, "timeout must be a number"),
     ({"class": 0, "stream": "yes"}, "stream must be true or false"),
+    ({"class": 0, "prompt": "a cat"}, "prompt given but the model is class-conditional, not text"),
 ]
 
 

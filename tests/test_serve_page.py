@@ -95,3 +95,28 @@ def test_page_link_prefills_and_runs(tmp_path):
     assert chosen == "dog" and status == 200
     assert srcs == ["data:image/png;base64," + d["b64_json"] for d in body["data"]]
     assert base64.b64decode(srcs[0].split(",", 1)[1])[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_page_shows_a_prompt_box_for_a_text_model(tmp_path):
+    """A text-conditional model: the page hides the class list, shows a prompt box, and sends the prompt; the images
+    are the API's answer to the same request."""
+    from serve_helpers import make_text_model_folder
+
+    server = Server(make_text_model_folder(tmp_path / "model"), "--max-batch", "2", log=tmp_path / "serve.log")
+    try:
+        with Chromium(CHROMIUM) as browser:
+            page = browser.open(f"http://127.0.0.1:{server.port}/?prompt=a%20blue%20square&n=2&seed=3&top_k=4&run=1")
+            done = "document.querySelectorAll('#results img.sample').length === 2"
+            page.wait_for(done, "two images")
+            hidden = page.js(
+                "[document.getElementById('class_box').hidden, document.getElementById('prompt_box').hidden]"
+            )
+            srcs = page.js("[...document.querySelectorAll('#results img.sample')].map(i => i.src)")
+            title = page.js("document.querySelector('#results .run h2').textContent")
+        req = {"prompt": "a blue square", "n": 2, "seed": 3, "cfg_scale": 2, "top_k": 4, "temperature": 1}
+        status_code, body = server.generate(req)
+    finally:
+        server.stop()
+    assert hidden == [True, False]
+    assert title.startswith('"a blue square"') and "seed 3" in title
+    assert status_code == 200 and srcs == ["data:image/png;base64," + d["b64_json"] for d in body["data"]]

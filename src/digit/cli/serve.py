@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from digit.cli.common import add_device_arg, positive_float, positive_int
+from digit.cli.common import add_device_arg, existing_dir, positive_float, positive_int
 
 
 def register(sub) -> None:
@@ -12,7 +12,7 @@ def register(sub) -> None:
         "serve",
         help="serve image generation over HTTP (JSON API, web page, Prometheus metrics)",
         description="An HTTP server over the continuous-batching engine: POST /v1/images/generations (JSON: class or "
-        "class_name, n, seed, sampling parameters -> base64 PNGs), GET / (a web page), GET /healthz, GET /metrics. "
+        "class_name, or prompt for a text-conditional model, n, seed, sampling parameters -> base64 PNGs), GET / (a web page), GET /healthz, GET /metrics. "
         "A full queue answers 503 with Retry-After; SIGTERM stops taking requests and finishes those in flight.",
     )
     p.add_argument(
@@ -20,6 +20,12 @@ def register(sub) -> None:
         default="cifar10",
         help="a model folder (stage1/, vq/ and for DiGIT stage2/: `digit recipe ship` or save_pretrained), 'cifar10' "
         "(the shipped reference models, the default) or a Hugging Face repository id",
+    )
+    p.add_argument(
+        "--text-encoder",
+        type=existing_dir,
+        help="a text-conditional model's text encoder directory (default: the folder's text_encoder/ or the one "
+        "save_pretrained recorded); requests then give a prompt",
     )
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="TCP port (0: any free port, printed at start)")
@@ -55,5 +61,11 @@ def run(args: argparse.Namespace) -> int:
     )
     device = resolve_device(args.device)
     return run_server(
-        args.model, host=args.host, port=args.port, config=config, device=device, log_level=args.log_level
+        args.model,
+        host=args.host,
+        port=args.port,
+        config=config,
+        device=device,
+        log_level=args.log_level,
+        text_encoder=args.text_encoder,
     )

@@ -3,6 +3,7 @@
 ``POST /v1/images/generations`` takes::
 
     {"class": 3 | "class_name": "cat",        # one of them for a class-conditional model, neither otherwise
+     "prompt": "a red circle",                 # a text-conditional model's caption (and no class)
      "n": 1, "seed": 0,                         # images, and the seed image i's random stream is derived from
      "temperature": 1.0, "top_k": 0, ...,       # stage-1 sampling: SamplingParams' field names (ar decoding)
      "decoder": {"top_p": 0.8, ...},            # the stage-2 decoder's SamplingParams (a DiGIT model only)
@@ -27,7 +28,7 @@ from digit.serve.service import GeneratedImages, GenerationSpec, ServeConfig
 STAGE1_FIELDS = ("temperature", "top_k", "top_p", "cfg_scale", "cfg_interval", "cfg_schedule")
 # the stage-2 decoder: AR (Jacobi too) or MaskGIT, as `digit generate --decoder-*`
 DECODER_FIELDS = ("temperature", "top_k", "top_p", "decode", "nar_steps", "nar_temperature")
-REQUEST_FIELDS = ("class", "class_name", "n", "seed", "decoder", "timeout", "stream", *STAGE1_FIELDS)
+REQUEST_FIELDS = ("class", "class_name", "prompt", "n", "seed", "decoder", "timeout", "stream", *STAGE1_FIELDS)
 MAX_SEED = 2**63 - 1
 
 
@@ -45,9 +46,25 @@ def parse_json(body: bytes) -> dict[str, Any]:
     return data
 
 
+def _prompt(data: dict[str, Any], pipe: Any) -> str | None:
+    """A text-conditional model's caption (`digit.prompts.check_prompt`); refused for the other models."""
+    from digit.prompts import check_prompt
+
+    given = data.get("prompt")
+    if not pipe.is_text:
+        if given is not None:
+            raise DigitError(f"prompt given but the model is {pipe.stage1.config.cond}-conditional, not text")
+        return None
+    if given is None:
+        raise DigitError("this model is text-conditional: give prompt (a caption)")
+    return check_prompt(given, "prompt")
+
+
 def _label(data: dict[str, Any], pipe: Any) -> int | None:
     k, names = pipe.num_classes, pipe.class_names
     given = [key for key in ("class", "class_name") if data.get(key) is not None]
+    if pipe.is_text and given:
+        raise DigitError(f"{given[0]} given but the model is text-conditional: give prompt instead")
     if not k:
         if given:
             raise DigitError(f"{given[0]} given but the model is unconditional")
@@ -83,6 +100,7 @@ def parse_generation(data: dict[str, Any], pipe: Any, config: ServeConfig) -> Ge
     if unknown:
         raise DigitError(f"unknown fields: {', '.join(unknown)} (allowed: {', '.join(REQUEST_FIELDS)})")
     label = _label(data, pipe)
+    prompt = _prompt(data, pipe)
     n = data.get("n", 1)
     if not _int(n) or not 1 <= n <= config.max_images:
         raise DigitError(f"n must be an integer in [1, {config.max_images}] (the server's --max-images), got {n!r}")
@@ -90,8 +108,8 @@ def parse_generation(data: dict[str, Any], pipe: Any, config: ServeConfig) -> Ge
     if not _int(seed) or not 0 <= seed <= MAX_SEED:
         raise DigitError(f"seed must be an integer in [0, 2**63 - 1], got {seed!r}")
     stage1 = _params({f: data[f] for f in STAGE1_FIELDS if f in data}, STAGE1_FIELDS, SamplingParams(), "sampling")
-    if stage1.guided and pipe.stage1.config.cond != "class":
-        raise DigitError("cfg_scale != 1 (classifier-free guidance) needs a class-conditional model")
+    if stage1.guided and pipe.stage1.config.cond not in ("class", "text"):
+        raise DigitError("cfg_scale != 1 (classifier-free guidance) needs a class- or text-conditional model")
     decoder = None
     if pipe.decoder is not None:
         given = data.get("decoder") or {}
@@ -112,7 +130,7 @@ def parse_generation(data: dict[str, Any], pipe: Any, config: ServeConfig) -> Ge
     stream = data.get("stream", False)
     if not isinstance(stream, bool):
         raise DigitError(f"stream must be true or false, got {stream!r}")
-    return GenerationSpec(label, n, seed, stage1, decoder, float(timeout), stream)
+    return GenerationSpec(label, n, seed, stage1, decoder, float(timeout), stream, prompt)
 
 
 def class_name(pipe: Any, label: int | None) -> str | None:
@@ -126,6 +144,7 @@ def generation_response(spec: GenerationSpec, result: GeneratedImages, pipe: Any
         "model": model,
         "class": spec.label,
         "class_name": class_name(pipe, spec.label),
+        "prompt": spec.prompt,
         "n": spec.n,
         "seed": spec.seed,
         "parameters": {

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import time
 from importlib import resources
@@ -79,6 +80,10 @@ def create_app(pipe: Any, config: ServeConfig | None = None, *, model_name: str 
             return refusal(Draining())
         try:
             spec = parse_generation(parse_json(await request.body()), pipe, config)
+            if spec.prompt is not None:  # the text encoder runs off the event loop and off the engine thread
+                loop = asyncio.get_running_loop()
+                caption = await loop.run_in_executor(None, lambda: pipe.encode_prompts([spec.prompt])[0])
+                spec = dataclasses.replace(spec, caption=caption)
         except DigitError as e:
             answered(400)
             return _error(400, "invalid_request", str(e))
@@ -146,17 +151,19 @@ def create_app(pipe: Any, config: ServeConfig | None = None, *, model_name: str 
 
     async def model_info(request: Request) -> Response:
         k = pipe.num_classes
+        example = {"prompt": "a prompt"} if pipe.is_text else {"class": 0} if k else {}
         return JSONResponse(
             {
                 "model": model_name,
                 "kind": pipe.kind,
+                "text": pipe.is_text,  # the page shows a prompt box instead of the class list
                 "classes": [{"class": i, "class_name": class_name(pipe, i)} for i in range(k)],
                 "image_size": int(pipe.vq.image_size),
                 "tokens_per_image": service.tokens_per_image,
                 "defaults": {
                     "n": 1,
                     "seed": 0,
-                    "stage1": parse_generation({"class": 0} if k else {}, pipe, config).stage1.to_dict(),
+                    "stage1": parse_generation(example, pipe, config).stage1.to_dict(),
                 },
                 "limits": {"max_images": config.max_images, "timeout": config.timeout, "max_batch": config.max_batch},
             }

@@ -18,12 +18,15 @@ from digit.errors import DigitError
 from digit.serve.service import ServeConfig
 
 
-def load_model(model: str | os.PathLike, device: Any = "cpu") -> tuple[Any, str]:
+def load_model(
+    model: str | os.PathLike, device: Any = "cpu", text_encoder: str | os.PathLike | None = None
+) -> tuple[Any, str]:
     """What `Pipeline.from_pretrained` loads (a model folder, ``"cifar10"`` for the shipped reference models, or a
-    Hugging Face repository id), checked to be servable. Returns (the pipeline, a name for the API)."""
+    Hugging Face repository id; ``text_encoder``: a text-conditional model's encoder directory), checked to be
+    servable. Returns (the pipeline, a name for the API)."""
     from digit.hub import load_pretrained
 
-    pipe = load_pretrained(model, device=device)
+    pipe = load_pretrained(model, device=device, text_encoder=text_encoder)
     if not pipe.stage1.config.causal:
         raise DigitError("the server samples stage 1 autoregressively; this stage-1 model is bidirectional (MaskGIT)")
     name = os.fspath(model)
@@ -52,13 +55,14 @@ def run_server(
     config: ServeConfig | None = None,
     device: Any = "cpu",
     log_level: str = "info",
+    text_encoder: str | os.PathLike | None = None,
 ) -> int:
     import uvicorn
 
     from digit.serve.app import create_app
 
     config = config or ServeConfig()
-    pipe, name = load_model(model, device)
+    pipe, name = load_model(model, device, text_encoder)
     app = create_app(pipe, config, model_name=name)
     service = app.state.service
     sock = bind_socket(host, port)

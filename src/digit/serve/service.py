@@ -70,6 +70,8 @@ class GenerationSpec:
     decoder: SamplingParams | None  # None without a stage-2 decoder
     timeout: float  # this request's own limit (<= the server's)
     stream: bool = False
+    prompt: str | None = None  # the caption of a text-conditional model
+    caption: Any = None  # its encoding (a Caption row), when the caller encoded it already (`digit.serve.app`)
 
 
 @dataclass
@@ -212,9 +214,10 @@ class GenerationService:
             job = self._queue.popleft()
             spec = job.spec
             try:
-                job.engine_id = self.engine.submit(
-                    Request(cond=spec.label, n=spec.n, params=spec.stage1, seed=spec.seed)
-                )
+                cond = spec.label
+                if spec.prompt is not None:  # each image's slot carries this caption (and its null caption for CFG)
+                    cond = spec.caption if spec.caption is not None else self.pipe.encode_prompts([spec.prompt])[0]
+                job.engine_id = self.engine.submit(Request(cond=cond, n=spec.n, params=spec.stage1, seed=spec.seed))
             except DigitError as e:  # validated at the boundary already; kept so that a miss is a 400, not a hang
                 job.resolve(error=e)
                 continue
