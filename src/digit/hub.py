@@ -8,9 +8,9 @@ A model folder has the layout `digit recipe ship` writes, so the shipped referen
 - ``vq/``: the VQ tokenizer (``tokenizer.json`` + ``model.safetensors``);
 - ``tokenizer/`` (optional): the discriminative tokenizer, to encode images (sampling does not need it);
 - ``text_encoder/`` (optional, a text-conditional stage 1): its text encoder directory, when you put one there.
-  `save_pretrained` does not copy the encoder (FLAN-T5-XL is ~10 GB); ``pipeline.json`` records its identity (name,
-  sha256) and the directory it was loaded from, and loading takes ``text_encoder=DIR``, else ``text_encoder/``, else
-  that recorded directory, each checked against the identity the stage-1 run was trained with;
+  `save_pretrained` does not copy the encoder (a FLAN-T5 directory is gigabytes); ``pipeline.json`` records its
+  identity (name, sha256) and the directory it was loaded from, and loading takes ``text_encoder=DIR``, else
+  ``text_encoder/``, else that recorded directory, each checked against the identity the stage-1 run was trained with;
 - ``pipeline.json`` (`save_pretrained`) or ``models.json`` (`digit recipe ship`): what the model card says (kind,
   classes, licence, figures, provenance);
 - ``README.md``: the model card, with the hub's YAML metadata (`digit.model_card`).

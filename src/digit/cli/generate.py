@@ -21,7 +21,8 @@ def register(sub) -> None:
         "generate",
         help="generate images end to end (stage 1 -> decoder -> VQGAN)",
         description="DiGIT: --stage1 RUN --decoder RUN --vq DIR (the decoder turns discriminative tokens into VQ "
-        "tokens, AR or MaskGIT). LlamaGen: --stage1 RUN --vq DIR (the GPT samples VQ tokens). Writes grid.png, one "
+        "tokens, AR or MaskGIT). LlamaGen: --stage1 RUN --vq DIR (the GPT samples VQ tokens). A text-conditional "
+        "stage 1 takes --prompt/--prompts and --text-encoder instead of classes. Writes grid.png, one "
         "PNG per image under images/, samples.npz (uint8 [N, H, W, 3] + labels) and meta.json. Mismatched pieces are "
         "refused before sampling. Sharded: `torchrun --nproc_per_node N -m digit generate ...` (rank 0 writes the same "
         "output as one process).",
