@@ -85,6 +85,7 @@ def test_text_engine_refusals():
     assert engine.guided  # text models are guided by default, on the null caption
     good = caption(1)[0]
     for bad in (None, 3, torch.zeros(L, DT), Caption(torch.zeros(L + 1, DT), torch.ones(L + 1, dtype=torch.bool)),
+                Caption(torch.zeros(DT, L), torch.ones(L, dtype=torch.bool)),
                 Caption(good.features, good.mask.float()), Caption(good.features * float("nan"), good.mask)):  # fmt: skip
         with pytest.raises(DigitError, match="text request"):
             engine.submit(Request(cond=bad))

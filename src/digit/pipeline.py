@@ -1,4 +1,5 @@
-"""From a class label or a prompt to pixels: stage 1 (GPT) -> stage 2 (prefix-conditioned AR or MaskGIT decoder) -> VQ decode.
+"""From a class label or a prompt to pixels: stage 1 (GPT) -> stage 2 (prefix-conditioned AR or MaskGIT decoder)
+-> VQ decode.
 
 Two paths share this module (``digit generate`` and ``benchmarks/generate.py``):
 
@@ -156,12 +157,14 @@ class Pipeline:
     ) -> list[Any] | PipelineOutput:
         """Sample images: ``classes`` (indices or names; one image each, or cycled to ``num_images``), or
         ``num_images`` alone (class-balanced, or unconditional); a text-conditional pipeline takes ``prompts`` instead
-        (one image each, or round-robin over ``num_images``; guidance is on the null caption). Stage-1 sampling parameters come as keyword arguments
-        (``cfg_scale=2.0, top_k=100``) and/or ``sampling`` (a `SamplingParams` or dict), validated by SamplingParams;
+        (one image each, or round-robin over ``num_images``; guidance is on the null caption). Stage-1 sampling
+        parameters come as keyword arguments (``cfg_scale=2.0, top_k=100``) and/or ``sampling`` (a `SamplingParams`
+        or dict), validated by SamplingParams;
         ``decoder_sampling`` for the stage-2 decoder (default top-p 0.8 for an AR decoder); ``decoder_official``:
         fairseq's sampling rules for a decoder converted from DiGIT (``--official-sampling``). Image ``i`` has its own
         generator seeded from (seed, i): the same call gives the same pixels as ``digit generate --seed``.
-        -> a list of RGB PIL images, or with ``return_tokens=True`` a `PipelineOutput` (images, labels, tokens)."""
+        -> a list of RGB PIL images, or with ``return_tokens=True`` a `PipelineOutput` (images, labels, tokens,
+        prompts)."""
         from PIL import Image
 
         if not _is_int(seed):

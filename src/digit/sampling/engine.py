@@ -140,8 +140,8 @@ class Engine:
         if cfg.cond == "text":
             L, D = cfg.caption_len, cfg.caption_dim
             ok = isinstance(cond, Caption)
-            f = cond.features.reshape(-1, D) if ok and cond.features.numel() == L * D else None
-            m = cond.mask.reshape(-1) if ok and cond.mask.numel() == L else None
+            f = cond.features.reshape(L, D) if ok and tuple(cond.features.shape) in ((L, D), (1, L, D)) else None
+            m = cond.mask.reshape(L) if ok and tuple(cond.mask.shape) in ((L,), (1, L)) else None
             if f is None or m is None or m.dtype != torch.bool or not torch.is_floating_point(f):
                 raise DigitError(
                     f"a text request needs one Caption row: float features [{L}, {D}] and a bool mask [{L}]"
