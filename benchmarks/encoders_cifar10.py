@@ -12,6 +12,9 @@ tokenizer on the same validation images.
   standard-normal draw per image reused across SNRs, generator seed 0, batches in order); the encoder runs once per
   image and SNR and every quantisation route reads the same features. The route ``raw K=512`` is also run through
   ``digit.evaluation.stability.token_stability`` with a real ``DiscriminativeTokenizer`` on the first batch as a check.
+- Encoder directories (``--encoder-dir``, e.g. a student distilled by ``digit encoder pretrain --teacher``) are
+  measured the same way at their own input size (32 px for the CIFAR-10 students: the noise is then added to the
+  32 px normalised image, as ``digit stability`` does for a 32 px tokenizer), at ``--layer`` (default 1).
 - Quantisation routes: K-means (faiss, 20 iterations, seed 0) on patch vectors sampled from the bank images (16 per
   image), on raw vectors, layer-normed vectors (``ln``), ln + PCA to 32 dims, ln after a 3x3 spatial average of the
   feature map (``avg3``), with K = 512 (the VQ's K) and K = 64.
@@ -20,6 +23,8 @@ tokenizer on the same validation images.
         --bank 2000 --val 1000 --stab 200 --out results/encoders.json
     PYTHONPATH=src python benchmarks/encoders_cifar10.py --data ../shared/data/cifar10-train.tar.gz \
         --bank 2000 --val 1000 --stab 200 --noise-at native --skip-shipped --out results/encoders-native-noise.json
+    PYTHONPATH=src python benchmarks/encoders_cifar10.py --data ../shared/data/cifar10-train.tar.gz \
+        --bank 2000 --val 1000 --stab 200 --skip-shipped --encoders --encoder-dir RUN_DIR --out distilled.json
 """
 
 from __future__ import annotations
@@ -123,10 +128,11 @@ def assign(x: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
     return nearest_centroid(flat, centroids, (centroids * centroids).sum(1)).view(x.shape[0], -1)
 
 
-def measure_encoder(name: str, size: int, layer: str, images: dict, args) -> dict:
+def measure_encoder(name: str, size: int, layer: str, images: dict, args, enc=None) -> dict:
     from digit.tokenizers.encoder import build_encoder
 
-    enc = build_encoder("tf_efficientnet_lite0", weights="auto", image_size=size, layer=layer)
+    if enc is None:
+        enc = build_encoder("tf_efficientnet_lite0", weights="auto", image_size=size, layer=layer)
     t0 = time.time()
     bank = feature_maps(enc, images["bank"], size)
     val = feature_maps(enc, images["val"], size)
@@ -201,7 +207,14 @@ def main() -> None:
     p.add_argument("--val", type=int, default=1000, help="kNN queries from the validation split")
     p.add_argument("--stab", type=int, default=200, help="validation images for the stability measurement")
     p.add_argument("--batch", type=int, default=50)
-    p.add_argument("--encoders", nargs="+", default=list(ENCODERS), choices=list(ENCODERS))
+    p.add_argument("--encoders", nargs="*", default=list(ENCODERS), choices=list(ENCODERS))
+    p.add_argument(
+        "--encoder-dir",
+        nargs="*",
+        default=[],
+        help="encoder directories (digit encoder pretrain output) measured at their own image size",
+    )
+    p.add_argument("--layer", default="1", help="--layer for the encoder directories (ViT: blocks from the end)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument(
         "--noise-at",
@@ -229,6 +242,14 @@ def main() -> None:
     for name in args.encoders:
         size, layer = ENCODERS[name]
         result["encoders"].append(measure_encoder(name, size, layer, images, args))
+        print(json.dumps(result["encoders"][-1]), flush=True)
+        Path(args.out).write_text(json.dumps(result, indent=1))
+    for directory in args.encoder_dir:
+        from digit.tokenizers.cnn_encoder import parse_layer
+        from digit.tokenizers.encoder import build_encoder
+
+        enc = build_encoder(directory, layer=parse_layer(args.layer))
+        result["encoders"].append(measure_encoder(directory, enc.image_size, args.layer, images, args, enc=enc))
         print(json.dumps(result["encoders"][-1]), flush=True)
         Path(args.out).write_text(json.dumps(result, indent=1))
     Path(args.out).write_text(json.dumps(result, indent=1))

@@ -80,12 +80,44 @@ def register(subparsers) -> None:
     q.add_argument(
         "--no-cache", action="store_true", help="decode on every access (default: decode once if it fits in 4 GiB)"
     )
+    d = q.add_argument_group(
+        "distillation from a frozen pretrained teacher (instead of DINO; --encoder is then the student ViT)"
+    )
+    d.add_argument("--teacher", default=None, help="timm CNN name of the teacher, e.g. tf_efficientnet_lite0")
+    d.add_argument("--teacher-weights", default="auto", help="auto (installed weights package) or a state-dict FILE")
+    d.add_argument(
+        "--teacher-size", type=positive_int, default=128, help="teacher input size (the images are upsampled)"
+    )
+    d.add_argument(
+        "--teacher-layers",
+        nargs=2,
+        default=("stride16", "stride32"),
+        metavar=("LOCAL", "GLOBAL"),
+        help="per-position target map (its grid = the student's) and the map mean-pooled into the image target",
+    )
+    d.add_argument("--teacher-precision", choices=("fp32", "bf16"), default="bf16", help="teacher autocast (CPU)")
+    d.add_argument(
+        "--teacher-cache", type=Path, default=None, help="target cache directory (default: OUT/teacher_targets)"
+    )
+    d.add_argument(
+        "--distill-weights",
+        type=non_negative_float,
+        nargs=3,
+        default=(1.0, 1.0, 1.0),
+        metavar=("LOCAL", "GLOBAL", "CONSISTENCY"),
+        help="loss weights: per-position, image-level, noisy-vs-clean student features",
+    )
+    d.add_argument("--noise-snr", type=float, nargs=2, default=(10.0, 40.0), metavar=("MIN", "MAX"), help="dB")
+    d.add_argument("--jitter", type=non_negative_float, default=0.2, help="brightness/contrast/saturation range")
+    d.add_argument("--student-precision", choices=("fp32", "bf16"), default="fp32", help="student autocast (CPU)")
     add_trainer_args(q, batch_size=256, omit=("--steps", "--grad-accum", "--ema", "--eval-every"))
     q.add_argument("--out", type=Path, required=True, help="run directory = encoder directory")
     q.set_defaults(func=run_pretrain)
 
 
 def run_pretrain(args: argparse.Namespace) -> int:
+    if args.teacher is not None:
+        return run_distill(args)
     from digit.ssl.augment import MultiCropConfig
     from digit.ssl.dino import DINOConfig
     from digit.ssl.task import DINOTask, DINOTaskConfig
@@ -158,4 +190,66 @@ def run_pretrain(args: argparse.Namespace) -> int:
         summary = {k: last[k] for k in ("loss", "knn_top1", "images_per_s") if k in last}
         print(f"encoder directory: {args.out} ({json.dumps(summary)})")
         print(f"use it with: digit tokenizer fit --encoder {args.out} ...")
+    return 0
+
+
+def run_distill(args: argparse.Namespace) -> int:
+    """`encoder pretrain --teacher NAME`: distil a frozen pretrained CNN into the --encoder ViT (digit.ssl.distill)."""
+    from digit.ssl.distill import DistillConfig, DistillTask
+    from digit.ssl.teacher_targets import TeacherSpec
+    from digit.training.trainer import Trainer
+
+    if args.val is not None or args.val_fraction is not None:
+        raise DigitError("--val / --val-fraction (the DINO kNN monitor) are not used with --teacher")
+    if (args.out / "config.json").exists() and not args.resume:
+        raise DigitError(f"{args.out} already holds a run; pass --resume to continue it or choose another --out")
+    weights = args.teacher_weights
+    if weights != "auto":
+        weights = str(Path(weights).expanduser().resolve())
+    cfg = DistillConfig(
+        data=str(Path(args.data).resolve()),
+        encoder=args.encoder,
+        encoder_kwargs=args.encoder_kwargs,
+        image_size=args.image_size or 32,
+        teacher=TeacherSpec(
+            name=args.teacher,
+            weights=weights,
+            image_size=args.teacher_size,
+            local_layer=args.teacher_layers[0],
+            global_layer=args.teacher_layers[1],
+            precision=args.teacher_precision,
+        ),
+        teacher_cache=str(args.teacher_cache.resolve()) if args.teacher_cache else None,
+        seed=args.seed,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        min_lr=args.min_lr,
+        warmup_epochs=args.warmup_epochs,
+        weight_decay=args.weight_decay,
+        weight_decay_end=args.weight_decay_end,
+        clip=args.clip,
+        local_weight=args.distill_weights[0],
+        global_weight=args.distill_weights[1],
+        consistency_weight=args.distill_weights[2],
+        snr_db=tuple(args.noise_snr),
+        jitter=args.jitter,
+        limit=args.limit,
+        precision=args.student_precision,
+    )
+    from digit.utils.outputs import claim_dir, mark_dir
+
+    mark_dir(claim_dir(args.out, kind="run", inputs=(args.data,)), "run")  # the target cache goes inside it
+    task = DistillTask(cfg, args.out, quiet=args.no_progress)
+    tcfg = replace(trainer_config(args), eval_every=0)
+    print(
+        f"distillation: {len(task.dataset)} training images, {task.steps_per_epoch} steps/epoch x {args.epochs:g} "
+        f"epochs = {task.total_steps} steps; teacher {args.teacher} at {args.teacher_size} px "
+        f"(targets: {task.cfg.teacher_cache})"
+    )
+    last = Trainer(task, tcfg, args.out, resume=args.resume, inputs=(args.data,)).fit()
+    summary = {k: round(float(last[k]), 4) for k in ("loss", "local", "global", "consistency", "images_per_s")
+               if k in last}  # fmt: skip
+    print(f"encoder directory: {args.out} ({json.dumps(summary)})")
+    print(f"use it with: digit tokenizer fit --encoder {args.out} --layer 1 ...")
     return 0
