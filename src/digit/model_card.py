@@ -23,10 +23,15 @@ KIND_TEXT = {
 FIGURES = {
     "encoder_knn_top1": "SSL encoder: kNN top-1 accuracy on the held-out images",
     "vq_psnr": "VQ tokenizer: reconstruction PSNR (dB, training batch)",
-    "fd.digit": "FID-proxy of DiGIT samples: Fréchet distance in a separate evaluation encoder's features (not "
-    "Inception FID; lower is better)",
-    "fd.vq": "FID-proxy of the same GPT trained on VQ tokens (comparison run, not in this folder)",
+    "fid.digit": "Inception FID of DiGIT samples against training-set statistics (lower is better)",
+    "fid.vq": "Inception FID of the same GPT trained on VQ tokens (comparison run, not in this folder)",
+    "fid.floor": "Inception FID floor: held-out real images against the same statistics",
+    "fd.digit": "Fréchet distance of DiGIT samples in a separate evaluation encoder's features (fd_space; a DINO "
+    "evaluation encoder when absent; lower is better)",
+    "fd.vq": "the same distance for the GPT trained on VQ tokens (comparison run, not in this folder)",
     "fd.train": "FID-proxy floor: real training images against the held-out images",
+    "fd.floor": "FD floor: held-out real images against the training-set statistics",
+    "fd_space": "the network whose features the fd.* figures use",
     "probe_best_top1.digit": "linear probe on the stage-1 GPT's best layer: top-1 on the held-out images",
     "probe_best_top1.vq": "the same probe on the VQ-token GPT (comparison run, not in this folder)",
 }

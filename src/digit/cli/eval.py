@@ -1,7 +1,7 @@
 """`digit eval`: FID / IS / KID / precision-recall (torch-fidelity) or FD in an encoder's space, with provenance.
 
-digit eval --gen DIR|NPZ --ref DIR|NPZ|STATS [--metrics fid,is,prc,kid] [--features inception|DIR] [--out FILE.json]
-digit eval stats --ref DIR|NPZ|TAR --out STATS.npz [--features inception|DIR]   # precompute reference statistics
+digit eval --gen DIR|NPZ --ref DIR|NPZ|STATS [--metrics fid,is,prc,kid] [--features inception|DIR|NAME] [--out FILE.json]
+digit eval stats --ref DIR|NPZ|TAR --out STATS.npz [--features inception|DIR|NAME]   # precompute reference statistics
 """
 
 from __future__ import annotations
@@ -20,8 +20,9 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--features",
         default="inception",
-        metavar="inception|DIR",
-        help="feature space: torch-fidelity's InceptionV3 (default) or a tokenizer/encoder directory "
+        metavar="inception|DIR|NAME",
+        help="feature space: torch-fidelity's InceptionV3 (default), a tokenizer/encoder directory, or a packaged "
+        "encoder NAME from `digit weights` (e.g. tf_efficientnet_lite1: last feature map at 224 px) "
         "(Fréchet distance of mean-pooled patch features; 'fd_dinov2' for a DINOv2 encoder)",
     )
     p.add_argument(

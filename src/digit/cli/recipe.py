@@ -1,12 +1,15 @@
 """`digit recipe cifar10`: the reference runs, in order, resumable, then the paper's claims measured and summarised.
 
-    digit recipe cifar10 --data ../shared/data/cifar10-train.tar.gz --out runs/cifar10 [--size cpu|small]
+    digit recipe cifar10 --data ../shared/data/cifar10-train.tar.gz --out runs/cifar10 [--size cpu|small|tiny]
+        [--encoder dino effnet] [--seeds 0 1 2] [--baseline results/cifar10-summary.json]
     digit recipe cifar10 --data ... --out runs/cifar10 --dry-run      # print the commands only
 
 Every step is a plain `digit` command (printed before it runs). Interrupt at any time and run the same command again:
-finished steps are skipped and training steps continue from their last checkpoint. At the end ``summary.json`` and
-``summary.md`` (the claims table) are written in --out; ``digit recipe ship`` copies the small inference files into a
-folder `digit demo --models` reads.
+finished steps are skipped and training steps continue from their last checkpoint. What does not depend on the encoder
+route or the GPT seed (split, VQ tokenizer and tokens, FID reference statistics) is done once per --out, so another
+route or more seeds later reuse it. At the end ``summary.json`` and ``summary.md`` (per route: the claims with mean and
+spread over seeds, and the verdicts by the stated rules) are written in --out; ``digit recipe ship`` copies one route
+and seed's small inference files into a folder `digit demo --models` reads.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import argparse
 from pathlib import Path
 
 from digit.cli.common import add_output_args, existing_dir, existing_path, non_negative_int
+from digit.recipes.cifar10 import ROUTE_HELP, ROUTES
 
 
 def register(subparsers) -> None:
@@ -39,7 +43,40 @@ def register(subparsers) -> None:
         default="cpu",
         help="cpu: the reference run (~90 min on 2 cores); small: minutes; tiny: seconds, a smoke test",
     )
-    c.add_argument("--seed", type=non_negative_int, default=0)
+    c.add_argument(
+        "--encoder",
+        nargs="+",
+        choices=ROUTES,
+        default=["dino"],
+        metavar="ROUTE",
+        help="discriminative encoder route(s): " + "; ".join(f"{k}: {v}" for k, v in ROUTE_HELP.items()),
+    )
+    c.add_argument(
+        "--seeds",
+        nargs="+",
+        type=non_negative_int,
+        default=[0],
+        metavar="S",
+        help="GPT seeds (stage 1, stage 2, VQ-token GPT, sampling): one full comparison per seed (default 0)",
+    )
+    c.add_argument(
+        "--seed", type=non_negative_int, default=0, help="seed of the shared side (split, encoder, K-means, VQ)"
+    )
+    c.add_argument(
+        "--fid-ref",
+        type=non_negative_int,
+        default=None,
+        metavar="N",
+        help="training images behind the FID reference statistics (a seeded subset; 0 = all; default: the size's, "
+        "10,000 at cpu). Changing it recomputes the statistics and every score",
+    )
+    c.add_argument(
+        "--baseline",
+        type=existing_path,
+        default=None,
+        metavar="SUMMARY.json",
+        help="an earlier run's summary.json shown as a column (e.g. results/cifar10-summary.json)",
+    )
     c.add_argument("--dry-run", action="store_true", help="print the steps' commands and exit")
     c.set_defaults(func=run_cifar10)
     s = sub.add_parser(
@@ -50,25 +87,31 @@ def register(subparsers) -> None:
         "validation images.",
     )
     s.add_argument("--recipe", type=existing_dir, required=True, help="a finished `digit recipe cifar10` directory")
+    s.add_argument("--route", choices=ROUTES, default="dino", help="whose tokenizer and GPTs to ship (default dino)")
+    s.add_argument("--seed", type=non_negative_int, default=0, help="which GPT seed's models to ship (default 0)")
     add_output_args(s, "model folder to write (e.g. src/digit/assets/cifar10)")
     s.set_defaults(func=run_ship)
 
 
 def run_cifar10(args: argparse.Namespace) -> int:
-    from digit.recipes.cifar10 import cifar10_steps
+    from digit.recipes.cifar10 import RecipePlan, cifar10_steps
     from digit.recipes.report import write_summary
     from digit.recipes.runner import DONE_DIR, command_line, run_steps
     from digit.utils.outputs import claim_dir
 
-    steps = cifar10_steps(str(Path(args.data).resolve()), size=args.size, seed=args.seed)
+    routes, seeds = list(dict.fromkeys(args.encoder)), list(dict.fromkeys(args.seeds))
+    plan = RecipePlan(str(Path(args.data).resolve()), size=args.size, routes=tuple(routes), seeds=tuple(seeds),
+                      seed=args.seed, fid_ref=args.fid_ref)  # fmt: skip
+    steps = cifar10_steps(plan)
     if args.dry_run:
         for i, step in enumerate(steps, 1):
             print(f"[{i}/{len(steps)}] {step.name}: {step.what}\n    $ {command_line(step)}")
         return 0
     claim_dir(args.out, kind="recipe", inputs=(args.data,), is_legacy=lambda d: (d / DONE_DIR).is_dir())
-    print(f"digit recipe cifar10 ({args.size}): {len(steps)} steps in {args.out}", flush=True)
+    print(f"digit recipe cifar10 ({args.size}, routes {' '.join(routes)}, seeds {' '.join(map(str, seeds))}): "
+          f"{len(steps)} steps in {args.out}", flush=True)  # fmt: skip
     results = run_steps(steps, args.out, log=lambda m: print(m, flush=True))
-    md = write_summary(args.out, results, size=args.size)
+    md = write_summary(args.out, results, size=args.size, routes=routes, seeds=seeds, baseline=args.baseline)
     print(md)
     return 0
 
@@ -78,7 +121,7 @@ def run_ship(args: argparse.Namespace) -> int:
     from digit.utils.outputs import output_dir
 
     target = output_dir(args.out, kind="recipe ship", inputs=(args.recipe,), overwrite=args.overwrite)
-    out = ship_models(args.recipe, target)
+    out = ship_models(args.recipe, target, route=args.route, seed=args.seed)
     for f in sorted(out.rglob("*")):
         if f.is_file():
             print(f"{f}  {f.stat().st_size / 2**20:.2f} MiB")

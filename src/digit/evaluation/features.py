@@ -11,6 +11,8 @@ network (``digit.convert.torchscript_inception``); it has no classifier, so it s
 ``--features DIR`` measures in the space of an encoder of this project (a tokenizer or encoder directory): per image, the
 mean over patch positions of the encoder's patch features (its chosen layer, final norm applied). With a DINOv2 encoder
 that is FD-DINOv2 (Stein et al. 2023), computed here on mean-pooled patches rather than the CLS token.
+``--features NAME`` with NAME a packaged encoder of ``digit.weights`` (``digit weights``; e.g. tf_efficientnet_lite1)
+does the same in that pretrained network: its last feature map (stride 32) at 224 px, mean-pooled, offline.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from digit.utils.io import file_sha256
 INCEPTION_NAME = "inception-v3-compat"  # torch-fidelity's TF-compatible FID Inception
 INCEPTION_LAYERS = ("64", "192", "768", "2048")  # 2048 = pool3, the standard; smaller ones as pytorch-fid's --dims
 INCEPTION_LOGITS = "logits_unbiased"  # torch-fidelity's IS input
+PACKAGED_FD_SIZE = 224  # input size of a packaged CNN used as an FD feature space (a multiple of its stride 32)
 
 
 def inception_url() -> str:
@@ -75,6 +78,8 @@ class InceptionExtractor:
     fd_name = "fid"
 
     def __init__(self, weights: Path, device: Any, layer: str = "2048", logits: bool = True) -> None:
+        import torch
+
         from digit.convert.torchscript_inception import is_torchscript_archive
 
         if layer not in INCEPTION_LAYERS:
@@ -95,6 +100,10 @@ class InceptionExtractor:
         else:
             self.model = self._torch_fidelity_file(layer, logits)
         self.model.to(device)
+        if torch.device(device).type == "cpu":
+            # oneDNN's channels-last convolutions: about 1.4x the images/s of the default layout on CPU, same
+            # features to float round-off (benchmarks/inception_cpu.py, tests/test_fid.py)
+            self.model.to(memory_format=torch.channels_last)
         self.device = device
 
     def _torch_fidelity_file(self, layer: str, logits: bool):
@@ -158,7 +167,10 @@ def _dir_sha256(directory: Path) -> str:
 class EncoderExtractor:
     """Mean-pooled patch features of a tokenizer's or encoder directory's encoder."""
 
-    def __init__(self, directory: Path, device: Any) -> None:
+    def __init__(self, directory: Path | None, device: Any, packaged: str | None = None) -> None:
+        if packaged is not None:
+            self._init_packaged(packaged, device)
+            return
         directory = Path(directory)
         if (directory / "tokenizer.json").is_file():
             from digit.tokenizers import load_tokenizer
@@ -187,6 +199,20 @@ class EncoderExtractor:
         self.sha256 = _dir_sha256(directory)
         self.layer = f"encoder block -{enc.layer} (final norm)"
 
+    def _init_packaged(self, name: str, device: Any) -> None:
+        """A packaged pretrained CNN (``digit.weights``, sha256-checked): last feature map at PACKAGED_FD_SIZE px."""
+        from digit import weights as packaged
+        from digit.tokenizers.encoder import build_encoder
+
+        entry = packaged.encoder_entry(name)
+        enc = build_encoder(name, weights="auto", image_size=PACKAGED_FD_SIZE, layer=1)
+        self.encoder = enc.to(device).eval()
+        self.directory, self.device = None, device
+        self.config = enc.config()
+        self.is_dinov2, self.fd_name = False, "fd"
+        self.sha256 = entry.sha256
+        self.layer = f"last feature map (stride {enc.stride}) at {PACKAGED_FD_SIZE} px"
+
     def __call__(self, images, logits: bool = False):  # no classifier: ``logits`` is accepted and ignored
         import torch.nn.functional as F
 
@@ -202,7 +228,7 @@ class EncoderExtractor:
     def describe(self) -> dict[str, Any]:
         return {
             "name": "FD-DINOv2" if self.is_dinov2 else "encoder-fd",
-            "directory": str(self.directory),
+            "directory": str(self.directory) if self.directory else None,
             "layers": {"fid/kid/prc": self.layer},
             "encoder": self.encoder.config(),
             "weights_sha256": self.sha256,
@@ -226,9 +252,17 @@ def build_extractor(
         weights = resolve_inception_weights(inception_weights, allow_download)
         return InceptionExtractor(weights, device, layer=inception_layer, logits=logits)
     p = Path(features)
-    if not p.is_dir():
-        raise DigitError(f"--features must be 'inception' or a tokenizer/encoder directory, got {features!r}")
-    return EncoderExtractor(p, device)
+    if p.is_dir():
+        return EncoderExtractor(p, device)
+    from digit import weights as packaged
+
+    names = [e.timm_model for e in packaged.entries("encoder")]
+    if features in names:
+        return EncoderExtractor(None, device, packaged=features)
+    raise DigitError(
+        f"--features must be 'inception', a tokenizer/encoder directory or a packaged encoder ({', '.join(names)}), "
+        f"got {features!r}"
+    )
 
 
 def _collate(items: list) -> list:

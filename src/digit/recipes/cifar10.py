@@ -1,15 +1,24 @@
 """The CIFAR-10 reference recipe: the whole system trained in order, then the paper's three claims measured.
 
-    digit recipe cifar10 --data cifar10-train.tar.gz --out runs/cifar10 [--size cpu|small]
+    digit recipe cifar10 --data cifar10-train.tar.gz --out runs/cifar10 [--size cpu|small|tiny]
+                         [--encoder dino effnet] [--seeds 0 1 2]
 
-Steps (each a plain `digit` command, printed as it runs; see :mod:`digit.recipes.runner`):
- split -> encoder (DINO) -> tokenizer (K-means) -> tokens -> vq -> vq-tokens -> stage1 (GPT on discriminative tokens)
- -> stage2 (decoder to VQ tokens) -> gpt-vq (the same GPT on VQ tokens) -> eval-encoder (a second DINO run, another
- architecture and seed, used only to measure) -> samples of both pipelines -> FD in the evaluation encoder's space,
- linear probes, token stability.
+One recipe directory holds every route and seed; what does not depend on them is done once and shared:
+ shared      split -> VQ tokenizer -> VQ tokens; FID reference statistics (Inception and the FD encoder, computed once
+             on a seeded subset of the training split); stability of the VQ tokens
+ per route   (``--encoder``) discriminative encoder -> K-means tokenizer -> tokens; stability of its tokens
+             dino:   a ViT trained with DINO on the training split, on CPU (the first reference run's encoder)
+             effnet: the ImageNet-pretrained EfficientNet-Lite0 of the weights package, stride-16 map at 128 px (8x8)
+ per seed    (``--seeds``) the GPT on VQ tokens, and per route the stage-1 GPT and the stage-2 decoder (same size,
+             steps and batch for both token types); 10,000 samples of each pipeline; Inception FID and the FD in
+             EfficientNet-Lite1 (a network neither pipeline uses) against the training-set statistics; linear probes
 
-Sizes: ``cpu`` is what one 2-core machine trains in about 90 minutes (the reference run in results/cifar10.md); ``small``
-is a few-minute version on a 2,500-image subset (what `digit demo` runs when no reference models are shipped); ``tiny``
+Layout: ``data/``, ``vq/``, ``vq-tokens-*/``, ``fid/`` shared; ``seed<S>/`` the VQ-token GPT of seed S and its
+figures; ``<route>/`` a route's encoder, tokenizer and tokens; ``<route>/seed<S>/`` its stage 1, stage 2 and figures.
+A second invocation with another route or more seeds reuses every finished step.
+
+Sizes: ``cpu`` is what one 2-core machine trains (results/cifar10.md gives the CPU time of each step); ``small`` is a
+few-minute version on a 2,500-image subset (what `digit demo` trains when no reference models are shipped); ``tiny``
 runs every step in seconds on a handful of images (the test suite's end-to-end check; its figures mean nothing).
 """
 
@@ -29,38 +38,66 @@ class RecipeSize:
     val: int  # held-out validation images
     limit: int | None  # total images used (train + val); None = all
     encoder_epochs: float
-    eval_encoder_epochs: float
     clusters: int
     vq_steps: int
-    gpt_steps: int
+    gpt_steps: int  # stage 1 and the VQ-token GPT (the same, so the token types are compared at equal training)
     decoder_steps: int
     batch: int
     encoder_batch: int
     vq_batch: int
-    samples: int
+    samples: int  # per pipeline and seed, scored by FID
+    fid_ref: int  # training images behind the reference statistics (a seeded subset; 0 = the whole training split)
     probe_train: int
     probe_epochs: int
 
 
 SIZES: dict[str, RecipeSize] = {
-    "cpu": RecipeSize(val=5000, limit=None, encoder_epochs=3, eval_encoder_epochs=1, clusters=512, vq_steps=1500,
-                      gpt_steps=600, decoder_steps=300, batch=128, encoder_batch=128, vq_batch=64, samples=10000,
+    # GPT steps: the first run's stage 1 (600 steps, 0.85 of an epoch of the 90,000 flipped rows) was still improving
+    # (val loss 3.442 -> 3.356 -> 3.334 at 300/450/600); 1,500 steps are 2.1 epochs. Stage 2 (300 steps there, val
+    # loss no better than the VQ GPT's) gets the same 1,500.
+    "cpu": RecipeSize(val=5000, limit=None, encoder_epochs=3, clusters=512, vq_steps=1500, gpt_steps=1500,
+                      decoder_steps=1500, batch=128, encoder_batch=128, vq_batch=64, samples=10000, fid_ref=10000,
                       probe_train=10000, probe_epochs=10),
-    "small": RecipeSize(val=500, limit=2500, encoder_epochs=2, eval_encoder_epochs=1, clusters=128, vq_steps=60,
-                        gpt_steps=60, decoder_steps=60, batch=64, encoder_batch=128, vq_batch=64, samples=500, probe_train=2000,
-                        probe_epochs=5),
+    "small": RecipeSize(val=500, limit=2500, encoder_epochs=2, clusters=128, vq_steps=60, gpt_steps=60,
+                        decoder_steps=60, batch=64, encoder_batch=128, vq_batch=64, samples=500, fid_ref=500,
+                        probe_train=2000, probe_epochs=5),
     # seconds: the suite's end-to-end check of every step on a few generated images
-    "tiny": RecipeSize(val=10, limit=None, encoder_epochs=1, eval_encoder_epochs=1, clusters=16, vq_steps=2,
-                       gpt_steps=2, decoder_steps=2, batch=8, encoder_batch=16, vq_batch=8, samples=10, probe_train=20,
-                       probe_epochs=1),
+    "tiny": RecipeSize(val=10, limit=None, encoder_epochs=1, clusters=16, vq_steps=2, gpt_steps=2, decoder_steps=2,
+                       batch=8, encoder_batch=16, vq_batch=8, samples=10, fid_ref=20, probe_train=20, probe_epochs=1),
 }  # fmt: skip
 
-# ViT shapes at patch 4 on 32x32 images (an 8x8 token grid). The evaluation encoder differs in width, depth, heads and
-# seed, so neither pipeline's features are the ones that score it.
+# ViT shapes at patch 4 on 32x32 images (an 8x8 token grid)
 ENCODER = {"patch_size": 4, "depth": 4, "embed_dim": 128, "num_heads": 4}
-EVAL_ENCODER = {"patch_size": 4, "depth": 6, "embed_dim": 96, "num_heads": 3}
+EFFNET = "tf_efficientnet_lite0"  # packaged ImageNet weights (digit.weights); stride 16 at 128 px = the 8x8 grid
+EFFNET_SIZE = 128
+FD_ENCODER = "tf_efficientnet_lite1"  # evaluation only: packaged weights, a network no tokenizer here uses
 GPT = ["--model", "small", "--dim", "192", "--layers", "4", "--heads", "6"]
 SAMPLING = ["--cfg-scale", "2.0", "--top-k", "100"]
+ROUTES = ("dino", "effnet")
+ROUTE_HELP = {
+    "dino": "a ViT trained with DINO on the training split (CPU-sized, the first reference run's encoder)",
+    "effnet": f"the pretrained {EFFNET} (--encoder-weights auto), stride-16 map at {EFFNET_SIZE} px",
+}
+
+
+@dataclass(frozen=True)
+class RecipePlan:
+    """What one invocation runs: the data, the size, the encoder routes and the GPT seeds."""
+
+    data: str  # the CIFAR-10 archive or folder (any labelled 32x32 ImageFolder works)
+    size: str = "cpu"
+    routes: tuple[str, ...] = ("dino",)
+    seeds: tuple[int, ...] = (0,)
+    seed: int = 0  # of the shared side: split, encoder, K-means, VQ, FID reference subset
+    fid_ref: int | None = None  # None: the size's
+
+    @property
+    def sizes(self) -> RecipeSize:
+        return SIZES[self.size]
+
+    @property
+    def fid_ref_count(self) -> int:
+        return self.sizes.fid_ref if self.fid_ref is None else self.fid_ref
 
 
 def _num(x: float) -> str:
@@ -82,76 +119,132 @@ def _dino(data: str, out: str, kwargs: dict, epochs: float, batch: int, seed: in
     return argv
 
 
-def cifar10_steps(data: str, size: str = "cpu", seed: int = 0) -> list[Step]:
-    """The recipe's steps. ``data``: the CIFAR-10 archive or folder (any labelled 32x32 ImageFolder works)."""
-    from digit.data.split import split_folders
+D = "data"  # the split, shared by every step
 
-    s = SIZES[size]
-    d = "data"
+
+def _tokenize(tok: str, split_name: str, out: str) -> Step:
+    flip = ["--flip"] if split_name == "train" else []
+    return Step(out, ["tokenize", "--tokenizer", tok, "--data", f"{D}/{split_name}", *flip, "--out", out], out=out,
+                what=f"tokenize the {split_name} split with {tok}")  # fmt: skip
+
+
+def _gpt(s: RecipeSize, out: str, tokens: str, steps: int, extra: list[str], seed: int, what: str) -> Step:
+    argv = ["train", "--tokens", f"{tokens}-train", "--val-tokens", f"{tokens}-val", *GPT, *extra,
+            "--steps", str(steps), "--batch-size", str(s.batch), "--lr", "1e-3", "--schedule", "cosine",
+            "--warmup", str(max(steps // 10, 1)), "--eval-every", str(max(steps // 4, 1)), "--seed", str(seed),
+            "--out", out]  # fmt: skip
+    return Step(out, argv, out=out, resumable=True, what=what)
+
+
+def _stability(tok: str, out: str, seed: int, what: str) -> Step:
+    argv = ["stability", "--tokenizer", tok, "--data", f"{D}/val", "--snr", "30", "20", "10", "--seed", str(seed),
+            "--out", out]  # fmt: skip
+    return Step(out, argv, out=out, what=what)
+
+
+def shared_steps(plan: RecipePlan) -> list[Step]:
+    """Split, VQ side, FID reference statistics: independent of the encoder route and of the GPT seeds."""
+    from digit.recipes.fidsteps import fid_reference_steps
+
+    s, seed = plan.sizes, plan.seed
 
     def split(root: Path) -> dict[str, Any]:
-        return split_folders(data, root / d, s.val, seed=seed, limit=s.limit)
+        from digit.data.split import split_folders
 
-    def tokenize(tok: str, split_name: str, out: str) -> Step:
-        flip = ["--flip"] if split_name == "train" else []
-        return Step(f"{out}", ["tokenize", "--tokenizer", tok, "--data", f"{d}/{split_name}", *flip, "--out", out],
-                    out=out, what=f"tokenize the {split_name} split with {tok}")  # fmt: skip
+        return split_folders(plan.data, root / D, s.val, seed=seed, limit=s.limit)
 
-    def gpt(out: str, tokens: str, steps: int, extra: list[str], what: str) -> Step:
-        argv = ["train", "--tokens", f"{tokens}-train", "--val-tokens", f"{tokens}-val", *GPT, *extra,
-                "--steps", str(steps), "--batch-size", str(s.batch), "--lr", "1e-3", "--schedule", "cosine",
-                "--warmup", str(max(steps // 10, 1)), "--eval-every", str(max(steps // 4, 1)), "--seed", str(seed),
-                "--out", out]  # fmt: skip
-        return Step(out, argv, out=out, resumable=True, what=what)
+    return [
+        Step("split", [], out=D, call=split, what=f"hold out {s.val} validation images (seed {seed})",
+             key=json.dumps({"data": plan.data, "val": s.val, "limit": s.limit, "seed": seed})),
+        Step("vq", ["vq", "train", "--data", f"{D}/train", "--preset", "tiny", "--codebook-size", str(s.clusters),
+                    "--steps", str(s.vq_steps), "--batch-size", str(s.vq_batch), "--lr", "1e-3", "--disc-weight", "0",
+                    "--entropy-weight", "0.1", "--seed", str(seed), "--out", "vq"], out="vq", resumable=True,
+             what="VQ tokenizer (tiny VQGAN, 8x8 codes, same codebook size, entropy loss for code usage)"),
+        _tokenize("vq", "train", "vq-tokens-train"),
+        _tokenize("vq", "val", "vq-tokens-val"),
+        _stability("vq", "stability-vq.json", seed, "token stability under pixel noise, VQ tokenizer"),
+        *fid_reference_steps(plan),
+    ]  # fmt: skip
 
-    gen_n = ["-n", str(s.samples), "--batch-size", "250", *SAMPLING, "--seed", str(seed)]
-    eval_fd = ["--ref", f"{d}/val", "--features", "eval-encoder", "--min-images", str(min(s.samples, s.val))]
-    probe = ["--train-limit", str(s.probe_train), "--epochs", str(s.probe_epochs), "--seed", str(seed)]
-    steps = [
-        Step("split", [], out=d, call=split, what=f"hold out {s.val} validation images (seed {seed})"),
-        Step("encoder", _dino(d, "encoder", ENCODER, s.encoder_epochs, s.encoder_batch, seed), out="encoder",
-             resumable=True, what="1. discriminative encoder: DINO on the training split"),
-        Step("tokenizer", ["tokenizer", "fit", "--data", f"{d}/train", "--encoder", "encoder", "--layer", "1",
-                           "--clusters", str(s.clusters), "--sample-frac", "0.1", "--seed", str(seed),
-                           "--out", "tokenizer"], out="tokenizer",
-             what="2. K-means tokenizer on the encoder's features after block 3 of 4 + final norm"),
-        tokenize("tokenizer", "train", "tokens-train"),
-        tokenize("tokenizer", "val", "tokens-val"),
-        Step("vq", ["vq", "train", "--data", f"{d}/train", "--preset", "tiny", "--codebook-size", str(s.clusters),
-                    "--steps", str(s.vq_steps), "--batch-size", str(s.vq_batch), "--lr", "1e-3", "--disc-weight", "0", "--entropy-weight", "0.1",
-                    "--seed", str(seed), "--out", "vq"], out="vq", resumable=True,
-             what="3. VQ tokenizer (tiny VQGAN, 8x8 codes, same codebook size, entropy loss for code usage)"),
-        tokenize("vq", "train", "vq-tokens-train"),
-        tokenize("vq", "val", "vq-tokens-val"),
-        gpt("stage1", "tokens", s.gpt_steps, ["--class-cond"], "4. class-conditional GPT on discriminative tokens"),
-        gpt("stage2", "vq-tokens", s.decoder_steps,
-            ["--prefix-tokens", "tokens-train", "--val-prefix-tokens", "tokens-val"],
-            "5. stage-2 decoder: discriminative tokens (prefix) -> VQ tokens"),
-        gpt("gpt-vq", "vq-tokens", s.gpt_steps, ["--class-cond"], "6. the same GPT on VQ tokens (the comparison)"),
-        Step("eval-encoder", _dino(d, "eval-encoder", EVAL_ENCODER, s.eval_encoder_epochs, s.encoder_batch, seed + 1),
-             out="eval-encoder", resumable=True, what="evaluation encoder (other architecture and seed)"),
-        Step("samples-digit", ["generate", "--stage1", "stage1", "--decoder", "stage2", "--vq", "vq", *gen_n,
-                               "--out", "samples-digit"], out="samples-digit",
-             what=f"{s.samples} samples: stage 1 -> stage 2 -> VQ decoder"),
-        Step("samples-vq", ["generate", "--stage1", "gpt-vq", "--vq", "vq", *gen_n, "--out", "samples-vq"],
-             out="samples-vq", what=f"{s.samples} samples: GPT on VQ tokens -> VQ decoder"),
-        Step("fd-digit", ["eval", "--gen", "samples-digit", *eval_fd, "--out", "fd-digit.json"], out="fd-digit.json",
-             what="FID-proxy of the discriminative-token pipeline"),
-        Step("fd-vq", ["eval", "--gen", "samples-vq", *eval_fd, "--out", "fd-vq.json"], out="fd-vq.json",
-             what="FID-proxy of the VQ-token pipeline"),
-        Step("fd-train", ["eval", "--gen", f"{d}/train", *eval_fd, "--out", "fd-train.json"], out="fd-train.json",
-             what="FID-proxy floor: real training images against the validation split"),
-        Step("probe-digit", ["probe", "--run", "stage1", "--tokens", "tokens-train", "--val-tokens", "tokens-val",
-                             *probe, "--out", "probe-digit.json"], out="probe-digit.json",
-             what="linear probes on every layer, GPT on discriminative tokens"),
-        Step("probe-vq", ["probe", "--run", "gpt-vq", "--tokens", "vq-tokens-train", "--val-tokens",
-                          "vq-tokens-val", *probe, "--out", "probe-vq.json"], out="probe-vq.json",
-             what="linear probes on every layer, GPT on VQ tokens"),
-        Step("stability-digit", ["stability", "--tokenizer", "tokenizer", "--data", f"{d}/val", "--snr", "30", "20",
-                                 "10", "--seed", str(seed), "--out", "stability-digit.json"],
-             out="stability-digit.json", what="token stability under pixel noise, discriminative tokenizer"),
-        Step("stability-vq", ["stability", "--tokenizer", "vq", "--data", f"{d}/val", "--snr", "30", "20", "10",
-                              "--seed", str(seed), "--out", "stability-vq.json"], out="stability-vq.json",
-             what="token stability under pixel noise, VQ tokenizer"),
+
+def route_steps(plan: RecipePlan, route: str) -> list[Step]:
+    """The discriminative tokenizer of one encoder route and its tokens (no seed: shared by the route's GPTs)."""
+    s, seed = plan.sizes, plan.seed
+    r = route
+    if route == "dino":
+        steps = [Step(f"{r}/encoder", _dino(D, f"{r}/encoder", ENCODER, s.encoder_epochs, s.encoder_batch, seed),
+                      out=f"{r}/encoder", resumable=True, what="discriminative encoder: DINO on the training split")]
+        fit = ["--encoder", f"{r}/encoder", "--layer", "1"]
+        what = "K-means tokenizer on the DINO ViT's features after block 3 of 4 + final norm"
+    elif route == "effnet":
+        steps = []
+        fit = ["--encoder", EFFNET, "--encoder-weights", "auto", "--layer", "stride16", "--image-size",
+               str(EFFNET_SIZE)]  # fmt: skip
+        what = f"K-means tokenizer on pretrained {EFFNET} stride-16 features at {EFFNET_SIZE} px"
+    else:
+        raise ValueError(f"unknown route {route!r}")
+    tok = f"{r}/tokenizer"
+    steps += [
+        Step(tok, ["tokenizer", "fit", "--data", f"{D}/train", *fit, "--clusters", str(s.clusters), "--sample-frac",
+                   "0.1", "--seed", str(seed), "--out", tok], out=tok, what=what),
+        _tokenize(tok, "train", f"{r}/tokens-train"),
+        _tokenize(tok, "val", f"{r}/tokens-val"),
+        _stability(tok, f"{r}/stability.json", seed, f"token stability under pixel noise, {r} tokenizer"),
     ]  # fmt: skip
     return steps
+
+
+def seed_steps(plan: RecipePlan, seed: int) -> list[Step]:
+    """One GPT seed: the VQ-token GPT (shared by the routes), then per route stage 1 and stage 2; samples and figures."""
+    from digit.recipes.fidsteps import score_steps
+
+    s = plan.sizes
+    gen = ["-n", str(s.samples), "--batch-size", "250", *SAMPLING, "--seed", str(seed)]
+    probe = ["--train-limit", str(s.probe_train), "--epochs", str(s.probe_epochs), "--seed", str(seed)]
+    v = f"seed{seed}"
+    steps = [
+        _gpt(s, f"{v}/gpt-vq", "vq-tokens", s.gpt_steps, ["--class-cond"], seed,
+             "the same class-conditional GPT on VQ tokens (the comparison)"),
+        Step(f"{v}/samples-vq", ["generate", "--stage1", f"{v}/gpt-vq", "--vq", "vq", *gen, "--out", f"{v}/samples-vq"],
+             out=f"{v}/samples-vq", what=f"{s.samples} samples: GPT on VQ tokens -> VQ decoder"),
+        *score_steps(plan, f"{v}/samples-vq", v, "vq"),
+        Step(f"{v}/probe-vq.json", ["probe", "--run", f"{v}/gpt-vq", "--tokens", "vq-tokens-train", "--val-tokens",
+                                    "vq-tokens-val", *probe, "--out", f"{v}/probe-vq.json"],
+             out=f"{v}/probe-vq.json", what="linear probes on every layer, GPT on VQ tokens"),
+    ]  # fmt: skip
+    for r in plan.routes:
+        rs = f"{r}/seed{seed}"
+        steps += [
+            _gpt(s, f"{rs}/stage1", f"{r}/tokens", s.gpt_steps, ["--class-cond"], seed,
+                 f"class-conditional GPT on {r} discriminative tokens"),
+            _gpt(s, f"{rs}/stage2", "vq-tokens", s.decoder_steps,
+                 ["--prefix-tokens", f"{r}/tokens-train", "--val-prefix-tokens", f"{r}/tokens-val"], seed,
+                 f"stage-2 decoder: {r} discriminative tokens (prefix) -> VQ tokens"),
+            Step(f"{rs}/samples", ["generate", "--stage1", f"{rs}/stage1", "--decoder", f"{rs}/stage2", "--vq", "vq",
+                                   *gen, "--out", f"{rs}/samples"], out=f"{rs}/samples",
+                 what=f"{s.samples} samples: stage 1 -> stage 2 -> VQ decoder ({r})"),
+            *score_steps(plan, f"{rs}/samples", rs, "digit"),
+            Step(f"{rs}/probe.json", ["probe", "--run", f"{rs}/stage1", "--tokens", f"{r}/tokens-train",
+                                      "--val-tokens", f"{r}/tokens-val", *probe, "--out", f"{rs}/probe.json"],
+                 out=f"{rs}/probe.json", what=f"linear probes on every layer, GPT on {r} tokens"),
+        ]  # fmt: skip
+    return steps
+
+
+def cifar10_steps(plan: RecipePlan) -> list[Step]:
+    """Every step of ``plan`` in the order they run: shared, each route's tokenizer, then seed by seed (so the first
+    seed's complete comparison exists before the next seed starts)."""
+    steps = shared_steps(plan)
+    for r in plan.routes:
+        steps += route_steps(plan, r)
+    for seed in plan.seeds:
+        steps += seed_steps(plan, seed)
+    return steps
+
+
+def training_steps(plan: RecipePlan) -> list[Step]:
+    """Only what a shipped model folder needs (`digit demo`'s fallback): one route, one seed, no measurements."""
+    (route,), (seed,) = plan.routes, plan.seeds
+    keep = {"split", "vq", "vq-tokens-train", "vq-tokens-val", f"{route}/encoder", f"{route}/tokenizer",
+            f"{route}/tokens-train", f"{route}/tokens-val", f"{route}/seed{seed}/stage1", f"{route}/seed{seed}/stage2"}  # fmt: skip
+    return [s for s in cifar10_steps(plan) if s.name in keep]

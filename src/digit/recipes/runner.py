@@ -3,7 +3,9 @@
 A step is one `digit` command line run in its own process (so every step is exactly what a user would type, and the
 recipe prints them). A step that finished leaves ``.recipe/<name>.json`` (its command and wall time); running the
 recipe again skips it. A training step interrupted after a checkpoint continues with ``--resume``; any other
-unfinished step is started again from scratch.
+unfinished step is started again from scratch. A step with a ``key`` (a string naming everything its output depends
+on, e.g. the reference set of FID statistics) is also redone when the key recorded in its marker differs: that is how
+a cached result is reused across seeds and routes and invalidated when what it was computed from changes.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ class Step:
     resumable: bool = False  # a trainer run: continue from its checkpoint with --resume
     what: str = ""  # one line for the log and the report
     call: Callable[[Path], dict[str, Any]] | None = None  # an in-process step (no command), e.g. the data split
+    key: str | None = None  # what the output was computed from; a marker with another key means: redo the step
 
 
 @dataclass
@@ -69,11 +72,16 @@ def run_steps(
     for i, step in enumerate(steps, 1):
         marker = _marker(root, step)
         head = f"[{i}/{len(steps)}] {step.name}: {step.what}"
-        if marker.is_file() or (only is not None and step.name not in only):
-            rec = read_json(marker) if marker.is_file() else {"command": command_line(step), "wall_s": 0.0}
+        rec = read_json(marker) if marker.is_file() else None
+        stale = rec is not None and rec.get("key") != step.key
+        if (rec is not None and not stale) or (only is not None and step.name not in only):
+            rec = rec or {"command": command_line(step), "wall_s": 0.0}
             log(f"{head} (done, skipped)")
             results.append(StepResult(step.name, rec["command"], float(rec["wall_s"]), True, rec.get("info", {})))
             continue
+        if stale:
+            log(f"{head}: what it was computed from changed (key {rec.get('key')!r} -> {step.key!r}); redoing it")
+            marker.unlink()
         log(f"{head}\n    $ {command_line(step)}")
         t0 = time.perf_counter()
         info: dict[str, Any] = {}
@@ -83,7 +91,7 @@ def run_steps(
             argv = list(step.argv)
             target = root / step.out if step.out else None
             if target is not None and target.exists():
-                if step.resumable and (target / "train_state.pt").is_file():
+                if step.resumable and not stale and (target / "train_state.pt").is_file():
                     argv.append("--resume")
                     log("    (continuing from its last checkpoint)")
                 elif target.is_dir():
@@ -97,7 +105,7 @@ def run_steps(
                     "finished steps are kept"
                 )
         wall = time.perf_counter() - t0
-        rec = {"command": command_line(step), "wall_s": round(wall, 1), "info": info}
+        rec = {"command": command_line(step), "wall_s": round(wall, 1), "info": info, "key": step.key}
         atomic_write_json(marker, rec)
         log(f"    done in {wall / 60:.1f} min")
         results.append(StepResult(step.name, rec["command"], wall, False, info))

@@ -19,26 +19,39 @@ MODEL_PARTS = ("tokenizer", "vq", "stage1", "stage2")
 MANIFEST = "models.json"
 
 
-def ship_models(recipe: str | os.PathLike, out: str | os.PathLike | OutputDir, images_per_class: int = 1) -> Path:
+def ship_models(
+    recipe: str | os.PathLike,
+    out: str | os.PathLike | OutputDir,
+    images_per_class: int = 1,
+    route: str = "dino",
+    seed: int = 0,
+) -> Path:
+    """``route`` and ``seed`` pick the tokenizer (``<route>/tokenizer``) and GPTs (``<route>/seed<seed>/``)."""
     from digit.data.decode import decode_image
+    from digit.recipes.report import collect_run
     from digit.tokenizers.encoder import ENCODER_WEIGHTS
 
     target = as_output(out, "recipe ship")
     recipe, out = Path(recipe), target.path
-    need = ["tokenizer/tokenizer.json", "tokenizer/centroids.npy", "vq/tokenizer.json", "vq/model.safetensors",
-            "stage1/config.json", "stage1/model.safetensors", "stage2/config.json", "stage2/model.safetensors",
-            "data/val"]  # fmt: skip
-    missing = [n for n in need if not (recipe / n).exists()]
+    where = {"tokenizer": recipe / route / "tokenizer", "vq": recipe / "vq",
+             "stage1": recipe / route / f"seed{seed}" / "stage1", "stage2": recipe / route / f"seed{seed}" / "stage2"}  # fmt: skip
+    need = [where["tokenizer"] / "tokenizer.json", where["tokenizer"] / "centroids.npy", where["vq"] / "tokenizer.json",
+            where["vq"] / "model.safetensors", where["stage1"] / "config.json", where["stage1"] / "model.safetensors",
+            where["stage2"] / "config.json", where["stage2"] / "model.safetensors", recipe / "data" / "val"]  # fmt: skip
+    missing = [str(n.relative_to(recipe)) for n in need if not n.exists()]
     if missing:
-        raise DigitError(f"{recipe} is not a finished recipe directory (missing {', '.join(missing)})")
+        raise DigitError(
+            f"{recipe} is not a finished recipe directory for route {route}, seed {seed} (missing {', '.join(missing)})"
+        )
     tmp = target.begin()
     try:
-        tok_cfg = read_json(recipe / "tokenizer" / "tokenizer.json")
+        tok_cfg = read_json(where["tokenizer"] / "tokenizer.json")
         weights = tok_cfg["encoder"]["weights"]
         src_weights = {
             "dir": lambda: Path(weights["path"]) / ENCODER_WEIGHTS,
-            "stored": lambda: recipe / "tokenizer" / ENCODER_WEIGHTS,
-            "random": lambda: recipe / "tokenizer" / ENCODER_WEIGHTS,
+            "stored": lambda: where["tokenizer"] / ENCODER_WEIGHTS,
+            "random": lambda: where["tokenizer"] / ENCODER_WEIGHTS,
+            "package": lambda: _packaged_as_safetensors(tok_cfg, tmp),
         }.get(weights.get("kind"))
         if src_weights is None:
             raise DigitError(f"cannot ship a tokenizer whose encoder weights are of kind {weights.get('kind')!r}")
@@ -47,7 +60,9 @@ def ship_models(recipe: str | os.PathLike, out: str | os.PathLike | OutputDir, i
             enc_path = recipe / enc_path
         (tmp / "tokenizer").mkdir(parents=True)
         shutil.copyfile(enc_path, tmp / "tokenizer" / ENCODER_WEIGHTS)
-        shutil.copyfile(recipe / "tokenizer" / "centroids.npy", tmp / "tokenizer" / "centroids.npy")
+        if weights.get("kind") == "package":
+            enc_path.unlink()
+        shutil.copyfile(where["tokenizer"] / "centroids.npy", tmp / "tokenizer" / "centroids.npy")
         tok_cfg["encoder"]["weights"] = {"kind": "stored", "from": weights}
         atomic_write_json(tmp / "tokenizer" / "tokenizer.json", tok_cfg)
         for part, files in (("vq", ("tokenizer.json", "model.safetensors")),
@@ -55,7 +70,7 @@ def ship_models(recipe: str | os.PathLike, out: str | os.PathLike | OutputDir, i
                             ("stage2", ("config.json", "model.safetensors"))):  # fmt: skip
             (tmp / part).mkdir()
             for f in files:
-                shutil.copyfile(recipe / part / f, tmp / part / f)
+                shutil.copyfile(where[part] / f, tmp / part / f)
         # one validation image per class, as PNG (the demo's inputs for the tokenizer at work)
         (tmp / "images").mkdir()
         val = recipe / "data" / "val"
@@ -63,13 +78,18 @@ def ship_models(recipe: str | os.PathLike, out: str | os.PathLike | OutputDir, i
             for f in sorted(class_dir.iterdir())[:images_per_class]:
                 decode_image(f.read_bytes()).save(tmp / "images" / f"{class_dir.name}-{f.stem}.png")
         summary = read_json(recipe / "summary.json") if (recipe / "summary.json").is_file() else {}
+        run = collect_run(recipe, route, seed)
         files = sorted(p for p in tmp.rglob("*") if p.is_file())
         atomic_write_json(
             tmp / MANIFEST,
             {
-                "made_by": "digit recipe cifar10 ... then digit recipe ship --recipe DIR --out DIR",
+                "made_by": f"digit recipe cifar10 ... then digit recipe ship --recipe DIR --route {route} "
+                f"--seed {seed} --out DIR",
                 "recipe_size": summary.get("size"),
-                "figures": {k: summary.get(k) for k in ("encoder_knn_top1", "vq_psnr", "fd", "probe_best_top1")},
+                "route": route,
+                "seed": seed,
+                "figures": {k: run.get(k) for k in ("encoder_knn_top1", "vq_psnr", "fid", "fd", "fd_space",
+                                                    "probe_best_top1")},  # fmt: skip
                 "steps": summary.get("steps"),
                 "sha256": {str(p.relative_to(tmp)): file_sha256(p) for p in files},
             },
@@ -79,3 +99,15 @@ def ship_models(recipe: str | os.PathLike, out: str | os.PathLike | OutputDir, i
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def _packaged_as_safetensors(tok_cfg: dict, tmp: Path) -> Path:
+    """Packaged encoder weights (a pip package's .pth) re-verified, loaded, and written as the timm model's
+    safetensors, so the shipped tokenizer needs neither the package nor pickle."""
+    from digit.tokenizers.encoder import encoder_from_config
+    from digit.utils.io import atomic_save_safetensors
+
+    enc = encoder_from_config(tok_cfg["encoder"])
+    path = tmp / "packaged-encoder.safetensors"
+    atomic_save_safetensors(path, enc.model.state_dict())
+    return path

@@ -1,0 +1,254 @@
+"""The multi-seed, multi-route CIFAR-10 recipe: which commands each route and seed runs, what is shared and done once,
+the FID reference statistics' cache key, and the report's mean / spread / verdicts against direct computations."""
+
+from __future__ import annotations
+
+import json
+import stat
+import statistics
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import write_image_folder
+from digit.recipes.cifar10 import EFFNET, RecipePlan, cifar10_steps, training_steps
+from digit.recipes.fidsteps import REF_DIR, link_reference_subset
+from digit.recipes.report import aggregate, seeded_verdict, spread, summarise, write_summary
+from digit.recipes.runner import Step, run_steps
+
+SHARED = {"split", "vq", "vq-tokens-train", "vq-tokens-val", "stability-vq.json", REF_DIR, "fid/ref-fid.npz",
+          "fid/ref-fd.npz", "fid/fid-floor.json", "fid/fd-floor.json"}  # fmt: skip
+
+
+def _by_name(plan: RecipePlan) -> dict[str, Step]:
+    steps = cifar10_steps(plan)
+    names = [s.name for s in steps]
+    assert len(names) == len(set(names)), "step names (and so their markers) must be unique"
+    return {s.name: s for s in steps}
+
+
+def _opt(argv: list[str], flag: str) -> str:
+    return argv[argv.index(flag) + 1]
+
+
+# ------------------------------------------------------------------------------------------------ commands
+
+
+def test_routes_produce_their_encoder_and_tokenizer_commands():
+    steps = _by_name(RecipePlan("/d", routes=("dino", "effnet"), seeds=(0,)))
+    dino_fit, eff_fit = steps["dino/tokenizer"].argv, steps["effnet/tokenizer"].argv
+    assert steps["dino/encoder"].argv[:2] == ["encoder", "pretrain"] and _opt(dino_fit, "--encoder") == "dino/encoder"
+    assert "effnet/encoder" not in steps  # nothing to train: the packaged ImageNet weights
+    assert _opt(eff_fit, "--encoder") == EFFNET and _opt(eff_fit, "--encoder-weights") == "auto"
+    assert _opt(eff_fit, "--layer") == "stride16" and _opt(eff_fit, "--image-size") == "128"  # 128 / 16 = 8x8 grid
+    for r in ("dino", "effnet"):
+        assert _opt(steps[f"{r}/tokens-train"].argv, "--tokenizer") == f"{r}/tokenizer"
+        assert _opt(steps[f"{r}/seed0/stage1"].argv, "--tokens") == f"{r}/tokens-train"
+        assert _opt(steps[f"{r}/seed0/stage2"].argv, "--prefix-tokens") == f"{r}/tokens-train"
+        assert _opt(steps[f"{r}/seed0/samples"].argv, "--decoder") == f"{r}/seed0/stage2"
+        assert _opt(steps[f"{r}/stability.json"].argv, "--tokenizer") == f"{r}/tokenizer"
+    only_effnet = _by_name(RecipePlan("/d", routes=("effnet",), seeds=(0,)))
+    assert not any(n.startswith("dino/") for n in only_effnet)
+    with pytest.raises(ValueError, match="unknown route"):
+        cifar10_steps(RecipePlan("/d", routes=("nope",)))
+
+
+def test_seeds_get_distinct_runs_and_equal_gpt_budgets():
+    plan = RecipePlan("/d", size="cpu", routes=("dino", "effnet"), seeds=(0, 1, 2))
+    steps = _by_name(plan)
+    shared = [n for n in steps if not n.startswith(("seed", "dino/", "effnet/"))]
+    assert set(shared) == SHARED  # once, whatever the routes and seeds
+    for seed in (0, 1, 2):
+        vq, st1, st2 = steps[f"seed{seed}/gpt-vq"].argv, steps[f"dino/seed{seed}/stage1"].argv, steps[f"dino/seed{seed}/stage2"].argv
+        for argv, out in ((vq, f"seed{seed}/gpt-vq"), (st1, f"dino/seed{seed}/stage1"), (st2, f"dino/seed{seed}/stage2")):
+            assert _opt(argv, "--seed") == str(seed) and _opt(argv, "--out") == out
+        assert _opt(steps[f"seed{seed}/samples-vq"].argv, "--seed") == str(seed)
+        # the comparison: same model, steps, batch, schedule for both token types (only data and output differ)
+        drop = {"--tokens", "--val-tokens", "--out"}
+        strip = lambda a: [x for i, x in enumerate(a) if x not in drop and (i == 0 or a[i - 1] not in drop)]  # noqa: E731
+        assert strip(st1) == strip(vq)
+        assert _opt(st1, "--steps") == _opt(st2, "--steps") == "1500" and _opt(st1, "--batch-size") == "128"
+        for tag, prefix in (("digit", f"dino/seed{seed}"), ("vq", f"seed{seed}")):
+            fid, fd = steps[f"{prefix}/fid-{tag}.json"].argv, steps[f"{prefix}/fd-{tag}.json"].argv
+            assert _opt(fid, "--features") == "inception" and _opt(fid, "--ref") == "fid/ref-fid.npz"
+            assert _opt(fd, "--features") == "tf_efficientnet_lite1" and _opt(fd, "--ref") == "fid/ref-fd.npz"
+            assert _opt(fid, "--min-images") == "10000"
+    assert _opt(steps["seed1/samples-vq"].argv, "-n") == "10000"
+    assert _opt(steps["fid/ref-fid.npz"].argv, "--ref") == REF_DIR
+    demo = [s.name for s in training_steps(RecipePlan("/d", size="small", seeds=(3,)))]
+    assert demo == ["split", "vq", "vq-tokens-train", "vq-tokens-val", "dino/encoder", "dino/tokenizer",
+                    "dino/tokens-train", "dino/tokens-val", "dino/seed3/stage1", "dino/seed3/stage2"]  # fmt: skip
+
+
+def test_reference_subset_is_seeded_and_complete_when_asked(tmp_path):
+    train = write_image_folder(tmp_path / "train", classes=("a", "b"), n_per_class=10, size=(32, 32))
+    info = link_reference_subset(train, tmp_path / "r1", 7, seed=0)
+    files = sorted(p.relative_to(tmp_path / "r1") for p in (tmp_path / "r1").rglob("*") if p.is_file())
+    assert info == {"images": 7, "of": 20, "seed": 0} and len(files) == 7
+    assert all((train / f).read_bytes() == (tmp_path / "r1" / f).read_bytes() for f in files)
+    link_reference_subset(train, tmp_path / "r2", 7, seed=0)
+    assert sorted(p.relative_to(tmp_path / "r2") for p in (tmp_path / "r2").rglob("*") if p.is_file()) == files
+    link_reference_subset(train, tmp_path / "r1", 7, seed=1)  # rebuilt in place: another subset, nothing left over
+    other = sorted(p.relative_to(tmp_path / "r1") for p in (tmp_path / "r1").rglob("*") if p.is_file())
+    assert len(other) == 7 and other != files
+    assert link_reference_subset(train, tmp_path / "all", 0, seed=0)["images"] == 20
+
+
+# ------------------------------------------------------------------------------------------------ shared steps, cache
+
+
+def _fake_python(tmp_path: Path) -> tuple[Path, Path]:
+    """A stand-in interpreter that logs each `digit` command instead of running it."""
+    log = tmp_path / "calls.log"
+    script = tmp_path / "fakepy"
+    script.write_text(f'#!/bin/sh\necho "$@" >> {log}\nexit 0\n')
+    script.chmod(script.stat().st_mode | stat.S_IEXEC)
+    return script, log
+
+
+def _outs(log: Path) -> list[str]:
+    """The --out of every command logged since the last call (then the log is cleared)."""
+    if not log.is_file():
+        return []
+    lines = log.read_text().splitlines()
+    log.unlink()
+    return [line.split("--out ")[1].split()[0] for line in lines]
+
+
+def test_shared_steps_run_once_and_the_reference_key_invalidates_only_the_scores(tmp_path):
+    data = write_image_folder(tmp_path / "imgs", classes=("a", "b"), n_per_class=20, size=(32, 32))
+    py, log = _fake_python(tmp_path)
+    root = tmp_path / "run"
+    run = lambda plan: run_steps(cifar10_steps(plan), root, python=str(py), log=lambda m: None)  # noqa: E731
+    base = RecipePlan(str(data), size="tiny", routes=("dino",), seeds=(0, 1))
+    run(base)
+    first = _outs(log)
+    assert first.count("vq") == 1 and first.count("fid/ref-fid.npz") == 1 and first.count("fid/ref-fd.npz") == 1
+    assert {"seed0/gpt-vq", "seed1/gpt-vq", "dino/seed0/stage1", "dino/seed1/stage1"} <= set(first)
+    assert len(list((root / REF_DIR).rglob("*.png"))) == 20  # tiny: 20 reference images of the 30 training images
+    # the same plan again: everything skipped
+    run(base)
+    assert _outs(log) == []
+    # a third seed and a second route: only their own steps run; the shared side and the first seeds are reused
+    run(RecipePlan(str(data), size="tiny", routes=("dino", "effnet"), seeds=(0, 1, 2)))
+    added = _outs(log)
+    assert not SHARED & set(added) and "dino/encoder" not in added and "seed0/gpt-vq" not in added
+    assert {"seed2/gpt-vq", "dino/seed2/stage1", "effnet/tokenizer", "effnet/seed0/stage1", "effnet/seed2/stage2"} <= set(added)
+    # another reference set (--fid-ref): the statistics and every score are recomputed, nothing trained again
+    run(RecipePlan(str(data), size="tiny", routes=("dino", "effnet"), seeds=(0, 1, 2), fid_ref=12))
+    redone = _outs(log)
+    scores = {n for n in redone if Path(n).name.startswith(("fid-", "fd-"))}
+    assert set(redone) == {"fid/ref-fid.npz", "fid/ref-fd.npz"} | scores
+    assert len(scores) == 2 + 2 * 3 + 2 * 3 * 2  # floor; VQ pipeline per seed; each route's pipeline per seed (x FID, FD)
+    assert len(list((root / REF_DIR).rglob("*.png"))) == 12
+    run(RecipePlan(str(data), size="tiny", routes=("dino", "effnet"), seeds=(0, 1, 2), fid_ref=12))
+    assert _outs(log) == []
+
+
+def test_runner_redoes_a_step_whose_key_changed_and_restarts_a_stale_trainer(tmp_path):
+    py, log = _fake_python(tmp_path)
+    root = tmp_path / "r"
+    (root / "run").mkdir(parents=True)
+    (root / "run" / "train_state.pt").write_bytes(b"")
+
+    def steps(key):
+        return [Step("fit", ["train", "--out", "run"], out="run", resumable=True, key=key)]
+
+    run_steps(steps("a"), root, python=str(py), log=lambda m: None)
+    assert log.read_text().splitlines() == ["-m digit train --out run --resume"]  # an interrupted run continues
+    log.unlink()
+    (root / "run" / "train_state.pt").write_bytes(b"")
+    run_steps(steps("b"), root, python=str(py), log=lambda m: None)
+    # computed from something else: never resumed, its old output removed first
+    assert log.read_text().splitlines() == ["-m digit train --out run"] and not (root / "run").exists()
+    assert json.loads((root / ".recipe" / "fit.json").read_text())["key"] == "b"
+
+
+# ------------------------------------------------------------------------------------------------ report
+
+
+def _hand_built_recipe(root: Path, figures: dict[int, dict[str, float]]) -> None:
+    """The JSON files a finished recipe leaves, with the given per-seed figures (route dino)."""
+
+    def w(rel: str, obj) -> None:
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text(json.dumps(obj))
+
+    def probe(best: float, emb: float) -> dict:
+        return {"best_top1": best, "best_name": "block 2", "layers": [{"layer": 0, "top1": emb}, {"layer": 2, "top1": best}]}
+
+    w("stability-vq.json", {"snr_db": [30, 20, 10], "token_change_rate": [0.04, 0.12, 0.34]})
+    w("dino/stability.json", {"snr_db": [30, 20, 10], "token_change_rate": [0.05, 0.16, 0.45]})
+    w("fid/fid-floor.json", {"fid": 3.0})
+    for seed, f in figures.items():
+        w(f"dino/seed{seed}/fid-digit.json", {"fid": f["fid_d"]})
+        w(f"seed{seed}/fid-vq.json", {"fid": f["fid_v"]})
+        w(f"dino/seed{seed}/fd-digit.json", {"fd": f["fd_d"]})
+        w(f"seed{seed}/fd-vq.json", {"fd": f["fd_v"]})
+        w(f"dino/seed{seed}/probe.json", probe(f["pr_d"], 0.3))
+        w(f"seed{seed}/probe-vq.json", probe(f["pr_v"], 0.2))
+        for run, loss in ((f"dino/seed{seed}/stage1", f["l1"]), (f"seed{seed}/gpt-vq", f["l1"] + 0.3)):
+            (root / run).mkdir(parents=True, exist_ok=True)
+            (root / run / "metrics.jsonl").write_text(
+                json.dumps({"step": 1, "val_loss": 9.0}) + "\n" + json.dumps({"step": 2, "val_loss": loss}) + "\n"
+            )
+
+
+FIGS = {
+    0: {"fid_d": 40.0, "fid_v": 50.0, "fd_d": 1.0, "fd_v": 1.5, "pr_d": 0.40, "pr_v": 0.41, "l1": 3.1},
+    1: {"fid_d": 42.5, "fid_v": 47.0, "fd_d": 1.6, "fd_v": 1.2, "pr_d": 0.43, "pr_v": 0.40, "l1": 3.2},
+    2: {"fid_d": 41.0, "fid_v": 55.5, "fd_d": 1.1, "fd_v": 1.3, "pr_d": 0.42, "pr_v": 0.39, "l1": 3.0},
+}
+
+
+def test_report_mean_and_spread_equal_a_direct_computation(tmp_path):
+    _hand_built_recipe(tmp_path, FIGS)
+    s = summarise(tmp_path, ["dino"], [0, 1, 2])
+    agg = s["routes"]["dino"]["aggregate"]
+    for key, fig in (("fid.digit", "fid_d"), ("fid.vq", "fid_v"), ("fd.digit", "fd_d"), ("probe_best_top1.vq", "pr_v"),
+                     ("val_loss.stage1", "l1")):  # fmt: skip
+        xs = np.array([FIGS[s_][fig] for s_ in (0, 1, 2)])
+        got = agg[key]
+        assert got["n"] == 3 and got["min"] == xs.min() and got["max"] == xs.max()
+        assert got["mean"] == pytest.approx(xs.mean(), abs=1e-12)
+        assert got["std"] == pytest.approx(xs.std(ddof=1), abs=1e-12)  # the sample std (n - 1)
+    assert agg["val_loss.gpt-vq"]["mean"] == pytest.approx(3.1 + 0.3)  # the last val_loss of each run's metrics
+    assert agg["probe_embedding_top1.digit"]["mean"] == pytest.approx(0.3)
+    assert agg["val_loss.stage2"] is None  # not measured: no run directory
+    v = s["routes"]["dino"]["verdicts"]
+    # FID ranges [40, 42.5] vs [47, 55.5] do not overlap and ours is lower; FD and probes overlap; stability fails
+    assert v == {"stability": "not reproduced", "generation (FID)": "reproduced",
+                 "generation (FD, Lite1)": "inconclusive (seed ranges overlap)",
+                 "understanding": "inconclusive (seed ranges overlap)"}  # fmt: skip
+    md = write_summary(tmp_path, [], "tiny", ["dino"], [0, 1, 2])
+    fid = agg["fid.digit"]
+    assert f"| {fid['mean']:.2f} ± {fid['std']:.2f} [40.00, 42.50] |" in md
+    assert "| FID (Inception), VQ | 50.00 | 47.00 | 55.50 |" in md
+    assert json.loads((tmp_path / "summary.json").read_text())["routes"]["dino"]["verdicts"] == v
+
+
+def test_seeded_verdict_rules():
+    a, b = spread([1.0, 2.0, 3.0]), spread([4.0, 5.0, 6.0])
+    assert seeded_verdict(a, b, lower_is_better=True) == "reproduced"
+    assert seeded_verdict(b, a, lower_is_better=True) == "not reproduced"
+    assert seeded_verdict(b, a, lower_is_better=False) == "reproduced"
+    assert seeded_verdict(a, spread([3.0, 7.0, 8.0]), True) == "inconclusive (seed ranges overlap)"  # touching: overlap
+    assert seeded_verdict(spread([1.0]), spread([2.0]), True) == "reproduced (provisional: 1 seed(s))"
+    assert seeded_verdict(a, None, True) == "not measured"
+    assert spread([None, 2.0, 4.0]) == {"mean": 3.0, "std": statistics.stdev([2.0, 4.0]), "min": 2.0, "max": 4.0, "n": 2}
+    assert spread([5.0])["std"] == 0.0 and spread([None]) is None
+    assert aggregate([{k: {"digit": None, "vq": None, "stage1": None, "stage2": None, "gpt-vq": None}
+                       for k in ("fid", "fd", "val_loss", "probe_best_top1", "probe_embedding_top1")}])["fid.digit"] is None  # fmt: skip
+
+
+def test_report_keeps_the_first_run_as_a_column(tmp_path):
+    _hand_built_recipe(tmp_path, FIGS)
+    baseline = {"encoder_knn_top1": 0.3092, "stability_change_rate": {"digit": {"30": 0.0516, "20": 0.1563, "10": 0.4486}},
+                "fd": {"digit": 3.951}, "val_loss": {"stage1": 3.3337}, "probe_best_top1": {"digit": 0.4256}}  # fmt: skip
+    (tmp_path / "base.json").write_text(json.dumps(baseline))
+    md = write_summary(tmp_path, [], "cpu", ["dino"], [0, 1, 2], baseline=tmp_path / "base.json")
+    assert "first run: CPU DINO, 1 seed" in md
+    assert "| token change rate at 30 dB | 0.0516 | 0.0500 |" in md
+    assert "| FD / FID-proxy, discriminative | 3.951 | 1.233 |" in md  # mean of 1.0, 1.6, 1.1
+    assert "| val loss stage 1 | 3.3337 | 3.1000 |" in md
