@@ -113,7 +113,9 @@ def tiny_recipe(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("recipe")
     data = write_image_folder(root / "imgs", classes=CLASSES, n_per_class=4, size=(32, 32))
     out = root / "run"
-    assert main(["recipe", "cifar10", "--data", str(data), "--size", "tiny", "--seeds", "0", "1", "--out", str(out)]) == 0
+    assert (
+        main(["recipe", "cifar10", "--data", str(data), "--size", "tiny", "--seeds", "0", "1", "--out", str(out)]) == 0
+    )
     return out
 
 
@@ -143,16 +145,28 @@ def test_tiny_recipe_runs_every_step_for_two_seeds_and_summarises(tiny_recipe, c
     assert s0.shape == s1.shape == (10, 32, 32, 3) and not np.array_equal(s0, s1)
     assert [st["name"] for st in s["steps"]].count("vq") == 1 and runs[0]["fid"]["floor"] == runs[1]["fid"]["floor"]
     stats = json.loads((tiny_recipe / "seed1" / "fid-vq.json").read_text())["provenance"]["reference"]
-    assert stats["kind"] == "stats" and stats["count"] == 20 and stats["feature_extractor"]["name"] == "inception-v3-compat"
+    assert (
+        stats["kind"] == "stats"
+        and stats["count"] == 20
+        and stats["feature_extractor"]["name"] == "inception-v3-compat"
+    )
     agg = s["routes"]["dino"]["aggregate"]["fid.digit"]
     assert agg["n"] == 2 and agg["mean"] == pytest.approx((runs[0]["fid"]["digit"] + runs[1]["fid"]["digit"]) / 2)
-    assert set(s["routes"]["dino"]["verdicts"]) == {"stability", "generation (FID)", "generation (FD, Lite1)", "understanding"}
+    assert set(s["routes"]["dino"]["verdicts"]) == {
+        "stability",
+        "generation (FID)",
+        "generation (FD, Lite1)",
+        "understanding",
+    }
     md = (tiny_recipe / "summary.md").read_text()
     assert "| stability | token change rate at SNR 30 dB" in md and "| understanding |" in md and "seed 1" in md
     # a second run finds everything done and only re-summarises
     capsys.readouterr()
     data = json.loads((tiny_recipe / "data" / "split.json").read_text())["source"]
-    assert main(["recipe", "cifar10", "--data", data, "--size", "tiny", "--seeds", "0", "1", "--out", str(tiny_recipe)]) == 0
+    assert (
+        main(["recipe", "cifar10", "--data", data, "--size", "tiny", "--seeds", "0", "1", "--out", str(tiny_recipe)])
+        == 0
+    )
     assert capsys.readouterr().out.count("(done, skipped)") == TINY_STEPS
 
 

@@ -32,6 +32,12 @@ def _opt(argv: list[str], flag: str) -> str:
     return argv[argv.index(flag) + 1]
 
 
+def _strip_io(argv: list[str]) -> list[str]:
+    """A training command without its data and output paths."""
+    io = {"--tokens", "--val-tokens", "--out"}
+    return [x for i, x in enumerate(argv) if x not in io and (i == 0 or argv[i - 1] not in io)]
+
+
 # ------------------------------------------------------------------------------------------------ commands
 
 
@@ -48,6 +54,15 @@ def test_routes_produce_their_encoder_and_tokenizer_commands():
         assert _opt(steps[f"{r}/seed0/stage2"].argv, "--prefix-tokens") == f"{r}/tokens-train"
         assert _opt(steps[f"{r}/seed0/samples"].argv, "--decoder") == f"{r}/seed0/stage2"
         assert _opt(steps[f"{r}/stability.json"].argv, "--tokenizer") == f"{r}/tokenizer"
+    distill = _by_name(RecipePlan("/d", routes=("distill",), seeds=(0,)))
+    enc = distill["distill/encoder"]
+    assert enc.resumable and enc.argv[:2] == ["encoder", "pretrain"] and _opt(enc.argv, "--out") == "distill/encoder"
+    assert _opt(enc.argv, "--teacher") == EFFNET and _opt(enc.argv, "--teacher-weights") == "auto"
+    assert _opt(enc.argv, "--image-size") == "32" and _opt(enc.argv, "--teacher-size") == "128"  # both 8x8 grids
+    assert _opt(enc.argv, "--encoder-kwargs") == _opt(steps["dino/encoder"].argv, "--encoder-kwargs")  # same ViT
+    assert "--val" not in enc.argv  # no kNN monitor under --teacher
+    fit = distill["distill/tokenizer"].argv
+    assert _opt(fit, "--encoder") == "distill/encoder" and _opt(fit, "--layer") == "1"
     only_effnet = _by_name(RecipePlan("/d", routes=("effnet",), seeds=(0,)))
     assert not any(n.startswith("dino/") for n in only_effnet)
     with pytest.raises(ValueError, match="unknown route"):
@@ -60,14 +75,20 @@ def test_seeds_get_distinct_runs_and_equal_gpt_budgets():
     shared = [n for n in steps if not n.startswith(("seed", "dino/", "effnet/"))]
     assert set(shared) == SHARED  # once, whatever the routes and seeds
     for seed in (0, 1, 2):
-        vq, st1, st2 = steps[f"seed{seed}/gpt-vq"].argv, steps[f"dino/seed{seed}/stage1"].argv, steps[f"dino/seed{seed}/stage2"].argv
-        for argv, out in ((vq, f"seed{seed}/gpt-vq"), (st1, f"dino/seed{seed}/stage1"), (st2, f"dino/seed{seed}/stage2")):
+        vq, st1, st2 = (
+            steps[f"seed{seed}/gpt-vq"].argv,
+            steps[f"dino/seed{seed}/stage1"].argv,
+            steps[f"dino/seed{seed}/stage2"].argv,
+        )
+        for argv, out in (
+            (vq, f"seed{seed}/gpt-vq"),
+            (st1, f"dino/seed{seed}/stage1"),
+            (st2, f"dino/seed{seed}/stage2"),
+        ):
             assert _opt(argv, "--seed") == str(seed) and _opt(argv, "--out") == out
         assert _opt(steps[f"seed{seed}/samples-vq"].argv, "--seed") == str(seed)
         # the comparison: same model, steps, batch, schedule for both token types (only data and output differ)
-        drop = {"--tokens", "--val-tokens", "--out"}
-        strip = lambda a: [x for i, x in enumerate(a) if x not in drop and (i == 0 or a[i - 1] not in drop)]  # noqa: E731
-        assert strip(st1) == strip(vq)
+        assert _strip_io(st1) == _strip_io(vq)
         assert _opt(st1, "--steps") == _opt(st2, "--steps") == "1500" and _opt(st1, "--batch-size") == "128"
         for tag, prefix in (("digit", f"dino/seed{seed}"), ("vq", f"seed{seed}")):
             fid, fd = steps[f"{prefix}/fid-{tag}.json"].argv, steps[f"{prefix}/fd-{tag}.json"].argv
@@ -134,13 +155,21 @@ def test_shared_steps_run_once_and_the_reference_key_invalidates_only_the_scores
     run(RecipePlan(str(data), size="tiny", routes=("dino", "effnet"), seeds=(0, 1, 2)))
     added = _outs(log)
     assert not SHARED & set(added) and "dino/encoder" not in added and "seed0/gpt-vq" not in added
-    assert {"seed2/gpt-vq", "dino/seed2/stage1", "effnet/tokenizer", "effnet/seed0/stage1", "effnet/seed2/stage2"} <= set(added)
+    assert {
+        "seed2/gpt-vq",
+        "dino/seed2/stage1",
+        "effnet/tokenizer",
+        "effnet/seed0/stage1",
+        "effnet/seed2/stage2",
+    } <= set(added)
     # another reference set (--fid-ref): the statistics and every score are recomputed, nothing trained again
     run(RecipePlan(str(data), size="tiny", routes=("dino", "effnet"), seeds=(0, 1, 2), fid_ref=12))
     redone = _outs(log)
     scores = {n for n in redone if Path(n).name.startswith(("fid-", "fd-"))}
     assert set(redone) == {"fid/ref-fid.npz", "fid/ref-fd.npz"} | scores
-    assert len(scores) == 2 + 2 * 3 + 2 * 3 * 2  # floor; VQ pipeline per seed; each route's pipeline per seed (x FID, FD)
+    assert (
+        len(scores) == 2 + 2 * 3 + 2 * 3 * 2
+    )  # floor; VQ pipeline per seed; each route's pipeline per seed (x FID, FD)
     assert len(list((root / REF_DIR).rglob("*.png"))) == 12
     run(RecipePlan(str(data), size="tiny", routes=("dino", "effnet"), seeds=(0, 1, 2), fid_ref=12))
     assert _outs(log) == []
@@ -176,7 +205,11 @@ def _hand_built_recipe(root: Path, figures: dict[int, dict[str, float]]) -> None
         (root / rel).write_text(json.dumps(obj))
 
     def probe(best: float, emb: float) -> dict:
-        return {"best_top1": best, "best_name": "block 2", "layers": [{"layer": 0, "top1": emb}, {"layer": 2, "top1": best}]}
+        return {
+            "best_top1": best,
+            "best_name": "block 2",
+            "layers": [{"layer": 0, "top1": emb}, {"layer": 2, "top1": best}],
+        }
 
     w("stability-vq.json", {"snr_db": [30, 20, 10], "token_change_rate": [0.04, 0.12, 0.34]})
     w("dino/stability.json", {"snr_db": [30, 20, 10], "token_change_rate": [0.05, 0.16, 0.45]})
@@ -236,7 +269,13 @@ def test_seeded_verdict_rules():
     assert seeded_verdict(a, spread([3.0, 7.0, 8.0]), True) == "inconclusive (seed ranges overlap)"  # touching: overlap
     assert seeded_verdict(spread([1.0]), spread([2.0]), True) == "reproduced (provisional: 1 seed(s))"
     assert seeded_verdict(a, None, True) == "not measured"
-    assert spread([None, 2.0, 4.0]) == {"mean": 3.0, "std": statistics.stdev([2.0, 4.0]), "min": 2.0, "max": 4.0, "n": 2}
+    assert spread([None, 2.0, 4.0]) == {
+        "mean": 3.0,
+        "std": statistics.stdev([2.0, 4.0]),
+        "min": 2.0,
+        "max": 4.0,
+        "n": 2,
+    }
     assert spread([5.0])["std"] == 0.0 and spread([None]) is None
     assert aggregate([{k: {"digit": None, "vq": None, "stage1": None, "stage2": None, "gpt-vq": None}
                        for k in ("fid", "fd", "val_loss", "probe_best_top1", "probe_embedding_top1")}])["fid.digit"] is None  # fmt: skip

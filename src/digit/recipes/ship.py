@@ -88,8 +88,9 @@ def ship_models(
                 "recipe_size": summary.get("size"),
                 "route": route,
                 "seed": seed,
-                "figures": {k: run.get(k) for k in ("encoder_knn_top1", "vq_psnr", "fid", "fd", "fd_space",
-                                                    "probe_best_top1")},  # fmt: skip
+                "figures": {
+                    k: run.get(k) for k in ("encoder_knn_top1", "vq_psnr", "fid", "fd", "fd_space", "probe_best_top1")
+                },  # fmt: skip
                 "steps": summary.get("steps"),
                 "sha256": {str(p.relative_to(tmp)): file_sha256(p) for p in files},
             },
