@@ -26,9 +26,9 @@ FIGURES = {
     "fid.digit": "Inception FID of DiGIT samples against training-set statistics (lower is better)",
     "fid.vq": "Inception FID of the same GPT trained on VQ tokens (comparison run, not in this folder)",
     "fid.floor": "Inception FID floor: held-out real images against the same statistics",
-    "fd.digit": "Fréchet distance of DiGIT samples in a separate evaluation encoder's features (fd_space; a DINO "
-    "evaluation encoder when absent; lower is better)",
-    "fd.vq": "the same distance for the GPT trained on VQ tokens (comparison run, not in this folder)",
+    "fd.digit": "FID-proxy of DiGIT samples: Fréchet distance in a separate evaluation encoder's features (not "
+    "Inception FID; the network fd_space names, else a DINO evaluation encoder; lower is better)",
+    "fd.vq": "FID-proxy of the same GPT trained on VQ tokens (comparison run, not in this folder)",
     "fd.train": "FID-proxy floor: real training images against the held-out images",
     "fd.floor": "FD floor: held-out real images against the training-set statistics",
     "fd_space": "the network whose features the fd.* figures use",
