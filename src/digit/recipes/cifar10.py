@@ -198,8 +198,8 @@ def route_steps(plan: RecipePlan, route: str) -> list[Step]:
     elif route == "distill":
         argv = ["encoder", "pretrain", "--data", f"{D}/train", "--encoder", "vit_tiny_patch16_224", "--encoder-kwargs",
                 json.dumps(ENCODER), "--image-size", "32", "--teacher", EFFNET, "--teacher-weights", "auto",
-                "--teacher-size", str(EFFNET_SIZE), "--epochs", _num(s.encoder_epochs), "--batch-size",
-                str(s.encoder_batch), "--seed", str(seed), "--workers", str(min(4, os.cpu_count() or 1)),
+                "--teacher-size", str(EFFNET_SIZE), "--epochs", _num(s.encoder_epochs), "--warmup-epochs",
+                _num(0.1 * s.encoder_epochs), "--batch-size", str(s.encoder_batch), "--lr", "1e-3", "--seed", str(seed), "--workers", str(min(4, os.cpu_count() or 1)),
                 "--save-every", "300", "--out", f"{r}/encoder"]  # fmt: skip
         steps = [Step(f"{r}/encoder", argv, out=f"{r}/encoder", resumable=True,
                       what=f"discriminative encoder: the ViT distilled from the pretrained {EFFNET}")]  # fmt: skip
