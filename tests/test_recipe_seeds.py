@@ -291,3 +291,48 @@ def test_report_keeps_the_first_run_as_a_column(tmp_path):
     assert "| token change rate at 30 dB | 0.0516 | 0.0500 |" in md
     assert "| FD / FID-proxy, discriminative | 3.951 | 1.233 |" in md  # mean of 1.0, 1.6, 1.1
     assert "| val loss stage 1 | 3.3337 | 3.1000 |" in md
+
+
+def test_ship_an_effnet_route_stores_the_packaged_encoder(tmp_path, capsys):
+    """`recipe ship --route effnet --seed 1`: the tokenizer's packaged weights travel as safetensors inside it (the
+    shipped folder needs neither the weights package nor pickle) and give the same tokens; the GPTs of that seed."""
+    import torch
+
+    from digit.cli import main
+    from digit.tokenizers import load_tokenizer
+
+    rec = tmp_path / "rec"
+    data = write_image_folder(rec / "data" / "val", classes=("a", "b"), n_per_class=2, size=(32, 32))
+    argv = ["tokenizer", "fit", "--data", str(data), "--encoder", EFFNET, "--encoder-weights", "auto", "--image-size",
+            "64", "--layer", "stride16", "--clusters", "4", "--workers", "0", "--no-augment", "--sample-frac", "1.0",
+            "--out", str(rec / "effnet" / "tokenizer")]  # fmt: skip
+    assert main(argv) == 0
+    for part, files in (("vq", ("tokenizer.json", "model.safetensors")),
+                        ("effnet/seed1/stage1", ("config.json", "model.safetensors")),
+                        ("effnet/seed1/stage2", ("config.json", "model.safetensors"))):  # fmt: skip
+        (rec / part).mkdir(parents=True)
+        for f in files:
+            (rec / part / f).write_text(f"{part}/{f}")  # copied byte for byte, never parsed by ship
+    assert (
+        main(
+            ["recipe", "ship", "--recipe", str(rec), "--route", "effnet", "--seed", "0", "--out", str(tmp_path / "m0")]
+        )
+        == 2
+    )
+    assert "route effnet, seed 0" in capsys.readouterr().err
+    shipped = tmp_path / "m1"
+    assert (
+        main(["recipe", "ship", "--recipe", str(rec), "--route", "effnet", "--seed", "1", "--out", str(shipped)]) == 0
+    )
+    assert (shipped / "stage2" / "model.safetensors").read_text() == "effnet/seed1/stage2/model.safetensors"
+    cfg = json.loads((shipped / "tokenizer" / "tokenizer.json").read_text())
+    assert cfg["encoder"]["weights"]["kind"] == "stored" and cfg["encoder"]["weights"]["from"]["kind"] == "package"
+    manifest = json.loads((shipped / "models.json").read_text())
+    assert manifest["route"] == "effnet" and manifest["seed"] == 1
+    assert set(manifest["sha256"]) == {p.relative_to(shipped).as_posix() for p in shipped.rglob("*") if p.is_file()} - {
+        "models.json", ".digit-output.json"}  # fmt: skip
+    x = torch.randint(0, 256, (3, 3, 64, 64), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    x = x.float() / 255
+    assert torch.equal(
+        load_tokenizer(shipped / "tokenizer").encode(x), load_tokenizer(rec / "effnet" / "tokenizer").encode(x)
+    )
