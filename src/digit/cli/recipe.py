@@ -24,7 +24,7 @@ from digit.recipes.cifar10 import ROUTE_HELP, ROUTES
 def register(subparsers) -> None:
     p = subparsers.add_parser(
         "recipe",
-        help="the CIFAR-10 reference runs and the paper's claims, end to end",
+        help="end-to-end recipes: the CIFAR-10 reference runs and claims; the text-to-image scenes measurement",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -79,6 +79,22 @@ def register(subparsers) -> None:
     )
     c.add_argument("--dry-run", action="store_true", help="print the steps' commands and exit")
     c.set_defaults(func=run_cifar10)
+    sc = sub.add_parser(
+        "scenes",
+        help="text-to-image prompt alignment: text-conditional GPTs on discriminative vs VQ tokens, captioned scenes",
+        description=_scenes_doc(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sc.add_argument("--out", required=True, help="recipe directory (created; rerun the command to resume)")
+    sc.add_argument(
+        "--size",
+        choices=["cpu", "tiny"],
+        default="cpu",
+        help="cpu: the measurement of results/scenes.md (~30 min on 2 cores); tiny: seconds, a smoke test",
+    )
+    sc.add_argument("--seed", type=non_negative_int, default=0)
+    sc.add_argument("--dry-run", action="store_true", help="print the steps' commands and exit")
+    sc.set_defaults(func=run_scenes)
     s = sub.add_parser(
         "ship",
         help="copy a finished recipe's inference files (safetensors + configs) into a demo model folder",
@@ -113,6 +129,29 @@ def run_cifar10(args: argparse.Namespace) -> int:
     results = run_steps(steps, args.out, log=lambda m: print(m, flush=True))
     md = write_summary(args.out, results, size=args.size, routes=routes, seeds=seeds, baseline=args.baseline)
     print(md)
+    return 0
+
+
+def _scenes_doc() -> str:
+    from digit.recipes import scenes
+
+    return scenes.__doc__ or ""
+
+
+def run_scenes(args: argparse.Namespace) -> int:
+    from digit.recipes.runner import command_line, run_steps
+    from digit.recipes.scenes import scenes_steps, write_scenes_summary
+    from digit.utils.outputs import claim_dir
+
+    steps = scenes_steps(size=args.size, seed=args.seed)
+    if args.dry_run:
+        for i, step in enumerate(steps, 1):
+            print(f"[{i}/{len(steps)}] {step.name}: {step.what}\n    $ {command_line(step)}")
+        return 0
+    claim_dir(args.out, kind="recipe")
+    print(f"digit recipe scenes ({args.size}): {len(steps)} steps in {args.out}", flush=True)
+    results = run_steps(steps, args.out, log=lambda m: print(m, flush=True))
+    print(write_scenes_summary(args.out, results, size=args.size))
     return 0
 
 
