@@ -41,7 +41,7 @@ class ScenesSize:
 
 SIZES: dict[str, ScenesSize] = {
     "cpu": ScenesSize(n=3000, n_classifier=2000, n_test=500, n_prompts=24, per_prompt=4, classifier_epochs=8,
-                      clusters=256, vq_steps=800, gpt_steps=600, decoder_steps=400, batch=64, vq_batch=64),
+                      clusters=256, vq_steps=500, gpt_steps=500, decoder_steps=300, batch=64, vq_batch=64),
     "tiny": ScenesSize(n=24, n_classifier=24, n_test=12, n_prompts=2, per_prompt=1, classifier_epochs=1, clusters=8,
                        vq_steps=2, gpt_steps=2, decoder_steps=2, batch=8, vq_batch=8),
 }  # fmt: skip
