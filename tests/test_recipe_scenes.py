@@ -41,6 +41,11 @@ def test_tiny_recipe_runs_every_step_and_summarises(tmp_path, capsys):
     assert set(s["wall_s"]) == {st.name for st in scenes_steps("tiny")}
     md = (out / "summary.md").read_text()
     assert "| discriminative | 3 | held-out pairs |" in md and "| real renders (classifier test) |" in md
+    assert "samples.png: rows digit-cfg1, digit-cfg3, vq-cfg1, vq-cfg3" in md
+    from PIL import Image
+
+    with Image.open(out / "samples.png") as im:  # 4 rows x 4 columns (2 seen + 2 unseen prompts) of 64 px
+        assert im.size[0] > 4 * 64 and im.size[1] > 4 * 64
     meta = json.loads((out / "samples-digit-cfg3" / "meta.json").read_text())
     prompts = (out / "data" / "prompts.txt").read_text().splitlines()
     assert meta["prompts"] == [prompts[i % len(prompts)] for i in range(2 * n)]

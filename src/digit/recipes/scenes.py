@@ -117,6 +117,36 @@ def scenes_steps(size: str = "cpu", seed: int = 0) -> list[Step]:
     return steps
 
 
+FIGURE_COLUMNS = 6  # prompts per group shown in samples.png
+
+
+def write_samples_figure(root: str | Path, upscale: int = 2) -> list[str] | None:
+    """samples.png: one row per pipeline x CFG (the table's order), the first sample of the first FIGURE_COLUMNS seen
+    prompts then of the first FIGURE_COLUMNS unseen ones. -> the rows' names (None when a sample set is missing)."""
+    import numpy as np
+
+    from digit.data.scenes import read_scenes_info
+    from digit.utils.images import image_grid, save_png
+
+    root = Path(root)
+    prompts = (root / "data" / "prompts.txt").read_text(encoding="utf-8").splitlines()
+    half = int(read_scenes_info(root / "data")["n_prompts"])
+    cols = [i for i in range(min(FIGURE_COLUMNS, half))] + [half + i for i in range(min(FIGURE_COLUMNS, half))]
+    rows, names = [], []
+    for name in PIPELINES:
+        for scale in CFG_SCALES:
+            npz = root / f"samples-{name}-{_cfg_name(scale)}" / "samples.npz"
+            if not npz.is_file():
+                return None
+            with np.load(npz) as f:
+                images = f["images"]
+            rows.append(images[[c % len(prompts) for c in cols]])
+            names.append(f"{name}-{_cfg_name(scale)}")
+    grid = np.concatenate(rows).repeat(upscale, axis=1).repeat(upscale, axis=2)
+    save_png(root / "samples.png", image_grid(grid, None, ncols=len(cols)))
+    return names
+
+
 def _fmt(x: float | None) -> str:
     return "-" if x is None else f"{100 * x:.1f}%"
 
@@ -157,6 +187,14 @@ def write_scenes_summary(root: str | Path, results: list[StepResult], size: str)
             lines.append(f"| real renders (classifier test) | - | {label} | {r['n']} | {_fmt(r.get('all'))} | "
                          f"{_fmt(r.get('layout'))} | {_fmt(r.get('shape'))} | {_fmt(r.get('color'))} | "
                          f"{_fmt(r.get('size'))} |")  # fmt: skip
+    figure = write_samples_figure(root)
+    if figure is not None:
+        prompts = (root / "data" / "prompts.txt").read_text(encoding="utf-8").splitlines()
+        half = len(prompts) // 2
+        k = min(FIGURE_COLUMNS, half)
+        shown = prompts[:k] + prompts[half : half + k]
+        lines += ["", f"samples.png: rows {', '.join(figure)}; columns (one sample each):"]
+        lines += [f"{i + 1}. {p}{' (held-out pair)' if i >= k else ''}" for i, p in enumerate(shown)]
     lines += ["", "| step | wall time |", "|---|---|"] + [f"| {k} | {v / 60:.1f} min |" for k, v in walls.items()]
     md = "\n".join(lines) + "\n"
     atomic_write_bytes(root / "summary.md", md.encode("utf-8"))
