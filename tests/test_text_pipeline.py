@@ -152,9 +152,11 @@ def test_save_and_load_a_text_pipeline(folders, tmp_path):
     enc = folders["enc"]
     pipe = Pipeline.from_pretrained(folders["digit"], text_encoder=enc)
     ref = pipe(prompts=PROMPTS, seed=2, cfg_scale=2.0)
-    saved = pipe.save_pretrained(tmp_path / "saved")
+    saved = pipe.save_pretrained(tmp_path / "saved", text_encoder="reference")
     meta = json.loads((saved / "pipeline.json").read_text())
     assert meta["text_encoder"]["path"] == str(enc.resolve())
+    assert meta["text_encoder"]["copied"] is False and not (saved / "text_encoder").exists()
+    assert 'text_encoder="path/to/its/text-encoder"' in (saved / "README.md").read_text()
     assert meta["text_encoder"]["identity"] == RandomTextEncoder(dim=8, max_length=12, seed=1).identity()
     assert "pipeline_tag: text-to-image" in (saved / "README.md").read_text()
 
@@ -180,3 +182,34 @@ def test_save_and_load_a_text_pipeline(folders, tmp_path):
     bare = Pipeline(pipe.stage1, pipe.stage1_config, pipe.vq, pipe.decoder, pipe.decoder_config, pipe.kind)
     with pytest.raises(DigitError, match="has no text encoder: load it with text_encoder=DIR"):
         bare(prompts=PROMPTS)
+
+
+def test_save_pretrained_copies_a_small_text_encoder(folders, tmp_path, monkeypatch):
+    """A small encoder travels inside the folder (auto), so the folder loads with the original directory gone; a large
+    one is only recorded; "copy" forces it; the copy hashes to the same identity."""
+    import digit.hub as hub
+
+    enc = shutil.copytree(folders["enc"], tmp_path / "enc")
+    pipe = Pipeline.from_pretrained(folders["digit"], text_encoder=enc)
+    want = np.stack([np.asarray(im) for im in pipe(prompts=PROMPTS, seed=3, cfg_scale=2.0)])
+    saved = pipe.save_pretrained(tmp_path / "saved")
+    meta = json.loads((saved / "pipeline.json").read_text())
+    assert meta["text_encoder"]["copied"] is True
+    assert sorted(p.name for p in (saved / "text_encoder").iterdir()) == sorted(
+        p.name for p in enc.iterdir() if not p.name.startswith(".")
+    )
+    assert 'text_encoder="path/to/its/text-encoder"' not in (saved / "README.md").read_text()
+    shutil.rmtree(enc)  # the original is gone: the folder's own copy is used, and it is the same encoder
+    again = Pipeline.from_pretrained(saved)
+    assert again.text_encoder.identity() == meta["text_encoder"]["identity"]
+    got = np.stack([np.asarray(im) for im in again(prompts=PROMPTS, seed=3, cfg_scale=2.0)])
+    assert np.array_equal(got, want)
+
+    monkeypatch.setattr(hub, "TEXT_ENCODER_COPY_LIMIT", 10)  # bytes: now "too large" for auto
+    big = again.save_pretrained(tmp_path / "big")
+    assert not (big / "text_encoder").exists()
+    assert json.loads((big / "pipeline.json").read_text())["text_encoder"]["copied"] is False
+    forced = again.save_pretrained(tmp_path / "forced", text_encoder="copy")
+    assert (forced / "text_encoder").is_dir()
+    with pytest.raises(DigitError, match="text_encoder must be one of auto, copy, reference"):
+        again.save_pretrained(tmp_path / "bad", text_encoder="yes")

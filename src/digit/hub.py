@@ -7,10 +7,11 @@ A model folder has the layout `digit recipe ship` writes, so the shipped referen
   when it was converted from DiGIT's release;
 - ``vq/``: the VQ tokenizer (``tokenizer.json`` + ``model.safetensors``);
 - ``tokenizer/`` (optional): the discriminative tokenizer, to encode images (sampling does not need it);
-- ``text_encoder/`` (optional, a text-conditional stage 1): its text encoder directory, when you put one there.
-  `save_pretrained` does not copy the encoder (a FLAN-T5 directory is gigabytes); ``pipeline.json`` records its
-  identity (name, sha256) and the directory it was loaded from, and loading takes ``text_encoder=DIR``, else
-  ``text_encoder/``, else that recorded directory, each checked against the identity the stage-1 run was trained with;
+- ``text_encoder/`` (optional, a text-conditional stage 1): its text encoder directory. `save_pretrained` copies it
+  when it is small (``text_encoder="auto"``: at most 100 MB, e.g. the offline T5 `digit text-encoder build` makes)
+  and only records it otherwise (a FLAN-T5 directory is gigabytes); ``pipeline.json`` records its identity (name,
+  sha256) and the directory it was loaded from, and loading takes ``text_encoder=DIR``, else ``text_encoder/``, else
+  that recorded directory, each checked against the identity the stage-1 run was trained with;
 - ``pipeline.json`` (`save_pretrained`) or ``models.json`` (`digit recipe ship`): what the model card says (kind,
   classes, licence, figures, provenance);
 - ``README.md``: the model card, with the hub's YAML metadata (`digit.model_card`).
@@ -39,6 +40,8 @@ OUTPUT_KIND = "save_pretrained"  # the output marker's kind (`digit.utils.output
 SHIPPED = ("cifar10",)  # names of the reference models inside the package
 # what a download fetches: configs, weights, centroids, the card (never pickles or anything executable)
 HUB_FILES = ["*.json", "*.safetensors", "*.npy", "*.md"]
+TEXT_ENCODER_MODES = ("auto", "copy", "reference")
+TEXT_ENCODER_COPY_LIMIT = 100 * 2**20  # bytes: the offline T5 is well under a MB, a FLAN-T5 several GB
 TOKENIZER_FILES = (".json", ".npy", ".safetensors")
 _TRUE = {"1", "on", "yes", "true"}
 
@@ -266,14 +269,21 @@ def save_pretrained(
     overwrite: bool = False,
     license: str | None = None,
     repo_id: str | None = None,
+    text_encoder: str = "auto",
 ) -> Path:
     """Write ``pipe`` as a model folder (module docstring), staged then renamed into place. The weights are the
     models' current state dicts in the current format (former layouts upgraded), so the folder reloads to the same
-    models; ``repo_id`` only shapes the model card's usage lines."""
+    models; ``repo_id`` only shapes the model card's usage lines. ``text_encoder``: ``"auto"`` copies a text encoder
+    directory of at most 100 MB into ``text_encoder/``, ``"copy"`` copies it whatever its size, ``"reference"`` only
+    records it."""
     from digit.model_card import default_license, model_card
     from digit.utils.io import atomic_write_bytes, atomic_write_json
     from digit.utils.outputs import OutputDir, is_own_output
 
+    if text_encoder not in TEXT_ENCODER_MODES:
+        raise DigitError(
+            f"save_pretrained: text_encoder must be one of {', '.join(TEXT_ENCODER_MODES)}, not {text_encoder!r}"
+        )
     out = Path(save_directory).expanduser()
     if out.exists() and not out.is_dir():
         raise DigitError(f"save_pretrained: {out} exists and is not a directory")
@@ -291,6 +301,7 @@ def save_pretrained(
             _write_run(tmp / "stage2", pipe.decoder, pipe.decoder_config or {}, specials)
         pipe.vq.save(tmp / "vq")
         has_tokenizer = _copy_tokenizer(pipe.source, tmp / "tokenizer")
+        copied = _copy_text_encoder(pipe, tmp / "text_encoder", text_encoder)
         meta = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
@@ -299,7 +310,7 @@ def save_pretrained(
             "class_names": pipe.class_names,
             "image_size": pipe.image_size,
             "tokenizer": has_tokenizer,
-            "text_encoder": _text_encoder_record(pipe),
+            "text_encoder": _text_encoder_record(pipe, copied),
             "license": license or pipe.info.get("license") or default_license(pipe),
             "info": {k: v for k, v in pipe.info.items() if k != "license"},
         }
@@ -308,8 +319,29 @@ def save_pretrained(
     return out
 
 
-def _text_encoder_record(pipe: Pipeline) -> dict[str, Any] | None:
-    """What a text-conditional folder says about its encoder (not copied: see the module docstring)."""
+def _encoder_files(directory: Path) -> list[Path]:
+    # what the encoder's identity hashes: every regular file but dotfiles (an output marker is not the model)
+    return sorted(p for p in directory.rglob("*") if p.is_file() and not p.name.startswith("."))
+
+
+def _copy_text_encoder(pipe: Pipeline, out: Path, mode: str) -> bool:
+    """Copy the pipeline's text encoder directory into the folder per ``mode`` (see `save_pretrained`)."""
+    src = pipe.text_encoder_dir
+    if not pipe.is_text or mode == "reference" or src is None or not src.is_dir():
+        return False
+    files = _encoder_files(src)
+    if mode == "auto" and sum(p.stat().st_size for p in files) > TEXT_ENCODER_COPY_LIMIT:
+        return False
+    for p in files:
+        dest = out / p.relative_to(src)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(p, dest)
+    return True
+
+
+def _text_encoder_record(pipe: Pipeline, copied: bool = False) -> dict[str, Any] | None:
+    """What a text-conditional folder says about its encoder: its identity, where it came from, whether the folder
+    holds a copy."""
     if not pipe.is_text:
         return None
     identity = pipe.text_encoder.identity() if pipe.text_encoder is not None else None
@@ -317,7 +349,7 @@ def _text_encoder_record(pipe: Pipeline) -> dict[str, Any] | None:
 
     identity = identity or recorded_encoder(pipe.stage1_config)
     path = str(pipe.text_encoder_dir.resolve()) if pipe.text_encoder_dir is not None else None
-    return {"identity": identity, "path": path}
+    return {"identity": identity, "path": path, "copied": copied}
 
 
 def _write_run(out: Path, model: Any, config: dict[str, Any], specials: Any = None) -> None:

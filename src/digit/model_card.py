@@ -122,7 +122,8 @@ def model_card(pipe: Pipeline, meta: dict[str, Any], repo_id: str | None = None)
     load = f'"{where}"'
     if text:
         call = 'prompts=["a red circle", "a blue square"], num_images=8, seed=0'
-        load += ', text_encoder="path/to/its/text-encoder"'
+        if not (meta.get("text_encoder") or {}).get("copied"):
+            load += ', text_encoder="path/to/its/text-encoder"'  # not in the folder: the user supplies it
     lines = [
         "---",
         data.to_yaml(),

@@ -107,13 +107,20 @@ class Pipeline:
         return load_pipeline(stage1, vq, decoder, device=device, text_encoder=text_encoder)
 
     def save_pretrained(
-        self, save_directory: str | os.PathLike, *, overwrite: bool = False, license: str | None = None
+        self,
+        save_directory: str | os.PathLike,
+        *,
+        overwrite: bool = False,
+        license: str | None = None,
+        text_encoder: str = "auto",
     ) -> Path:
         """Write a folder `from_pretrained` loads: configs, safetensors weights, ``pipeline.json`` and a model card
-        (``README.md`` with hub metadata). Atomic; refuses a non-empty folder it did not write unless ``overwrite``."""
+        (``README.md`` with hub metadata). Atomic; refuses a non-empty folder it did not write unless ``overwrite``.
+        ``text_encoder`` (a text pipeline): ``"auto"`` copies an encoder directory of at most 100 MB into the folder,
+        ``"copy"`` always, ``"reference"`` never (the folder records where it was)."""
         from digit.hub import save_pretrained
 
-        return save_pretrained(self, save_directory, overwrite=overwrite, license=license)
+        return save_pretrained(self, save_directory, overwrite=overwrite, license=license, text_encoder=text_encoder)
 
     def push_to_hub(
         self,
