@@ -213,3 +213,24 @@ def test_save_pretrained_copies_a_small_text_encoder(folders, tmp_path, monkeypa
     assert (forced / "text_encoder").is_dir()
     with pytest.raises(DigitError, match="text_encoder must be one of auto, copy, reference"):
         again.save_pretrained(tmp_path / "bad", text_encoder="yes")
+
+
+def test_api_text_encoder_from_a_hub_id(folders, tmp_path, monkeypatch):
+    """``text_encoder="owner/name"``: the local hub cache's snapshot (from_runs and from_pretrained alike); a miss
+    says how to get it; ``download_text_encoder=True`` asks for the download."""
+    from huggingface_hub import constants
+
+    from test_text_encoder_hub import _online, cache_repo
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
+    folder, want = folders["llamagen"], RandomTextEncoder(dim=8, max_length=12, seed=1).identity()
+    with pytest.raises(DigitError, match=r"text_encoder= owner/enc: not a directory, nor in the local Hugging Face "
+                       r"cache: run `hf download owner/enc .*` or pass download_text_encoder=True"):  # fmt: skip
+        Pipeline.from_pretrained(folder, text_encoder="owner/enc")
+    snap = cache_repo(tmp_path / "cache", "owner/enc", {"text_encoder.json": json.dumps(ENCODER).encode()})
+    for pipe in (Pipeline.from_runs(folder / "stage1", folder / "vq", text_encoder="owner/enc"),
+                 Pipeline.from_pretrained(folder, text_encoder="owner/enc")):  # fmt: skip
+        assert pipe.text_encoder_dir == snap and pipe.text_encoder.identity() == want
+    calls = _online(monkeypatch, {"text_encoder.json": json.dumps(ENCODER).encode()}, tmp_path / "dl")
+    pipe = Pipeline.from_pretrained(folder, text_encoder="owner/new", download_text_encoder=True)
+    assert pipe.text_encoder.identity() == want and [c["local_files_only"] for c in calls] == [False]

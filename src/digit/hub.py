@@ -58,11 +58,12 @@ def load_pretrained(
     token: str | bool | None = None,
     local_files_only: bool = False,
     text_encoder: str | os.PathLike | None = None,
+    download_text_encoder: bool = False,
 ) -> Pipeline:
     folder = resolve_folder(
         path_or_repo_id, revision=revision, cache_dir=cache_dir, token=token, local_files_only=local_files_only
     )
-    return load_folder(folder, device=device, text_encoder=text_encoder)
+    return load_folder(folder, device=device, text_encoder=text_encoder, download_text_encoder=download_text_encoder)
 
 
 def resolve_folder(
@@ -93,12 +94,12 @@ def resolve_folder(
                 "`digit recipe cifar10` + `digit recipe ship` and load that folder"
             )
         return folder
-    if isinstance(path_or_repo_id, os.PathLike) or not _looks_like_repo_id(name):
+    if isinstance(path_or_repo_id, os.PathLike) or not looks_like_repo_id(name):
         raise DigitError(f"{name}: no such model folder (and not a Hugging Face repository id such as 'owner/name')")
     return download(name, revision=revision, cache_dir=cache_dir, token=token, local_files_only=local_files_only)
 
 
-def _looks_like_repo_id(name: str) -> bool:
+def looks_like_repo_id(name: str) -> bool:
     # "owner/name" or a bare "name", hub characters only; a path-like string (./x, /x, ~/x, a/b/c) is a missing folder
     return re.fullmatch(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?", name) is not None and ".." not in name
 
@@ -175,12 +176,15 @@ def download(
             f"{repo_id} is not a local folder nor in the Hugging Face cache, and the Hub could not be reached: {fetch}"
         ) from e
     except HfHubHTTPError as e:
-        raise DigitError(f"the Hugging Face Hub refused {repo_id}: {_first_line(e)}") from e
+        raise DigitError(f"the Hugging Face Hub refused {repo_id}: {first_line(e)}") from e
     return Path(path)
 
 
 def load_folder(
-    folder: str | os.PathLike, device: Any = "cpu", text_encoder: str | os.PathLike | None = None
+    folder: str | os.PathLike,
+    device: Any = "cpu",
+    text_encoder: str | os.PathLike | None = None,
+    download_text_encoder: bool = False,
 ) -> Pipeline:
     """A model folder (see the module docstring) -> the Pipeline, pieces checked against each other first."""
     from digit.pipeline import _read_run_config, load_pipeline
@@ -198,7 +202,7 @@ def load_folder(
         text_encoder = _text_encoder_dir(folder, meta, text_encoder)
     pipe = load_pipeline(
         folder / "stage1", folder / "vq", decoder, device=device, text_encoder=text_encoder,
-        text_encoder_flag="text_encoder=",
+        text_encoder_flag="text_encoder=", download_text_encoder=download_text_encoder,
     )  # fmt: skip
     if meta is not None:
         if meta["kind"] != pipe.kind:
@@ -215,13 +219,14 @@ def load_folder(
     return pipe
 
 
-def _text_encoder_dir(folder: Path, meta: dict[str, Any] | None, given: str | os.PathLike | None) -> Path:
-    """The text encoder of a text-conditional folder: the argument, the folder's ``text_encoder/``, or the directory
-    ``save_pretrained`` recorded (when it exists on this machine); else a one-line error saying what to pass."""
+def _text_encoder_dir(folder: Path, meta: dict[str, Any] | None, given: str | os.PathLike | None) -> str | os.PathLike:
+    """The text encoder of a text-conditional folder: the argument (a directory or a hub id, resolved by
+    `load_pipeline`), the folder's ``text_encoder/``, or the directory ``save_pretrained`` recorded (when it exists on
+    this machine); else a one-line error saying what to pass."""
     from digit.prompts import describe_encoder, recorded_encoder
 
     if given is not None:
-        return Path(given)
+        return given
     if (folder / "text_encoder").is_dir():
         return folder / "text_encoder"
     recorded = ((meta or {}).get("text_encoder") or {}).get("path")
@@ -400,7 +405,7 @@ def push_to_hub(
 
     from digit.utils.outputs import MARKER
 
-    if not isinstance(repo_id, str) or not _looks_like_repo_id(repo_id):
+    if not isinstance(repo_id, str) or not looks_like_repo_id(repo_id):
         raise DigitError(f"push_to_hub needs a repository id such as 'owner/name', got {repo_id!r}")
     with tempfile.TemporaryDirectory(prefix="digit-push-") as tmp:
         folder = save_pretrained(pipe, Path(tmp) / "model", license=license, repo_id=repo_id)
@@ -417,9 +422,9 @@ def push_to_hub(
                 ignore_patterns=[MARKER],
             )
         except HfHubHTTPError as e:  # 401 / 403 / 404 ...: one line, not the HTTP client's traceback
-            raise DigitError(f"the Hugging Face Hub refused the upload to {repo_id}: {_first_line(e)}") from e
+            raise DigitError(f"the Hugging Face Hub refused the upload to {repo_id}: {first_line(e)}") from e
 
 
-def _first_line(e: BaseException) -> str:
+def first_line(e: BaseException) -> str:
     text = str(e).strip()
     return text.splitlines()[0] if text else type(e).__name__

@@ -75,11 +75,13 @@ class Pipeline:
         token: str | bool | None = None,
         local_files_only: bool = False,
         text_encoder: str | os.PathLike | None = None,
+        download_text_encoder: bool = False,
     ) -> Pipeline:
         """Load a model folder (``save_pretrained``'s or ``digit recipe ship``'s), ``"cifar10"`` (the reference models
         shipped inside the package), or a Hugging Face repository id (downloaded through ``huggingface_hub``; offline,
         only its cached copy). A local folder of that name wins over a repository id. A text-conditional model needs
-        its text encoder: ``text_encoder=DIR``, else the folder's ``text_encoder/``, else the directory recorded by
+        its text encoder: ``text_encoder=DIR`` (or a Hugging Face id of a T5, from the local hub cache; downloaded
+        only with ``download_text_encoder=True``), else the folder's ``text_encoder/``, else the directory recorded by
         ``save_pretrained`` (checked against the encoder the run was trained with)."""
         from digit.hub import load_pretrained
 
@@ -91,6 +93,7 @@ class Pipeline:
             token=token,
             local_files_only=local_files_only,
             text_encoder=text_encoder,
+            download_text_encoder=download_text_encoder,
         )
 
     @classmethod
@@ -102,9 +105,12 @@ class Pipeline:
         *,
         device: Any = "cpu",
         text_encoder: str | os.PathLike | None = None,
+        download_text_encoder: bool = False,
     ) -> Pipeline:
         """The pieces as separate directories (``digit generate --stage1 --vq [--decoder] [--text-encoder]``)."""
-        return load_pipeline(stage1, vq, decoder, device=device, text_encoder=text_encoder)
+        return load_pipeline(
+            stage1, vq, decoder, device=device, text_encoder=text_encoder, download_text_encoder=download_text_encoder
+        )
 
     def save_pretrained(
         self,
@@ -285,10 +291,12 @@ def load_pipeline(
     device: Any = "cpu",
     text_encoder: str | os.PathLike | None = None,
     text_encoder_flag: str = "--text-encoder",
+    download_text_encoder: bool = False,
 ) -> Pipeline:
     """Check the three pieces from their configs, then load them (models in eval mode). ``text_encoder``: the text
-    encoder directory of a text-conditional stage 1, checked against the one its run recorded (refused for other
-    models; without it, prompts are refused when sampled)."""
+    encoder of a text-conditional stage 1 (a directory, or a hub id `resolve_text_encoder` finds in the cache or, with
+    ``download_text_encoder``, downloads), checked against the one its run recorded (refused for other models;
+    without it, prompts are refused when sampled)."""
     from digit.models import load_gpt_run
     from digit.tokenizers.vq import VQModel, read_vq_config
 
@@ -313,10 +321,15 @@ def load_pipeline(
             special = load_special_rows(decoder).to(device)
     pipe = Pipeline(s1_model, s1_cfg, vq_model, dec_model, dec_cfg, kind, special)
     if text_encoder is not None:
+        from digit.data.text_features import resolve_text_encoder
         from digit.prompts import load_prompt_encoder
 
-        pipe.text_encoder = load_prompt_encoder(text_encoder, s1_model.config, s1_cfg, text_encoder_flag)
-        pipe.text_encoder_dir = Path(text_encoder)
+        # the CLI resolves --text-encoder first (a directory passes through), so a hub miss here is an API caller's
+        directory = resolve_text_encoder(
+            text_encoder, download_text_encoder, flag=text_encoder_flag, download_flag="download_text_encoder=True"
+        )
+        pipe.text_encoder = load_prompt_encoder(directory, s1_model.config, s1_cfg, text_encoder_flag)
+        pipe.text_encoder_dir = directory
     return pipe
 
 

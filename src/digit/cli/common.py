@@ -91,6 +91,27 @@ def add_output_args(p: argparse.ArgumentParser, help: str) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out that this command did not write")
 
 
+def add_text_encoder_args(p: Any, help: str) -> None:
+    """``--text-encoder DIR|REPO_ID`` and ``--pretrained``, the same for tokenize, train, sample, generate and serve
+    (``p``: a parser or an argument group; ``help`` says what the command uses the encoder for)."""
+    p.add_argument("--text-encoder", metavar="DIR|REPO_ID", help=f"{help}: a local directory, or a Hugging Face "
+                   "repository id such as google/flan-t5-xl (LlamaGen's) taken from the local hub cache")  # fmt: skip
+    p.add_argument("--pretrained", action="store_true", help="let --text-encoder REPO_ID download from the Hugging "
+                   "Face Hub when it is not cached (needs internet; configs, tokenizer and safetensors only)")  # fmt: skip
+
+
+def text_encoder_dir(args: argparse.Namespace) -> Path | None:
+    """``--text-encoder`` as a directory (`digit.data.text_features.resolve_text_encoder`; None when not given)."""
+    from digit.data.text_features import resolve_text_encoder
+    from digit.errors import DigitError
+
+    if args.text_encoder is None:
+        if args.pretrained:
+            raise DigitError("--pretrained needs --text-encoder REPO_ID")
+        return None
+    return resolve_text_encoder(args.text_encoder, download=args.pretrained)
+
+
 def add_device_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
 

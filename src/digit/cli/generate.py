@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from digit.cli.common import add_device_arg, add_output_args, existing_dir, positive_int
+from digit.cli.common import add_device_arg, add_output_args, add_text_encoder_args, existing_dir, positive_int
 from digit.cli.sample import AR_FIELDS
 from digit.sampling.params import SamplingParams
 from digit.sampling.precision import add_precision_arg
@@ -39,7 +39,7 @@ def register(sub) -> None:
     t = p.add_argument_group("text-conditional stage 1 (instead of classes; -n is spread over the prompts)")
     t.add_argument("--prompt", action="append", default=None, help="a caption to sample (repeatable)")
     t.add_argument("--prompts", type=Path, default=None, help="a file of captions, one per line")
-    t.add_argument("--text-encoder", type=existing_dir, default=None, help="the run's text encoder directory")
+    add_text_encoder_args(t, "the text encoder the stage-1 run was trained with")
     SamplingParams.add_arguments(p.add_argument_group("stage-1 sampling"), only=AR_FIELDS)
     SamplingParams.add_arguments(
         p.add_argument_group("stage-2 decoder sampling (default top-p 0.8 for an AR decoder as DiGIT, 1.0 MaskGIT)"),
@@ -64,7 +64,7 @@ def register(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from digit.cli.common import resolve_rank_device
+    from digit.cli.common import resolve_rank_device, text_encoder_dir
     from digit.errors import DigitError
     from digit.pipeline import decoder_defaults, generate_images, load_pipeline, merge_results, resolve_labels
     from digit.sampling.precision import cast_for_sampling
@@ -74,6 +74,7 @@ def run(args: argparse.Namespace) -> int:
     stage1 = SamplingParams.from_args(args)  # refuses bad values before any model is loaded
     SamplingParams.from_args(args, prefix="decoder-")  # the decoder's flags too (its defaults need the pipeline)
     out = Path(args.out)
+    args.text_encoder = text_encoder_dir(args)  # a hub id -> its cached (or, with --pretrained, downloaded) snapshot
     # every rank checks the output (the same verdict everywhere, so no rank waits for one that gave up)
     target = output_dir(
         out, kind="generate", inputs=(args.stage1, args.decoder, args.vq, args.text_encoder), overwrite=args.overwrite

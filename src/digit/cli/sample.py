@@ -21,7 +21,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from digit.cli.common import add_device_arg, add_output_args, existing_dir
+from digit.cli.common import add_device_arg, add_output_args, add_text_encoder_args, existing_dir
 from digit.errors import DigitError
 from digit.sampling.params import SamplingParams
 from digit.sampling.precision import add_precision_arg
@@ -67,7 +67,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--prompt", action="append", default=None, help="a caption to sample (text models; repeatable)")
     p.add_argument("--prompts", type=Path, default=None, help="a file of captions, one per line (text models)")
-    p.add_argument("--text-encoder", type=existing_dir, default=None, help="text encoder directory (text models)")
+    add_text_encoder_args(p, "the text encoder the run was trained with (text models)")
     SamplingParams.add_arguments(p.add_argument_group("sampling"), only=AR_FIELDS)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=32)
@@ -117,7 +117,7 @@ def _validate(args: argparse.Namespace, params: SamplingParams, model_cfg: Any, 
     if model_cfg.cond == "none" and args.n is None:
         raise DigitError("give -n N")
     prompts = args.prompt is not None or args.prompts is not None
-    if model_cfg.cond != "text" and (prompts or args.text_encoder is not None):
+    if model_cfg.cond != "text" and (prompts or args.text_encoder is not None or args.pretrained):
         raise DigitError(
             f"--prompt/--prompts/--text-encoder need a text-conditional model (this one is {model_cfg.cond!r})"
         )
@@ -133,9 +133,10 @@ def _prompt_list(args) -> list[str]:
 
 def _captions(args, model_cfg, config, prompts: list[str]):
     """Encode the prompts with --text-encoder (checked against the run's encoder), left-padded as LlamaGen samples."""
+    from digit.cli.common import text_encoder_dir
     from digit.prompts import encode_prompts, load_prompt_encoder
 
-    encoder = load_prompt_encoder(args.text_encoder, model_cfg, config, "--text-encoder")
+    encoder = load_prompt_encoder(text_encoder_dir(args), model_cfg, config, "--text-encoder")
     return encode_prompts(encoder, prompts, model_cfg)
 
 

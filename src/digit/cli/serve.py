@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from digit.cli.common import add_device_arg, existing_dir, positive_float, positive_int
+from digit.cli.common import add_device_arg, add_text_encoder_args, positive_float, positive_int
 
 
 def register(sub) -> None:
@@ -21,10 +21,9 @@ def register(sub) -> None:
         help="a model folder (stage1/, vq/ and for DiGIT stage2/: `digit recipe ship` or save_pretrained), 'cifar10' "
         "(the shipped reference models, the default) or a Hugging Face repository id",
     )
-    p.add_argument(
-        "--text-encoder",
-        type=existing_dir,
-        help="a text-conditional model's text encoder directory (default: the folder's text_encoder/ or the one "
+    add_text_encoder_args(
+        p,
+        "a text-conditional model's text encoder (default: the folder's text_encoder/ or the directory "
         "save_pretrained recorded); requests then give a prompt",
     )
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
@@ -41,7 +40,7 @@ def register(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from digit.cli.common import resolve_device
+    from digit.cli.common import resolve_device, text_encoder_dir
     from digit.errors import DigitError
     from digit.serve.server import run_server
     from digit.serve.service import ServeConfig
@@ -67,5 +66,5 @@ def run(args: argparse.Namespace) -> int:
         config=config,
         device=device,
         log_level=args.log_level,
-        text_encoder=args.text_encoder,
+        text_encoder=text_encoder_dir(args),
     )

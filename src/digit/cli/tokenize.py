@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import argparse
 
-from digit.cli.common import add_device_arg, add_output_args, existing_dir, non_negative_int, positive_int
+from digit.cli.common import (
+    add_device_arg,
+    add_output_args,
+    add_text_encoder_args,
+    existing_dir,
+    non_negative_int,
+    positive_int,
+)
 
 
 def register(sub) -> None:
@@ -34,7 +41,7 @@ def register(sub) -> None:
         help="also store caption features (a .txt beside each image, a metadata.jsonl, or name.jpg + name.txt in a "
         "tar); images without a caption are skipped and counted",
     )
-    p.add_argument("--text-encoder", type=existing_dir, help="local T5 encoder directory (with --captions)")
+    add_text_encoder_args(p, "the T5 encoder of the captions (with --captions)")
     p.add_argument("--text-length", type=positive_int, default=120, help="caption length in T5 tokens (default 120)")
     p.add_argument("--text-dtype", choices=["float16", "float32"], default="float16", help="stored feature dtype")
     add_device_arg(p)
@@ -45,7 +52,7 @@ def register(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from digit.cli.common import resolve_device
+    from digit.cli.common import resolve_device, text_encoder_dir
     from digit.data.captions import with_captions
     from digit.data.sources import open_image_source
     from digit.data.text_features import CaptionTask, load_text_encoder
@@ -57,6 +64,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.captions != (args.text_encoder is not None):
         raise DigitError("--captions and --text-encoder DIR go together")
+    text_encoder = text_encoder_dir(args)
     out = output_dir(args.out, kind="tokenize", inputs=(args.data, args.tokenizer), overwrite=args.overwrite)
     dist = init_distributed()
     device = (
@@ -68,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
     captions = None
     if args.captions:
         source, texts = with_captions(source)
-        encoder = load_text_encoder(args.text_encoder, max_length=args.text_length, device=str(device))
+        encoder = load_text_encoder(text_encoder, max_length=args.text_length, device=str(device))
         captions = CaptionTask(texts, encoder, batch_size=args.batch_size, dtype=args.text_dtype, progress=dist.is_main)
     tok = load_tokenizer(args.tokenizer, device=device)
     if hasattr(tok, "set_precision"):

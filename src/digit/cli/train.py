@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 
 from digit.cli.common import (
+    add_text_encoder_args,
     add_trainer_args,
     existing_dir,
     non_negative_float,
@@ -65,12 +66,10 @@ def register(sub) -> None:
         help="condition on the caption features stored with --tokens (digit tokenize --captions); --class-dropout "
         "is then the caption dropout to the null caption",
     )
-    m.add_argument(
-        "--text-encoder",
-        type=existing_dir,
-        metavar="DIR",
-        help="with --text-cond (or --init-from a text run): the text encoder the stored caption features must come "
-        "from (its sha256 checked against theirs; the encoder itself is not run)",
+    add_text_encoder_args(
+        m,
+        "with --text-cond (or --init-from a text run): the text encoder the stored caption features must come from "
+        "(its sha256 checked against theirs; the encoder itself is not run)",
     )
     m.add_argument("--dropout", type=non_negative_float, help="set embedding, residual and FFN dropout")
     m.add_argument("--nar", action="store_true", help="MaskGIT-style bidirectional model trained on masked tokens")
@@ -149,14 +148,15 @@ def run(args: argparse.Namespace) -> int:
         raise DigitError("choose one condition: --class-cond, --prefix-tokens or --text-cond")
     model_cfg, init = _model_config(args, tokens, prefix)
     text_encoder = None
-    if args.text_encoder is not None:
+    if args.text_encoder is not None or args.pretrained:
         if model_cfg.cond != "text":
             raise DigitError(
                 f"--text-encoder needs a text-conditional model (--text-cond); this one is {model_cfg.cond!r}"
             )
+        from digit.cli.common import text_encoder_dir
         from digit.data.text_features import text_encoder_identity
 
-        text_encoder = text_encoder_identity(args.text_encoder, max_length=model_cfg.caption_len)
+        text_encoder = text_encoder_identity(text_encoder_dir(args), max_length=model_cfg.caption_len)
 
     task = GPTTask(
         model_cfg,

@@ -63,8 +63,9 @@ class RandomTextEncoder:
 
 
 class T5TextEncoder:
-    """``transformers``' T5EncoderModel + tokenizer from a local directory (never downloads). Captions are padded or
-    truncated to ``max_length`` tokens (LlamaGen uses 120); padded positions are zeroed and masked."""
+    """``transformers``' T5EncoderModel + tokenizer from a local directory (never downloads: a hub id is made a
+    directory first by `resolve_text_encoder`). Captions are padded or truncated to ``max_length`` tokens (LlamaGen
+    uses 120); padded positions are zeroed and masked."""
 
     def __init__(self, directory: str | os.PathLike, max_length: int = 120, device: str = "cpu"):
         try:
@@ -97,12 +98,37 @@ class T5TextEncoder:
         return _t5_identity(self.directory, self.max_length)
 
 
+# the files a T5 encoder is loaded from; anything else in its directory (a README, generation_config.json, the .cache/
+# of `hf download --local-dir`, other formats' weights in a hub snapshot) is not part of its identity
+T5_FILES = ("config.json", "spiece.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+            "added_tokens.json")  # fmt: skip
+
+
+def t5_encoder_files(directory: str | os.PathLike) -> list[Path]:
+    """The files that make a T5 encoder directory's identity, in name order: its config and tokenizer files and the
+    weights ``transformers`` loads (safetensors when there are any, else the pickled ``.bin`` it would read)."""
+    top = [p for p in Path(directory).iterdir() if p.is_file()]
+    weights = [p for p in top if p.name.endswith((".safetensors", ".safetensors.index.json"))]
+    if not weights:
+        weights = [p for p in top if p.name.endswith((".bin", ".bin.index.json"))]
+    return sorted([p for p in top if p.name in T5_FILES] + weights)
+
+
 def _t5_identity(directory: Path, max_length: int) -> dict[str, Any]:
-    # the weights and tokenizer files, hashed in name order: a renamed copy of the same model is the same encoder
+    # the files hashed in name order: a renamed copy of the same model, or the hub cache's snapshot of its files, is
+    # the same encoder
     h = hashlib.sha256()
-    for p in sorted(q for q in directory.rglob("*") if q.is_file() and not q.name.startswith(".")):
-        h.update(f"{p.relative_to(directory).as_posix()}\0{file_sha256(p)}\n".encode())
-    return {"kind": "t5", "name": directory.name, "sha256": h.hexdigest(), "max_length": max_length}
+    for p in t5_encoder_files(directory):
+        h.update(f"{p.name}\0{file_sha256(p)}\n".encode())
+    return {"kind": "t5", "name": _encoder_name(directory), "sha256": h.hexdigest(), "max_length": max_length}
+
+
+def _encoder_name(directory: Path) -> str:
+    # a hub cache snapshot (.../models--google--flan-t5-xl/snapshots/<commit>) is named by its repository id
+    snapshots = directory.resolve().parent
+    if snapshots.name == "snapshots" and snapshots.parent.name.startswith("models--"):
+        return snapshots.parent.name.removeprefix("models--").replace("--", "/")
+    return directory.name
 
 
 RANDOM_ENCODER_FILE = "text_encoder.json"  # {"kind": "random-test", "dim", "max_length", "seed"}: a test encoder dir
@@ -138,6 +164,75 @@ def text_encoder_identity(directory: str | os.PathLike, max_length: int = 120) -
     if spec is not None:
         return RandomTextEncoder(dim=spec["dim"], max_length=spec["max_length"], seed=spec["seed"]).identity()
     return _t5_identity(directory, max_length)
+
+
+# what `--pretrained` fetches of a hub T5: its JSON configs and tokenizer, spiece.model and safetensors weights (never
+# pickled weights)
+T5_HUB_FILES = ["*.json", "spiece.model", "*.safetensors"]
+
+
+def resolve_text_encoder(
+    value: str | os.PathLike,
+    download: bool = False,
+    *,
+    flag: str = "--text-encoder",
+    download_flag: str = "--pretrained",
+) -> Path:
+    """A text encoder directory from ``value``: an existing directory as it is; a Hugging Face repository id (such as
+    ``google/flan-t5-xl``, LlamaGen's) -> its snapshot in the local hub cache (`T5_HUB_FILES` only), downloaded only
+    when ``download`` (otherwise a miss is a one-line error saying how to get it). ``flag`` and ``download_flag``: how
+    the caller spells the value and the download switch in messages."""
+    from digit.hub import first_line, hub_offline, looks_like_repo_id
+
+    if not isinstance(value, (str, os.PathLike)):
+        raise DigitError(f"{flag} must be a directory or a Hugging Face repository id, got {type(value).__name__}")
+    name = os.fspath(value)
+    if not name.strip():
+        raise DigitError(f"{flag} must name a directory or a Hugging Face repository id, got an empty string")
+    local = Path(name).expanduser()
+    if local.is_dir():
+        return local
+    if local.exists():
+        raise DigitError(f"{flag} {name}: a file, not a text encoder directory")
+    if isinstance(value, os.PathLike) or not looks_like_repo_id(name):
+        raise DigitError(
+            f"{flag} {name}: no such directory, and not a Hugging Face repository id such as 'google/flan-t5-xl'"
+        )
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    from digit import __version__
+
+    offline = download and hub_offline()
+    get = f"`hf download {name} {' '.join(f'--include {p!r}' for p in T5_HUB_FILES)}`"
+    try:
+        path = Path(
+            snapshot_download(
+                name,
+                allow_patterns=T5_HUB_FILES,
+                local_files_only=not download or offline,
+                library_name="digit",
+                library_version=__version__,
+            )
+        )
+    except LocalEntryNotFoundError as e:  # also offline mode or no network: the cache was all there was
+        if not download:
+            why = f"or pass {download_flag} (needs internet)"
+        else:
+            why = "where there is internet (HF_HUB_OFFLINE is set)" if offline else "(the Hub could not be reached)"
+        raise DigitError(f"{flag} {name}: not a directory, nor in the local Hugging Face cache: run {get} {why}") from e
+    except GatedRepoError as e:
+        raise DigitError(f"{name} is a gated repository: accept its terms on the Hub, then `hf auth login`") from e
+    except RepositoryNotFoundError as e:
+        raise DigitError(f"{flag} {name}: no such directory, nor model repository on the Hugging Face Hub") from e
+    except HfHubHTTPError as e:
+        raise DigitError(f"the Hugging Face Hub refused {name}: {first_line(e)}") from e
+    if not (path / RANDOM_ENCODER_FILE).is_file() and not any(path.glob("*.safetensors")):
+        raise DigitError(
+            f"{flag} {name}: the cached snapshot holds no .safetensors weights (digit never takes pickled .bin weights "
+            f"from the hub): run {get}, or give a directory"
+        )
+    return path
 
 
 @dataclass
