@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from conftest import write_image_folder
-from digit.recipes.cifar10 import EFFNET, RecipePlan, cifar10_steps, training_steps
+from digit.recipes.cifar10 import EFFNET, STUDENT, RecipePlan, cifar10_steps, training_steps
 from digit.recipes.fidsteps import REF_DIR, link_reference_subset
 from digit.recipes.report import aggregate, seeded_verdict, spread, summarise, write_summary
 from digit.recipes.runner import Step, run_steps
@@ -59,7 +59,10 @@ def test_routes_produce_their_encoder_and_tokenizer_commands():
     assert enc.resumable and enc.argv[:2] == ["encoder", "pretrain"] and _opt(enc.argv, "--out") == "distill/encoder"
     assert _opt(enc.argv, "--teacher") == EFFNET and _opt(enc.argv, "--teacher-weights") == "auto"
     assert _opt(enc.argv, "--image-size") == "32" and _opt(enc.argv, "--teacher-size") == "128"  # both 8x8 grids
-    assert _opt(enc.argv, "--encoder-kwargs") == _opt(steps["dino/encoder"].argv, "--encoder-kwargs")  # same ViT
+    # the student of results/encoders.md's best run (192 wide), not the DINO route's 128-wide ViT
+    assert json.loads(_opt(enc.argv, "--encoder-kwargs")) == STUDENT and STUDENT["embed_dim"] == 192
+    assert _opt(enc.argv, "--encoder-kwargs") != _opt(steps["dino/encoder"].argv, "--encoder-kwargs")
+    assert _opt(enc.argv, "--student-precision") == "bf16" and _opt(enc.argv, "--weight-decay-end") == "0.05"
     assert "--val" not in enc.argv  # no kNN monitor under --teacher
     fit = distill["distill/tokenizer"].argv
     assert _opt(fit, "--encoder") == "distill/encoder" and _opt(fit, "--layer") == "1"
