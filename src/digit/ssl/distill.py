@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from digit.errors import DigitError
+from digit.ssl.schedule import check_run_length, student_optimizer
 from digit.ssl.teacher_targets import TeacherSpec, TeacherTargets, compute_targets
 from digit.training.task import OptimizerSpec, TaskBase
 from digit.training.trainer import steps_per_epoch, total_steps
@@ -195,29 +196,10 @@ class DistillTask(TaskBase):
         return list(module.vit.blocks)
 
     def optimizers(self) -> list[OptimizerSpec]:
-        from digit.ssl.dino import cosine_schedule
-
-        cfg, total = self.cfg, self.total_steps
-        warm = int(round(cfg.warmup_epochs * self.steps_per_epoch))
-        min_ratio = cfg.min_lr / self.peak_lr
-        return [
-            OptimizerSpec(
-                modules=["student"],
-                lr=self.peak_lr,
-                betas=(0.9, 0.999),
-                weight_decay=cfg.weight_decay,
-                clip=cfg.clip,
-                schedule=lambda s: cosine_schedule(s, total, 1.0, min_ratio, warmup=min(warm, total - 1)),
-                wd_schedule=lambda s: cosine_schedule(s, total, cfg.weight_decay, cfg.weight_decay_end),
-            )
-        ]
+        return [student_optimizer(self.cfg, self.peak_lr, self.steps_per_epoch, self.total_steps)]
 
     def set_run_length(self, steps_per_epoch: int, total_steps: int) -> None:
-        if (steps_per_epoch, total_steps) != (self.steps_per_epoch, self.total_steps):
-            raise DigitError(
-                f"the distillation task is configured for {self.total_steps} steps ({self.steps_per_epoch} per "
-                f"epoch), the trainer runs {total_steps} ({steps_per_epoch} per epoch): give both the same epochs"
-            )
+        check_run_length("distillation", (self.steps_per_epoch, self.total_steps), (steps_per_epoch, total_steps))
 
     def views(self, images: torch.Tensor, gen: torch.Generator | None = None):
         """uint8 [B, 3, s, s] -> (flip [B] bool, clean view, noisy view), both normalised. The global torch RNG (the

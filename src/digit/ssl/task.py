@@ -25,8 +25,9 @@ from torch.utils.data import Dataset
 
 from digit.errors import DigitError
 from digit.ssl.augment import DecodedImages, MultiCropAugment, MultiCropConfig, MultiCropDataset, decode_all
-from digit.ssl.dino import DINOConfig, DINOCriterion, DINOStudent, cosine_schedule, linear_warmup
+from digit.ssl.dino import DINOConfig, DINOCriterion, DINOStudent, linear_warmup
 from digit.ssl.knn import knn_accuracy
+from digit.ssl.schedule import check_run_length, student_optimizer
 from digit.training.ema import ema_update_
 from digit.training.task import OptimizerSpec, TaskBase, cosine_momentum
 from digit.training.trainer import steps_per_epoch, total_steps
@@ -206,28 +207,10 @@ class DINOTask(TaskBase):
         return list(getattr(module.backbone.vit, "blocks", [])) if name in ("student", "teacher") else []
 
     def optimizers(self) -> list[OptimizerSpec]:
-        cfg, total = self.cfg, self.total_steps
-        warm = int(round(cfg.warmup_epochs * self.steps_per_epoch))
-        min_ratio = cfg.min_lr / self.peak_lr
-        return [
-            OptimizerSpec(
-                modules=["student"],
-                lr=self.peak_lr,
-                betas=(0.9, 0.999),
-                weight_decay=cfg.weight_decay,
-                clip=cfg.clip,
-                schedule=lambda s: cosine_schedule(s, total, 1.0, min_ratio, warmup=min(warm, total - 1)),
-                wd_schedule=lambda s: cosine_schedule(s, total, cfg.weight_decay, cfg.weight_decay_end),
-            )
-        ]
+        return [student_optimizer(self.cfg, self.peak_lr, self.steps_per_epoch, self.total_steps)]
 
     def set_run_length(self, steps_per_epoch: int, total_steps: int) -> None:
-        # the schedules above are built for the task config's epochs and batch: the trainer must run the same length
-        if (steps_per_epoch, total_steps) != (self.steps_per_epoch, self.total_steps):
-            raise DigitError(
-                f"the DINO task is configured for {self.total_steps} steps ({self.steps_per_epoch} per epoch), "
-                f"the trainer runs {total_steps} ({steps_per_epoch} per epoch): give both the same epochs and batch"
-            )
+        check_run_length("DINO", (self.steps_per_epoch, self.total_steps), (steps_per_epoch, total_steps))
 
     def teacher_temp(self, step: int) -> float:
         warm = int(round(self.cfg.warmup_teacher_temp_epochs * self.steps_per_epoch))
