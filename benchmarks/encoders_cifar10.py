@@ -50,6 +50,7 @@ from digit.data.split import split_roles  # noqa: E402
 from digit.data.transforms import preprocess  # noqa: E402
 from digit.evaluation.stability import noise_sigma, token_stability  # noqa: E402
 from digit.ssl.knn import knn_accuracy  # noqa: E402
+from digit.tokenizers.discriminative import smooth_features  # noqa: E402
 from digit.tokenizers.kmeans import fit_kmeans  # noqa: E402
 
 SNRS = (30.0, 20.0, 10.0)
@@ -109,11 +110,9 @@ def noisy_feature_maps(encoder, images: torch.Tensor, size: int, batch: int, nat
 def transform(route: str, feats: torch.Tensor, grid: tuple[int, int], pca: torch.Tensor | None) -> torch.Tensor:
     """[N, h*w, C] -> [N, h*w, C'] for a route's feature processing."""
     x = feats
-    if route.startswith("avg3"):
-        n, hw, c = x.shape
-        fmap = x.transpose(1, 2).reshape(n, c, *grid)
-        x = F.avg_pool2d(fmap, 3, stride=1, padding=1, count_include_pad=False).flatten(2).transpose(1, 2)
-    if "ln" in route:
+    if route.startswith("avg3"):  # the tokenizer's own --smooth 3 path: 3x3 in-bounds average, then layer norm
+        x = smooth_features(x, grid, 3)
+    elif "ln" in route:
         x = F.layer_norm(x, x.shape[-1:])
     if pca is not None:
         mean, basis = pca

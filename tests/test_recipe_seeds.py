@@ -66,6 +66,7 @@ def test_routes_produce_their_encoder_and_tokenizer_commands():
     assert "--val" not in enc.argv  # no kNN monitor under --teacher
     fit = distill["distill/tokenizer"].argv
     assert _opt(fit, "--encoder") == "distill/encoder" and _opt(fit, "--layer") == "1"
+    assert _opt(fit, "--smooth") == "3" and "--smooth" not in dino_fit and "--smooth" not in eff_fit
     only_effnet = _by_name(RecipePlan("/d", routes=("effnet",), seeds=(0,)))
     assert not any(n.startswith("dino/") for n in only_effnet)
     with pytest.raises(ValueError, match="unknown route"):

@@ -119,6 +119,16 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=non_negative_int, default=2, help="DataLoader decoding workers (default 2)")
 
 
+def smooth_arg(value: str) -> int:
+    from digit.errors import DigitError
+    from digit.tokenizers.discriminative import check_smooth
+
+    try:
+        return check_smooth(int(value))
+    except (ValueError, DigitError):
+        raise argparse.ArgumentTypeError(f"must be an odd integer >= 1 (1 = off): {value}") from None
+
+
 def register(sub) -> None:
     p = sub.add_parser("tokenizer", help="build a discriminative tokenizer (encoder + K-means codebook)")
     tsub = p.add_subparsers(dest="tokenizer_command", metavar="SUBCOMMAND", required=True)
@@ -141,6 +151,13 @@ def register(sub) -> None:
     f.add_argument("--limit", type=positive_int, help="use only the first N images")
     f.add_argument("--batch-size", type=positive_int, default=64)
     f.add_argument("--seed", type=int, default=0)
+    f.add_argument(
+        "--smooth",
+        type=smooth_arg,
+        default=1,
+        help="average each feature over its KxK grid neighbourhood (K odd, in-bounds positions only), then layer-norm "
+        "it, before K-means and at encode time; stored in tokenizer.json (default 1 = off)",
+    )
     add_device_arg(f)
     add_output_args(f, "output tokenizer directory")
     f.set_defaults(func=run_fit)
@@ -162,6 +179,7 @@ def _inputs(args: argparse.Namespace, data) -> tuple:
 
 def run_fit(args: argparse.Namespace) -> int:
     from digit.data.sources import open_image_source
+    from digit.tokenizers.discriminative import check_smooth
     from digit.tokenizers.fit import fit_tokenizer
     from digit.utils.outputs import output_dir
 
@@ -169,6 +187,7 @@ def run_fit(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     source = open_image_source(args.data, args.layout)
     encoder = build_encoder_from_args(args, device)
+    check_smooth(args.smooth, encoder.grid_size)  # the grid is known only now
     print(
         f"source: {source.describe()}; encoder {args.encoder} layer {args.layer}, grid {encoder.grid_size}, dim {encoder.embed_dim}"
     )
@@ -185,6 +204,7 @@ def run_fit(args: argparse.Namespace) -> int:
         strict=args.strict,
         augment=not args.no_augment,
         limit=args.limit,
+        smooth=args.smooth,
     )
     print(f"{report.skipped.summary()}")
     tok.save(tmp := target.begin())

@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from digit.errors import DigitError
 from digit.tokenizers.encoder import ENCODER_WEIGHTS, Encoder, encoder_from_config
@@ -53,12 +54,44 @@ def nearest_centroid(
     return out
 
 
+def check_smooth(kernel: Any, grid: tuple[int, int] | None = None) -> int:
+    """A feature-smoothing kernel size: an odd integer >= 1 (1 = off), no larger than the token grid."""
+    if isinstance(kernel, bool) or not isinstance(kernel, int) or kernel < 1 or kernel % 2 == 0:
+        raise DigitError(f"smooth must be an odd integer >= 1 (1 = off), got {kernel!r}")
+    if grid is not None and kernel > min(grid):
+        raise DigitError(f"smooth {kernel} is larger than the {grid[0]}x{grid[1]} token grid")
+    return kernel
+
+
+def smooth_features(feats: torch.Tensor, grid: tuple[int, int], kernel: int) -> torch.Tensor:
+    """[B, h*w, D] -> [B, h*w, D]: each position's mean over the in-bounds kernel x kernel neighbourhood (stride 1,
+    border windows average only the positions inside the grid), then a parameter-free layer norm over D.
+
+    kernel 1 returns ``feats`` untouched (no layer norm), so unsmoothed tokens stay exactly as before. The layer norm
+    after the average is the ``avg3+ln`` route measured in results/encoders.md (benchmarks/encoders_cifar10.py calls
+    this function): averaging shrinks vectors unevenly, and the re-normalised average is what made the tokens stabler.
+    """
+    if kernel == 1:
+        return feats
+    b, hw, d = feats.shape
+    fmap = feats.transpose(1, 2).reshape(b, d, *grid)
+    x = F.avg_pool2d(fmap, kernel, stride=1, padding=kernel // 2, count_include_pad=False)
+    x = x.flatten(2).transpose(1, 2)
+    return F.layer_norm(x, x.shape[-1:])
+
+
 class DiscriminativeTokenizer(torch.nn.Module):
     """encode(images) -> ids [B, h, w]; embed(ids) -> centroid vectors [B, h, w, D]. Has no decoder."""
 
     kind = "discriminative"
 
-    def __init__(self, encoder: Encoder, centroids: np.ndarray | torch.Tensor, extra: dict[str, Any] | None = None):
+    def __init__(
+        self,
+        encoder: Encoder,
+        centroids: np.ndarray | torch.Tensor,
+        extra: dict[str, Any] | None = None,
+        smooth: int = 1,
+    ):
         super().__init__()
         c = torch.as_tensor(np.asarray(centroids, dtype=np.float32))
         if c.ndim != 2:
@@ -68,6 +101,7 @@ class DiscriminativeTokenizer(torch.nn.Module):
                 f"codebook dimension {c.shape[1]} does not match the encoder's feature dimension {encoder.embed_dim}"
             )
         self.encoder = encoder
+        self.smooth = check_smooth(smooth, encoder.grid_size)  # feature smoothing before the codebook lookup
         self.register_buffer("centroids", c, persistent=False)
         self.register_buffer("c_sqnorm", (c * c).sum(1), persistent=False)
         self.extra = dict(extra or {})
@@ -102,11 +136,12 @@ class DiscriminativeTokenizer(torch.nn.Module):
 
     @torch.inference_mode()
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.encoder(x)
+        """Normalised images -> the [B, h*w, D] vectors the codebook is fitted on and looked up with."""
+        return smooth_features(self.encoder(x), self.grid_size, self.smooth)
 
     @torch.inference_mode()
     def encode_normalized(self, x: torch.Tensor) -> torch.Tensor:
-        feats = self.encoder(x.to(self.device))  # [B, h*w, D]
+        feats = self.features(x.to(self.device))  # [B, h*w, D]
         b = feats.shape[0]
         ids = nearest_centroid(feats.reshape(-1, feats.shape[-1]), self.centroids, self.c_sqnorm)
         return ids.view(b, *self.grid_size)
@@ -127,6 +162,8 @@ class DiscriminativeTokenizer(torch.nn.Module):
             "vocab_size": self.vocab_size,
             "dim": self.dim,
             "codebook_fingerprint": self.codebook_fingerprint(),
+            # written only when on: files of unsmoothed tokenizers stay as they were (absent key = 1)
+            **({"smooth": self.smooth} if self.smooth != 1 else {}),
             **self.extra,
         }
 
@@ -163,9 +200,23 @@ class DiscriminativeTokenizer(torch.nn.Module):
         extra = {
             k: v
             for k, v in cfg.items()
-            if k not in {"type", "encoder", "layer", "image_size", "grid", "vocab_size", "dim", "codebook_fingerprint"}
+            if k
+            not in {
+                "type",
+                "encoder",
+                "layer",
+                "image_size",
+                "grid",
+                "vocab_size",
+                "dim",
+                "codebook_fingerprint",
+                "smooth",
+            }
         }
-        tok = cls(encoder, centroids, extra=extra)
+        try:
+            tok = cls(encoder, centroids, extra=extra, smooth=cfg.get("smooth", 1))
+        except DigitError as e:
+            raise DigitError(f"{cfg_path}: {e}") from e
         if "grid" in cfg and list(tok.grid_size) != list(cfg["grid"]):
             raise DigitError(f"{cfg_path}: grid {cfg['grid']} differs from the encoder's {list(tok.grid_size)}")
         return tok.to(device).eval()
@@ -187,6 +238,7 @@ TOKENIZER_SCHEMA = {
     "vocab_size?": POSITIVE_INT,
     "dim?": POSITIVE_INT,
     "codebook_fingerprint?": STR,
+    "smooth?": Kind("an odd integer >= 1", lambda v: POSITIVE_INT.test(v) and v % 2 == 1),
 }
 
 

@@ -11,7 +11,7 @@ from tqdm import tqdm
 
 from digit.data.datasets import SkipReport, StreamingImageDataset, image_loader
 from digit.data.sources import ImageSource
-from digit.tokenizers.discriminative import DiscriminativeTokenizer
+from digit.tokenizers.discriminative import DiscriminativeTokenizer, check_smooth, smooth_features
 from digit.tokenizers.encoder import Encoder
 from digit.tokenizers.kmeans import FeatureReservoir, fit_kmeans
 
@@ -37,8 +37,13 @@ def sample_patch_features(
     augment: bool = True,
     limit: int | None = None,
     progress: bool = True,
+    smooth: int = 1,
 ) -> tuple[np.ndarray, FitReport]:
-    """-> (features [n, D] float32, report). Each image keeps round(sample_frac * h*w) random patches (>= 1)."""
+    """-> (features [n, D] float32, report). Each image keeps round(sample_frac * h*w) random patches (>= 1).
+
+    ``smooth`` > 1 samples the smoothed feature map (``smooth_features``), the same vectors the tokenizer encodes with.
+    """
+    check_smooth(smooth, encoder.grid_size)
     ds = StreamingImageDataset(source, encoder.image_size, train=augment, seed=seed, limit=limit, shard_by_rank=False)
     loader = image_loader(ds, batch_size, workers)
     reservoir = FeatureReservoir(max_points, encoder.embed_dim, seed=seed)
@@ -52,7 +57,8 @@ def sample_patch_features(
             bar.update(len(batch["indices"]) + len(batch["failures"]))
             if not len(batch["indices"]):
                 continue
-            feats = encoder(encoder.normalize(batch["images"])).cpu().numpy()  # [B, hw, D]
+            feats = encoder(encoder.normalize(batch["images"]))  # [B, hw, D]
+            feats = smooth_features(feats, encoder.grid_size, smooth).cpu().numpy()
             # per-image patch choice and sampling keys from (seed, index): independent of batching and workers
             for f, i in zip(feats, batch["indices"].tolist()):
                 rng = np.random.default_rng([seed, 1, i])
@@ -76,6 +82,7 @@ def fit_tokenizer(
     augment: bool = True,
     limit: int | None = None,
     progress: bool = True,
+    smooth: int = 1,
 ) -> tuple[DiscriminativeTokenizer, FitReport]:
     max_points = max_points or clusters * 256
     feats, report = sample_patch_features(
@@ -90,6 +97,7 @@ def fit_tokenizer(
         augment=augment,
         limit=limit,
         progress=progress,
+        smooth=smooth,
     )
     report.skipped.require_usable(report.n_images)
     centroids = fit_kmeans(feats, clusters, niter=niter, seed=seed, verbose=False)
@@ -107,4 +115,4 @@ def fit_tokenizer(
         },
         "fit_source": str(source.path),
     }
-    return DiscriminativeTokenizer(encoder, centroids, extra=extra), report
+    return DiscriminativeTokenizer(encoder, centroids, extra=extra, smooth=smooth), report
