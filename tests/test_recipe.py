@@ -200,6 +200,13 @@ def test_ship_is_self_contained_and_the_demo_runs_on_it(tiny_recipe, tmp_path):
         tiny_recipe / "dino" / "seed1" / "stage1" / "model.safetensors"
     ).read_bytes()
     assert manifest["route"] == "dino" and manifest["seed"] == 1 and manifest["figures"]["fd_space"]
+    # the claims table travels with the models: the recipe's summary over both seeds, not the shipped seed alone
+    from digit.recipes.report import claims_rows
+
+    summarised = json.loads((tiny_recipe / "summary.json").read_text())["routes"]["dino"]
+    claims = claims_rows(summarised["runs"], summarised["aggregate"], summarised["verdicts"])
+    assert manifest["claims"] == claims and manifest["claims_seeds"] == [0, 1]
+    assert [r["claim"] for r in claims[:3]] == ["stability"] * 3 and " ± " in claims[5]["digit"]
 
     out = tmp_path / "demo"
     assert main(["demo", "--models", str(shipped), "--out", str(out), "--per-class", "2"]) == 0
@@ -210,7 +217,15 @@ def test_ship_is_self_contained_and_the_demo_runs_on_it(tiny_recipe, tmp_path):
     assert work.shape[0] == 14 + n_images * 100 + 4 and work.shape[1] == 84 + 4 * 100 + 4
     report = (out / "report.md").read_text()
     assert "samples.png" in report and "tokenizer.png" in report and "shipped CIFAR-10 reference models" in report
-    assert '<img src="samples.png"' in (out / "report.html").read_text()
+    # the claims table is shown beside the samples: in the report, on the terminal, side by side in the HTML
+    row = claims[0]
+    line = f"| {row['claim']} | {row['measure']} | {row['digit']} | {row['vq']} | {row['verdict']} |"
+    assert "## The paper's claims, measured on these models' recipe" in report and line in report
+    assert "GPT seeds 0, 1, mean ± std" in report
+    page = (out / "report.html").read_text()
+    beside = page[page.index("<div class='beside'>") :]
+    assert beside.index('<img src="samples.png"') < beside.index("<table>") < beside.index("</div>")
+    assert page.count("<tr>") == len(claims) + 1 and f"<td>{row['measure']}</td>" in page
 
 
 def test_demo_trains_small_models_when_none_are_shipped(tmp_path, monkeypatch, capsys):
@@ -223,6 +238,7 @@ def test_demo_trains_small_models_when_none_are_shipped(tmp_path, monkeypatch, c
     assert "not in" in out and "running the CIFAR-10 recipe at its small size instead" in out
     text = report.read_text()
     assert "trained just now by the small CIFAR-10 recipe" in text
+    assert "The paper's claims" not in text and "<table>" not in (tmp_path / "demo" / "report.html").read_text()
     assert (tmp_path / "demo" / "models" / "models.json").is_file()
     assert np.asarray(Image.open(tmp_path / "demo" / "samples.png")).shape[0] == 4 * 68 + 4
 
@@ -245,6 +261,9 @@ def test_demo_runs_on_the_shipped_reference_models(tmp_path):
     assert "the shipped CIFAR-10 reference models" in report
     knn = manifest["figures"]["encoder_knn_top1"]
     assert f"encoder kNN top-1 {knn:.2%}" in report and "8x8 grid of discriminative tokens" in report
+    stab = manifest["claims"][0]
+    assert stab["claim"] == "stability" and stab["verdict"] == "not reproduced"
+    assert f"| stability | {stab['measure']} | {stab['digit']} | {stab['vq']} | not reproduced |" in report
     samples = np.asarray(Image.open(out / "samples.png"))
     assert samples.shape == (10 * 68 + 4, 84 + 68 + 4, 3) and samples.std() > 10  # real images, not a blank grid
 

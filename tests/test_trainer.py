@@ -24,7 +24,8 @@ from digit.training.optim import (
     set_hyperparameters,
     warmup_cosine,
 )
-from digit.training.trainer import compare_configs, epoch_permutation
+from digit.training.steps import epoch_permutation
+from digit.training.trainer import compare_configs
 
 
 class ToyTask(TaskBase):

@@ -13,7 +13,8 @@ from digit.cli import build_parser, main
 from digit.data.tokens import read_token_dir, write_token_dir
 from digit.errors import DigitError
 from digit.training.optim import RECIPES, OptimizerConfig, set_hyperparameters
-from digit.training.trainer import TrainConfig, Trainer, steps_per_epoch, total_steps
+from digit.training.steps import steps_per_epoch, total_steps
+from digit.training.trainer import TrainConfig, Trainer
 
 ASSETS = Path(__file__).resolve().parents[1] / "src" / "digit" / "assets" / "cifar10"
 

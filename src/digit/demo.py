@@ -194,6 +194,7 @@ def run_demo(
         "models": str(folder),
         "trained_here": trained_here,
         "figures": manifest.get("figures"),
+        "claims_md": claims_section(manifest),
         "samples": len(labels),
         "per_class": per_class,
         "sampling": {"cfg_scale": cfg_scale, "top_k": top_k, "decoder_top_p": 0.8, "seed": seed},
@@ -205,6 +206,8 @@ def run_demo(
         "tokenizer": work_info,
         "files": {"samples": str(samples_png), "tokenizer": str(work_png)},
     }
+    if info["claims_md"]:
+        log(info["claims_md"])
     write_report(out, info)
     return out / "report.md"
 
@@ -225,6 +228,30 @@ def format_figures(figs: dict[str, Any]) -> str:
     return "; ".join(parts) or "none recorded"
 
 
+def claims_measured(rows: list[dict[str, str]] | None) -> bool:
+    """A small fallback run measures no claims: its table would be all dashes."""
+    return any(r.get("verdict") not in ("-", "not measured") for r in rows or [])
+
+
+def claims_section(manifest: dict[str, Any]) -> str:
+    """The recipe's claims table for these models (``digit recipe ship`` records it), as markdown; '' if none."""
+    rows = manifest.get("claims")
+    if not claims_measured(rows):
+        return ""
+    from digit.recipes.report import claims_markdown
+
+    seeds = manifest.get("claims_seeds") or []
+    over = f"GPT seeds {', '.join(map(str, seeds))}, mean ± std [min, max]" if len(seeds) > 1 else "one GPT seed"
+    return "\n".join([
+        "## The paper's claims, measured on these models' recipe",
+        "",
+        f"From `digit recipe cifar10` (route `{manifest.get('route', '?')}`, {over}): discriminative tokens against VQ",
+        "tokens with the same GPT size, steps and batch. Verdicts follow rules stated before the run (results/cifar10.md).",
+        "",
+        *claims_markdown(rows),
+    ])  # fmt: skip
+
+
 def write_report(out: Path, info: dict[str, Any]) -> None:
     tw, s = info["tokenizer"], info["seconds"]
     origin = (
@@ -233,6 +260,7 @@ def write_report(out: Path, info: dict[str, Any]) -> None:
         else "the shipped CIFAR-10 reference models (see results/cifar10.md for how they were trained)"
     )
     fig_line = format_figures(info.get("figures") or {})
+    claims = info.get("claims_md") or ""
     md = f"""# digit demo
 
 Models: `{info["models"]}`, {origin}. Their recorded figures: {fig_line}.
@@ -245,6 +273,8 @@ Models: `{info["models"]}`, {origin}. Their recorded figures: {fig_line}.
 class label (classifier-free guidance {info["sampling"]["cfg_scale"]}, top-k {info["sampling"]["top_k"]}), the stage-2
 decoder turns them into VQ tokens (top-p {info["sampling"]["decoder_top_p"]}), and the VQ decoder renders pixels.
 {s["generate"]} s.
+
+{claims}
 
 ## The tokenizer at work
 
@@ -263,14 +293,26 @@ alone; the VQ tokenizer's own reconstruction, for scale. {s["tokenizer"]} s.
 
 Total {s["total"]} s. Reproduce the models: `digit recipe cifar10 --data cifar10-train.tar.gz --out runs/cifar10`.
 """
+    md = md.replace("\n\n\n\n", "\n\n")  # no claims section: no gap
     atomic_write_bytes(out / "report.md", md.encode())
-    body = []
-    for line in md.splitlines():
-        if line.startswith("# "):
-            body.append(f"<h1>{html.escape(line[2:])}</h1>")
-        elif line.startswith("## "):
-            body.append(f"<h2>{html.escape(line[3:])}</h2>")
-        elif line.startswith("!["):
+    atomic_write_bytes(out / "report.html", markdown_page(md, beside=("Class-conditional samples", "The paper")))
+
+
+def _html_lines(lines: list[str]) -> str:
+    body: list[str] = []
+    table: list[list[str]] = []
+    for line in [*lines, ""]:
+        if line.startswith("|"):
+            if not set(line) <= set("|- "):  # the header's separator row carries nothing
+                table.append([c.strip() for c in line.strip().strip("|").split("|")])
+            continue
+        if table:
+            head, *rest = table
+            body.append("<table><tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in head) + "</tr>")
+            body += ["<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rest]
+            body.append("</table>")
+            table = []
+        if line.startswith("!["):
             src = line[line.index("(") + 1 : -1]
             body.append(f'<p><img src="{html.escape(src)}" alt="{html.escape(src)}"></p>')
         elif line.startswith("- "):
@@ -279,5 +321,30 @@ Total {s["total"]} s. Reproduce the models: `digit recipe cifar10 --data cifar10
             body.append(html.escape(line).replace("`", ""))
         else:
             body.append("<p>")
-    page = "<!doctype html><meta charset='utf-8'><title>digit demo</title>\n" + "\n".join(body) + "\n"
-    atomic_write_bytes(out / "report.html", page.encode())
+    return "\n".join(body)
+
+
+def markdown_page(md: str, beside: tuple[str, str] = ("", "")) -> bytes:
+    """The report's markdown as one HTML page; the two ``## `` sections whose titles start with ``beside`` are shown
+    side by side (the samples next to the claims table)."""
+    title, *rest = md.split("\n## ")
+    parts = ["<!doctype html><meta charset='utf-8'><title>digit demo</title>",
+             "<style>body{font-family:sans-serif;max-width:1400px;margin:auto}table{border-collapse:collapse}"
+             "td,th{border:1px solid #bbb;padding:2px 6px;font-size:13px}.beside{display:flex;gap:24px;"
+             "flex-wrap:wrap;align-items:flex-start}.beside>section{flex:1 1 420px}</style>",
+             f"<h1>{html.escape(title.splitlines()[0][2:])}</h1>", _html_lines(title.splitlines()[1:])]  # fmt: skip
+    sections = []
+    for sec in rest:
+        head, *lines = sec.splitlines()
+        sections.append((head, f"<section><h2>{html.escape(head)}</h2>\n{_html_lines(lines)}</section>"))
+    i = 0
+    while i < len(sections):
+        head, block = sections[i]
+        nxt = sections[i + 1] if i + 1 < len(sections) else None
+        if beside[0] and head.startswith(beside[0]) and nxt and nxt[0].startswith(beside[1]):
+            parts.append(f"<div class='beside'>{block}\n{nxt[1]}</div>")
+            i += 2
+        else:
+            parts.append(block)
+            i += 1
+    return ("\n".join(parts) + "\n").encode()

@@ -174,33 +174,48 @@ def fmt_spread(sp: dict[str, Any] | None, fmt: str) -> str:
     return f"{sp['mean']:{fmt}} ± {sp['std']:{fmt}} [{sp['min']:{fmt}}, {sp['max']:{fmt}}]"
 
 
-def route_table(route: str, runs: list[dict[str, Any]], agg: dict[str, Any], verdicts: dict[str, str]) -> str:
-    seeds = ", ".join(str(r["seed"]) for r in runs)
+def claims_rows(runs: list[dict[str, Any]], agg: dict[str, Any], verdicts: dict[str, str]) -> list[dict[str, str]]:
+    """The claims table of one route, as rows of formatted cells (``claim``, ``measure``, ``digit``, ``vq``,
+    ``verdict``): what ``summary.md`` prints, ``digit recipe ship`` records and ``digit demo`` shows."""
     run0 = runs[0]
     st, use = run0["stability_change_rate"], run0["val_token_usage"]
-    rows = [f"### Route `{route}` (GPT seeds {seeds}: mean ± std [min, max])", "",
-            "| claim | measure | discriminative tokens | VQ tokens | verdict |", "|---|---|---|---|---|"]  # fmt: skip
-    for k in [k for k in SNRS if k in st["digit"] and k in st["vq"]]:
-        rows.append(f"| stability | token change rate at SNR {k} dB (lower is better) | {st['digit'][k]:.4f} | "
-                    f"{st['vq'][k]:.4f} | {verdicts['stability']} |")  # fmt: skip
+
+    def row(claim: str, measure: str, digit: str, vq: str, verdict: str) -> dict[str, str]:
+        return {"claim": claim, "measure": measure, "digit": digit, "vq": vq, "verdict": verdict}
+
+    rows = [row("stability", f"token change rate at SNR {k} dB (lower is better)", f"{st['digit'][k]:.4f}",
+                f"{st['vq'][k]:.4f}", verdicts["stability"])
+            for k in SNRS if k in st["digit"] and k in st["vq"]]  # fmt: skip
     if use.get("digit") and use.get("vq"):
         d, q = use["digit"], use["vq"]
-        rows.append(f"| (context) | distinct ids / perplexity on val | {d['distinct']} / {d['perplexity']:.0f} | "
-                    f"{q['distinct']} / {q['perplexity']:.0f} | - |")  # fmt: skip
+        rows.append(row("(context)", "distinct ids / perplexity on val", f"{d['distinct']} / {d['perplexity']:.0f}",
+                        f"{q['distinct']} / {q['perplexity']:.0f}", "-"))  # fmt: skip
     for claim, metric, fmt, what in (
         ("generation (FID)", "fid", ".2f", "Inception FID, samples vs training-set statistics (lower is better)"),
         ("generation (FD, Lite1)", "fd", ".3f", "FD in EfficientNet-Lite1 (lower is better)"),
         ("understanding", "probe_best_top1", ".2%", "linear-probe top-1 on val, best layer"),
     ):
-        rows.append(f"| {claim} | {what} | {fmt_spread(agg[f'{metric}.digit'], fmt)} | "
-                    f"{fmt_spread(agg[f'{metric}.vq'], fmt)} | {verdicts[claim]} |")  # fmt: skip
-    rows.append(f"| (context) | linear probe, embedding layer | {fmt_spread(agg['probe_embedding_top1.digit'], '.2%')} "
-                f"| {fmt_spread(agg['probe_embedding_top1.vq'], '.2%')} | - |")  # fmt: skip
+        rows.append(row(claim, what, fmt_spread(agg[f"{metric}.digit"], fmt), fmt_spread(agg[f"{metric}.vq"], fmt),
+                        verdicts[claim]))  # fmt: skip
+    rows.append(row("(context)", "linear probe, embedding layer", fmt_spread(agg["probe_embedding_top1.digit"], ".2%"),
+                    fmt_spread(agg["probe_embedding_top1.vq"], ".2%"), "-"))  # fmt: skip
     floor = run0["fid"]["floor"], run0["fd"]["floor"]
     if floor[0] is not None or floor[1] is not None:
         f0 = "-" if floor[0] is None else f"{floor[0]:.2f}"
         f1 = "-" if floor[1] is None else f"{floor[1]:.3f}"
-        rows.append(f"| (floor) | held-out real images vs the same statistics: FID / FD | {f0} / {f1} | | - |")
+        rows.append(row("(floor)", "held-out real images vs the same statistics: FID / FD", f"{f0} / {f1}", "", "-"))
+    return rows
+
+
+def claims_markdown(rows: list[dict[str, str]]) -> list[str]:
+    out = ["| claim | measure | discriminative tokens | VQ tokens | verdict |", "|---|---|---|---|---|"]
+    return out + [f"| {r['claim']} | {r['measure']} | {r['digit']} | {r['vq']} | {r['verdict']} |" for r in rows]
+
+
+def route_table(route: str, runs: list[dict[str, Any]], agg: dict[str, Any], verdicts: dict[str, str]) -> str:
+    seeds = ", ".join(str(r["seed"]) for r in runs)
+    rows = [f"### Route `{route}` (GPT seeds {seeds}: mean ± std [min, max])", ""]
+    rows += claims_markdown(claims_rows(runs, agg, verdicts))
     rows += ["", "| figure | " + " | ".join(f"seed {r['seed']}" for r in runs) + " | mean ± std [min, max] |",
              "|---|" + "---|" * (len(runs) + 1)]  # fmt: skip
     for label, (a, b), fmt in SEEDED:

@@ -79,6 +79,7 @@ def ship_models(
                 decode_image(f.read_bytes()).save(tmp / "images" / f"{class_dir.name}-{f.stem}.png")
         summary = read_json(recipe / "summary.json") if (recipe / "summary.json").is_file() else {}
         run = collect_run(recipe, route, seed)
+        claims, claim_seeds = _claims(summary, run, route)
         files = sorted(p for p in tmp.rglob("*") if p.is_file())
         atomic_write_json(
             tmp / MANIFEST,
@@ -91,6 +92,8 @@ def ship_models(
                 "figures": {
                     k: run.get(k) for k in ("encoder_knn_top1", "vq_psnr", "fid", "fd", "fd_space", "probe_best_top1")
                 },  # fmt: skip
+                "claims": claims,
+                "claims_seeds": claim_seeds,
                 "steps": summary.get("steps"),
                 "sha256": {str(p.relative_to(tmp)): file_sha256(p) for p in files},
             },
@@ -100,6 +103,21 @@ def ship_models(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def _claims(summary: dict, run: dict, route: str) -> tuple[list[dict[str, str]], list[int]]:
+    """The route's claims table over every seed the recipe summarised (mean ± std, verdicts by the stated rules),
+    or over the shipped seed alone when the recipe has not summarised this route."""
+    from digit.recipes.report import aggregate, claims_rows, route_verdicts
+
+    summarised = (summary.get("routes") or {}).get(route)
+    if summarised:
+        runs, agg, verdicts = summarised["runs"], summarised["aggregate"], summarised["verdicts"]
+    else:
+        runs = [run]
+        agg = aggregate(runs)
+        verdicts = route_verdicts(agg, run)
+    return claims_rows(runs, agg, verdicts), [r["seed"] for r in runs]
 
 
 def _packaged_as_safetensors(tok_cfg: dict, tmp: Path) -> Path:

@@ -31,8 +31,8 @@ from torch import nn
 from digit.errors import DigitError
 from digit.ssl.schedule import check_run_length, student_optimizer
 from digit.ssl.teacher_targets import TeacherSpec, TeacherTargets, compute_targets
+from digit.training.steps import steps_per_epoch, total_steps
 from digit.training.task import OptimizerSpec, TaskBase
-from digit.training.trainer import steps_per_epoch, total_steps
 
 
 @dataclass(kw_only=True)

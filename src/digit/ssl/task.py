@@ -29,8 +29,8 @@ from digit.ssl.dino import DINOConfig, DINOCriterion, DINOStudent, linear_warmup
 from digit.ssl.knn import knn_accuracy
 from digit.ssl.schedule import check_run_length, student_optimizer
 from digit.training.ema import ema_update_
+from digit.training.steps import steps_per_epoch, total_steps
 from digit.training.task import OptimizerSpec, TaskBase, cosine_momentum
-from digit.training.trainer import steps_per_epoch, total_steps
 
 
 @dataclass(kw_only=True)

@@ -52,7 +52,7 @@ Optional hooks (absent = no-op; :class:`TaskBase` provides all defaults)
                                    members of every top-level ``nn.ModuleList``.
 ``set_run_length(steps_per_epoch, total_steps)``
                                    called once by the ``Trainer``, which owns the step count (from ``--steps`` or
-                                   ``--epochs``, see ``digit.training.trainer.total_steps``), before ``optimizers()``:
+                                   ``--epochs``, see ``digit.training.steps.total_steps``), before ``optimizers()``:
                                    schedules over the whole run take their horizon from here.
 ``before_step(step)``              called before the step's first forward (e.g. teacher temperature for this step).
 ``after_optimizer_step(step, phase)``

@@ -9,9 +9,7 @@ the weights of an uninterrupted run bit for bit.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
-import math
 import time
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
@@ -27,6 +25,7 @@ from digit.training import checkpoint as ckpt
 from digit.training.ema import EMA
 from digit.training.optim import build_adamw, clip_grad_norm, set_hyperparameters
 from digit.training.parallel import apply_parallel, compile_blocks
+from digit.training.steps import epoch_permutation, seed_for, steps_per_epoch, total_steps
 from digit.training.task import OptimizerSpec, TaskBase
 from digit.utils.artifacts import read_json_object
 from digit.utils.distributed import barrier, get_dist_info
@@ -73,40 +72,6 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def steps_per_epoch(n_samples: int, batch_size: int) -> int:
-    """Optimizer steps in one pass over ``n_samples`` with a global batch of ``batch_size`` (drop-last)."""
-    n = n_samples // batch_size
-    if n == 0:
-        raise DigitError(f"dataset has {n_samples} samples, fewer than one global batch of {batch_size}")
-    return n
-
-
-def total_steps(n_samples: int, batch_size: int, *, steps: int | None = None, epochs: float | None = None) -> int:
-    """The run length in optimizer steps: ``steps`` when given, else ``ceil(epochs * steps_per_epoch)`` (at least 1).
-
-    The one place a step count is derived from epochs: the trainer uses it, and so does a task that needs the count
-    before its trainer exists (DINO's schedules)."""
-    if steps is None and epochs is None:
-        raise DigitError("give --steps or --epochs")
-    per_epoch = steps_per_epoch(n_samples, batch_size)
-    if steps is not None:
-        if steps <= 0:
-            raise DigitError(f"--steps must be > 0, got {steps}")
-        return int(steps)
-    if not epochs > 0 or not math.isfinite(epochs):
-        raise DigitError(f"--epochs must be a finite number > 0, got {epochs}")
-    return max(1, math.ceil(epochs * per_epoch))
-
-
-def _seed_for(*parts: int) -> int:
-    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little") & ((1 << 63) - 1)
-
-
-def epoch_permutation(n: int, seed: int, epoch: int) -> np.ndarray:
-    """The order of epoch ``epoch``: a pure function of (seed, epoch)."""
-    return np.random.default_rng([seed, epoch]).permutation(n)
 
 
 def to_device(batch: Any, device: torch.device) -> Any:
@@ -303,7 +268,7 @@ class Trainer:
                 index_batches += [mine[a * self.micro : (a + 1) * self.micro].tolist() for a in range(cfg.grad_accum)]
             # An own generator: creating an iterator must not draw from the global RNG (it would desynchronise a
             # resumed run, which creates its iterator at another step), and worker seeds follow (seed, epoch).
-            gen = torch.Generator().manual_seed(_seed_for(cfg.seed, epoch, 1))
+            gen = torch.Generator().manual_seed(seed_for(cfg.seed, epoch, 1))
             loader = DataLoader(
                 self.task.dataset,
                 batch_sampler=index_batches,
@@ -341,7 +306,7 @@ class Trainer:
                 raise DigitError(f"the run is already at step {start}; --steps/--epochs must cover at least that many")
         else:
             # Per-rank training randomness (dropout, class dropout); the model init happened before, identically.
-            s = _seed_for(cfg.seed, self.dist.rank)
+            s = seed_for(cfg.seed, self.dist.rank)
             torch.manual_seed(s)
             np.random.seed(s % (1 << 32))
             import random
