@@ -24,6 +24,7 @@ from digit.ssl.dino import (
     iBOTPatchLoss,
     koleo_loss,
     linear_warmup,
+    sinkhorn_knopp,
 )
 from digit.ssl.knn import knn_accuracy, knn_predict
 
@@ -125,6 +126,51 @@ def test_centering_tracks_the_batch_mean():
         loss_fn.update(torch.full((4, 6), 3.0))
     torch.testing.assert_close(loss_fn.center, torch.full((1, 6), 3.0), atol=1e-5, rtol=0)
     assert "center" in loss_fn.state_dict()  # checkpointed with the module
+
+
+def _sinkhorn_reference(logits: np.ndarray, temp: float, iters: int) -> np.ndarray:
+    """DINOv2's teacher centring written directly: alternate normalising prototypes (to 1/K) and samples (to 1/N)."""
+    q = np.exp(logits.astype(np.float64) / temp).T  # [K, N]
+    k, n = q.shape
+    q /= q.sum()
+    for _ in range(iters):
+        q /= q.sum(axis=1, keepdims=True) * k
+        q /= q.sum(axis=0, keepdims=True) * n
+    return (q * n).T
+
+
+def test_sinkhorn_knopp_matches_alternating_normalisation_and_balances_the_batch():
+    torch.manual_seed(0)
+    logits = torch.nn.functional.normalize(torch.randn(24, 16), dim=-1) @ torch.randn(16, 10).clamp(-1, 1)
+    got = sinkhorn_knopp(logits, temp=0.1, iters=3)
+    np.testing.assert_allclose(got.numpy(), _sinkhorn_reference(logits.numpy(), 0.1, 3), rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(got.sum(1), torch.ones(24))  # every sample's target is a distribution
+    converged = sinkhorn_knopp(logits, temp=0.1, iters=200)
+    torch.testing.assert_close(converged.sum(0), torch.full((10,), 24 / 10), rtol=1e-4, atol=1e-4)  # equipartition
+    # a teacher that gives every image the same logits cannot yield one-prototype targets: they come out uniform
+    same = sinkhorn_knopp(torch.randn(1, 10).expand(24, 10), temp=0.04, iters=3)
+    torch.testing.assert_close(same, torch.full((24, 10), 0.1), rtol=1e-4, atol=1e-5)
+    # far sharper than cosine logits at DINO's temperatures: exp underflows for whole prototypes, targets stay finite
+    sharp = sinkhorn_knopp(logits * 50, temp=0.04)
+    assert torch.isfinite(sharp).all() and (sharp >= 0).all() and (sharp.sum(1) <= 1 + 1e-5).all()
+
+
+def test_dino_loss_with_sinkhorn_centering_and_its_config():
+    torch.manual_seed(0)
+    G, V, B, K = 2, 4, 6, 9
+    s, t = torch.randn(V, B, K), torch.randn(G, B, K)
+    loss_fn = DINOLoss(K, student_temp=0.1, centering="sinkhorn")
+    loss_fn.center.copy_(torch.randn(1, K))  # ignored by Sinkhorn-Knopp
+    got = loss_fn(s, t, teacher_temp=0.05)
+    q = torch.from_numpy(_sinkhorn_reference(t.reshape(-1, K).numpy(), 0.05, 3)).float().reshape(G, B, K)
+    pairs = [(g, v) for g in range(G) for v in range(V) if v != g]
+    want = sum((-(q[g] * torch.log_softmax(s[v] / 0.1, dim=-1)).sum(-1)).mean() for g, v in pairs) / len(pairs)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    # the default is left out of stored configs (runs made before the option still resume); the other is recorded
+    assert "centering" not in DINOConfig().to_dict()
+    d = DINOConfig(centering="sinkhorn").to_dict()
+    assert d["centering"] == "sinkhorn" and DINOConfig.from_dict(d) == DINOConfig(centering="sinkhorn")
+    assert DINOConfig.from_dict(DINOConfig().to_dict()).centering == "ema"
 
 
 def test_ibot_loss_is_a_per_image_mean_over_masked_patches():
@@ -416,6 +462,12 @@ def test_cli_pretrain_then_tokenizer_fit(tmp_path):
     bad = ["encoder", "pretrain", "--data", str(data), "--encoder", ENCODER, "--encoder-kwargs", json.dumps(TINY),
            "--image-size", "18", "--epochs", "1", "--num-workers", "0", "--out", str(tmp_path / "y")]  # fmt: skip
     assert main(bad) == 2  # 18 is not a multiple of the patch size
+    sk = tmp_path / "sk"
+    sk_argv = [a if a != str(out) else str(sk) for a in argv] + ["--centering", "sinkhorn", "--koleo-weight", "0.1"]
+    assert main(sk_argv) == 0
+    sk_cfg = json.loads((sk / "config.json").read_text())
+    assert sk_cfg["dino"]["dino"]["centering"] == "sinkhorn" and "centering" not in run_cfg["dino"]["dino"]
+    assert all(math.isfinite(r["loss"]) for r in _records(sk) if "loss" in r)
 
     tok = tmp_path / "tok"
     fit = ["tokenizer", "fit", "--data", str(data), "--encoder", str(out), "--layer", "1", "--clusters", "4",

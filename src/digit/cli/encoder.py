@@ -73,6 +73,13 @@ def register(subparsers) -> None:
     q.add_argument("--clip", type=positive_float, default=3.0, help="max gradient norm")
     q.add_argument("--ibot-weight", type=non_negative_float, default=0.0, help="iBOT masked-patch loss (DINOv2: 1)")
     q.add_argument("--koleo-weight", type=non_negative_float, default=0.0, help="KoLeo regulariser (DINOv2: 0.1)")
+    q.add_argument(
+        "--centering",
+        choices=("ema", "sinkhorn"),
+        default="ema",
+        help="teacher centring: ema (DINO: subtract a running batch mean) or sinkhorn (DINOv2: Sinkhorn-Knopp, "
+        "every batch spread evenly over the prototypes)",
+    )
     q.add_argument("--knn-k", type=positive_int, default=20)
     q.add_argument("--knn-pool", choices=("cls", "patch_mean"), default="cls", help="kNN features")
     q.add_argument("--knn-bank", type=non_negative_int, default=0, help="kNN bank size (0: all training images)")
@@ -165,6 +172,7 @@ def run_pretrain(args: argparse.Namespace) -> int:
             teacher_temp_final=args.teacher_temp,
             ibot_weight=args.ibot_weight,
             koleo_weight=args.koleo_weight,
+            centering=args.centering,
         ),
         knn_k=args.knn_k,
         knn_pool=args.knn_pool,

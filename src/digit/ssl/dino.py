@@ -40,9 +40,13 @@ class DINOConfig:
     mask_ratio: tuple[float, float] = (0.1, 0.5)  # iBOT: per-image ratio ~ U(0.1, 0.5) ...
     mask_prob: float = 0.5  # ... for half of the global crops
     koleo_weight: float = 0.0  # DINOv2 uses 0.1
+    centering: str = "ema"  # "ema" (DINO: subtract an EMA of the batch mean) or "sinkhorn" (DINOv2: Sinkhorn-Knopp)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        if d["centering"] == "ema":
+            del d["centering"]  # the default is left out so configs of runs made before the option still resume
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> DINOConfig:
@@ -153,20 +157,49 @@ class DINOHead(nn.Module):
         return z @ F.normalize(w, dim=-1).t()  # [..., out_dim]
 
 
-class _CenteredTargets(nn.Module):
-    """Teacher centring (EMA of the batch mean, synchronised across ranks) and sharpening (softmax at a low temp)."""
+def _all_reduce(x: torch.Tensor, op=None) -> torch.Tensor:
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(x, op=op or dist.ReduceOp.SUM)
+    return x
 
-    def __init__(self, out_dim: int, momentum: float) -> None:
+
+@torch.no_grad()
+def sinkhorn_knopp(logits: torch.Tensor, temp: float, iters: int = 3) -> torch.Tensor:
+    """[N, K] teacher logits -> [N, K] targets whose rows sum to 1 and whose columns each sum to N / K: the batch
+    (all ranks together) is spread evenly over the prototypes, so the targets can be neither one prototype nor
+    uniform per image (DINOv2's teacher centring, 3 alternating normalisations)."""
+    x = logits.float()
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    q = torch.exp((x - _all_reduce(x.max().clone(), dist.ReduceOp.MAX if world > 1 else None)) / temp).T  # [K, N]
+    k, n = q.shape[0], q.shape[1] * world
+    tiny = torch.finfo(q.dtype).tiny  # a prototype or sample whose exp underflowed everywhere stays 0, not NaN
+    q /= _all_reduce(q.sum())
+    for _ in range(iters):
+        q /= _all_reduce(q.sum(dim=1, keepdim=True)).clamp_min(tiny) * k  # each prototype gets 1/K of the mass
+        q /= q.sum(dim=0, keepdim=True).clamp_min(tiny) * n  # each sample gets 1/N (rows are local: no reduction)
+    return (q * n).T
+
+
+class _CenteredTargets(nn.Module):
+    """Teacher centring (EMA of the batch mean, synchronised across ranks; or Sinkhorn-Knopp) and sharpening
+    (softmax at a low temperature)."""
+
+    def __init__(self, out_dim: int, momentum: float, centering: str = "ema") -> None:
         super().__init__()
         self.momentum = momentum
+        self.centering = centering
         self.register_buffer("center", torch.zeros(1, out_dim))
 
     def targets(self, teacher_logits: torch.Tensor, temp: float) -> torch.Tensor:
+        if self.centering == "sinkhorn":
+            k = teacher_logits.shape[-1]
+            return sinkhorn_knopp(teacher_logits.reshape(-1, k), temp).reshape(teacher_logits.shape)
         return F.softmax((teacher_logits.float() - self.center) / temp, dim=-1)
 
     @torch.no_grad()
     def update(self, teacher_logits: torch.Tensor) -> None:
-        """center <- m * center + (1 - m) * mean(teacher_logits) over the global batch."""
+        """center <- m * center + (1 - m) * mean(teacher_logits) over the global batch (unused by Sinkhorn-Knopp,
+        kept up to date so a run's checkpoints look the same either way)."""
         flat = teacher_logits.float().reshape(-1, teacher_logits.shape[-1])
         total = flat.sum(0, keepdim=True)
         count = torch.tensor(float(flat.shape[0]), device=flat.device)
@@ -179,8 +212,10 @@ class _CenteredTargets(nn.Module):
 class DINOLoss(_CenteredTargets):
     """Cross-entropy H(teacher_g, student_v) averaged over every (global g, crop v != g) pair (DINO Alg. 1)."""
 
-    def __init__(self, out_dim: int, student_temp: float = 0.1, center_momentum: float = 0.9) -> None:
-        super().__init__(out_dim, center_momentum)
+    def __init__(
+        self, out_dim: int, student_temp: float = 0.1, center_momentum: float = 0.9, centering: str = "ema"
+    ) -> None:
+        super().__init__(out_dim, center_momentum, centering)
         self.student_temp = student_temp
         self.last_target_entropy = self.last_batch_entropy = torch.zeros(())
 
@@ -203,8 +238,10 @@ class iBOTPatchLoss(_CenteredTargets):  # noqa: N801 - the method's name
     """Masked-patch distillation (iBOT; DINOv2's ibot loss): predict the teacher's prototype distribution of the
     unmasked patch from the masked student input; per image, averaged over its masked patches."""
 
-    def __init__(self, out_dim: int, student_temp: float = 0.1, center_momentum: float = 0.9) -> None:
-        super().__init__(out_dim, center_momentum)
+    def __init__(
+        self, out_dim: int, student_temp: float = 0.1, center_momentum: float = 0.9, centering: str = "ema"
+    ) -> None:
+        super().__init__(out_dim, center_momentum, centering)
         self.student_temp = student_temp
 
     def forward(
@@ -296,8 +333,8 @@ class DINOCriterion(nn.Module):
     def __init__(self, cfg: DINOConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        self.dino = DINOLoss(cfg.out_dim, cfg.student_temp, cfg.center_momentum)
-        self.ibot = iBOTPatchLoss(cfg.out_dim, cfg.student_temp, cfg.center_momentum)
+        self.dino = DINOLoss(cfg.out_dim, cfg.student_temp, cfg.center_momentum, cfg.centering)
+        self.ibot = iBOTPatchLoss(cfg.out_dim, cfg.student_temp, cfg.center_momentum, cfg.centering)
 
     def forward(
         self,

@@ -65,7 +65,7 @@ class DINOTaskConfig:
     limit: int = 0  # use a seeded random subset of this many images of --data (0: all)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {**asdict(self), "dino": self.dino.to_dict()}
 
 
 def resolve_sizes(cfg: DINOTaskConfig, encoder_size: int, patch: int) -> DINOTaskConfig:
