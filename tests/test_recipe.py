@@ -119,7 +119,7 @@ def tiny_recipe(tmp_path_factory) -> Path:
     return out
 
 
-TINY_STEPS = 10 + 5 + 2 * 11  # shared; the dino route; per seed: VQ-token GPT + 5, stage 1 + stage 2 + 4
+TINY_STEPS = 10 + 6 + 2 * 11  # shared; the dino route; per seed: VQ-token GPT + 5, stage 1 + stage 2 + 4
 
 
 def test_tiny_recipe_runs_every_step_for_two_seeds_and_summarises(tiny_recipe, capsys):
@@ -206,7 +206,11 @@ def test_ship_is_self_contained_and_the_demo_runs_on_it(tiny_recipe, tmp_path):
     summarised = json.loads((tiny_recipe / "summary.json").read_text())["routes"]["dino"]
     claims = claims_rows(summarised["runs"], summarised["aggregate"], summarised["verdicts"])
     assert manifest["claims"] == claims and manifest["claims_seeds"] == [0, 1]
-    assert [r["claim"] for r in claims[:3]] == ["stability"] * 3 and " ± " in claims[5]["digit"]
+    knn = json.loads((tiny_recipe / "dino" / "knn.json").read_text())["knn_top1"]
+    assert claims[0] == {"claim": "(context)", "measure": "encoder: kNN top-1 on val of the mean-pooled tokenizer "
+                         "features", "digit": f"{knn:.2%}", "vq": "", "verdict": "-"}  # fmt: skip
+    assert [r["claim"] for r in claims[1:4]] == ["stability"] * 3
+    assert " ± " in next(r for r in claims if r["claim"] == "generation (FD, Lite1)")["digit"]
 
     out = tmp_path / "demo"
     assert main(["demo", "--models", str(shipped), "--out", str(out), "--per-class", "2"]) == 0
@@ -218,7 +222,7 @@ def test_ship_is_self_contained_and_the_demo_runs_on_it(tiny_recipe, tmp_path):
     report = (out / "report.md").read_text()
     assert "samples.png" in report and "tokenizer.png" in report and "shipped CIFAR-10 reference models" in report
     # the claims table is shown beside the samples: in the report, on the terminal, side by side in the HTML
-    row = claims[0]
+    row = claims[1]
     line = f"| {row['claim']} | {row['measure']} | {row['digit']} | {row['vq']} | {row['verdict']} |"
     assert "## The paper's claims, measured on these models' recipe" in report and line in report
     assert "GPT seeds 0, 1, mean ± std" in report
@@ -261,7 +265,7 @@ def test_demo_runs_on_the_shipped_reference_models(tmp_path):
     assert "the shipped CIFAR-10 reference models" in report
     knn = manifest["figures"]["encoder_knn_top1"]
     assert f"encoder kNN top-1 {knn:.2%}" in report and "8x8 grid of discriminative tokens" in report
-    stab = manifest["claims"][0]
+    stab = next(r for r in manifest["claims"] if r["claim"] == "stability")
     assert stab["claim"] == "stability" and stab["verdict"] == "not reproduced"
     assert f"| stability | {stab['measure']} | {stab['digit']} | {stab['vq']} | not reproduced |" in report
     samples = np.asarray(Image.open(out / "samples.png"))
@@ -291,7 +295,7 @@ def test_recipe_cli_refuses_bad_input(tmp_path, capsys):
         main(["recipe", "cifar10", "--data", str(tmp_path / "missing.tar.gz"), "--out", str(tmp_path / "o")])
     assert main(["recipe", "cifar10", "--data", str(tmp_path), "--out", str(tmp_path / "o"), "--dry-run"]) == 0
     printed = capsys.readouterr().out
-    assert printed.count("$ digit ") == 8 + 5 + 11 and "encoder pretrain" in printed  # shared, dino, seed 0
+    assert printed.count("$ digit ") == 8 + 6 + 11 and "encoder pretrain" in printed  # shared, dino, seed 0
     (tmp_path / "r").mkdir()
     assert main(["recipe", "ship", "--recipe", str(tmp_path / "r"), "--out", str(tmp_path / "m")]) == 2
     assert "not a finished recipe directory" in capsys.readouterr().err

@@ -54,6 +54,9 @@ def test_routes_produce_their_encoder_and_tokenizer_commands():
         assert _opt(steps[f"{r}/seed0/stage2"].argv, "--prefix-tokens") == f"{r}/tokens-train"
         assert _opt(steps[f"{r}/seed0/samples"].argv, "--decoder") == f"{r}/seed0/stage2"
         assert _opt(steps[f"{r}/stability.json"].argv, "--tokenizer") == f"{r}/tokenizer"
+        knn = steps[f"{r}/knn.json"].argv  # one kNN protocol for every route, on the whole val split
+        assert knn[:2] == ["tokenizer", "knn"] and _opt(knn, "--tokenizer") == f"{r}/tokenizer"
+        assert _opt(knn, "--bank") == "10000" and _opt(knn, "--data") == "data/val"
     distill = _by_name(RecipePlan("/d", routes=("distill",), seeds=(0,)))
     enc = distill["distill/encoder"]
     assert enc.resumable and enc.argv[:2] == ["encoder", "pretrain"] and _opt(enc.argv, "--out") == "distill/encoder"

@@ -51,6 +51,7 @@ class RecipeSize:
     fid_ref: int  # training images behind the reference statistics (a seeded subset; 0 = the whole training split)
     probe_train: int
     probe_epochs: int
+    knn_bank: int = 0  # training images in the tokenizer-feature kNN bank (a seeded subset; 0 = all)
     inception_layer: str = (
         "2048"  # pool3 (FID); tiny stops at the first block ("64") to stay fast: its FID means nothing
     )
@@ -62,10 +63,10 @@ SIZES: dict[str, RecipeSize] = {
     # loss no better than the VQ GPT's) gets the same 1,500.
     "cpu": RecipeSize(val=5000, limit=None, encoder_epochs=3, clusters=512, vq_steps=1500, gpt_steps=1500,
                       decoder_steps=1500, batch=128, encoder_batch=128, vq_batch=64, samples=10000, fid_ref=10000,
-                      probe_train=10000, probe_epochs=10),
+                      probe_train=10000, probe_epochs=10, knn_bank=10000),
     "small": RecipeSize(val=500, limit=2500, encoder_epochs=2, clusters=128, vq_steps=60, gpt_steps=60,
                         decoder_steps=60, batch=64, encoder_batch=128, vq_batch=64, samples=500, fid_ref=500,
-                        probe_train=2000, probe_epochs=5),
+                        probe_train=2000, probe_epochs=5, knn_bank=2000),
     # seconds: the suite's end-to-end check of every step on a few generated images
     "tiny": RecipeSize(val=10, limit=None, encoder_epochs=1, clusters=16, vq_steps=2, gpt_steps=2, decoder_steps=2,
                        batch=8, encoder_batch=16, vq_batch=8, samples=10, fid_ref=20, probe_train=20, probe_epochs=1,
@@ -221,6 +222,10 @@ def route_steps(plan: RecipePlan, route: str) -> list[Step]:
         _tokenize(tok, "train", f"{r}/tokens-train"),
         _tokenize(tok, "val", f"{r}/tokens-val"),
         _stability(tok, f"{r}/stability.json", seed, f"token stability under pixel noise, {r} tokenizer"),
+        # the same kNN protocol for every route (the DINO monitor's CLS kNN exists for one route only)
+        Step(f"{r}/knn.json", ["tokenizer", "knn", "--tokenizer", tok, "--bank-data", f"{D}/train", "--data", f"{D}/val",
+                               "--bank", str(s.knn_bank), "--seed", str(seed), "--out", f"{r}/knn.json"],
+             out=f"{r}/knn.json", what=f"kNN top-1 on val of the {r} tokenizer's mean-pooled features"),
     ]  # fmt: skip
     return steps
 

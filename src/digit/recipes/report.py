@@ -84,6 +84,7 @@ def collect_run(root: str | Path, route: str, seed: int) -> dict[str, Any]:
         "route": route,
         "seed": seed,
         "encoder_knn_top1": _last_metric(root / route / "encoder", "knn_top1"),
+        "tokenizer_knn_top1": _get(root, f"{route}/knn.json", "knn_top1"),
         "vq_psnr": _last_metric(root / "vq", "generator_psnr"),
         "val_loss": {
             "stage1": _last_metric(root / rs / "stage1", "val_loss"),
@@ -183,7 +184,11 @@ def claims_rows(runs: list[dict[str, Any]], agg: dict[str, Any], verdicts: dict[
     def row(claim: str, measure: str, digit: str, vq: str, verdict: str) -> dict[str, str]:
         return {"claim": claim, "measure": measure, "digit": digit, "vq": vq, "verdict": verdict}
 
-    rows = [row("stability", f"token change rate at SNR {k} dB (lower is better)", f"{st['digit'][k]:.4f}",
+    rows = []
+    if run0.get("tokenizer_knn_top1") is not None:
+        rows.append(row("(context)", "encoder: kNN top-1 on val of the mean-pooled tokenizer features",
+                        f"{run0['tokenizer_knn_top1']:.2%}", "", "-"))  # fmt: skip
+    rows += [row("stability", f"token change rate at SNR {k} dB (lower is better)", f"{st['digit'][k]:.4f}",
                 f"{st['vq'][k]:.4f}", verdicts["stability"])
             for k in SNRS if k in st["digit"] and k in st["vq"]]  # fmt: skip
     if use.get("digit") and use.get("vq"):
@@ -239,7 +244,8 @@ def baseline_column(baseline: dict[str, Any] | None, routes: dict[str, Any]) -> 
             v = (v or {}).get(k) if isinstance(v, dict) else None
         return "-" if v is None else format(v, fmt)
 
-    lines = [("encoder kNN top-1 on val", ("encoder_knn_top1",), ".2%"),
+    lines = [("encoder kNN top-1 on val (DINO monitor, CLS)", ("encoder_knn_top1",), ".2%"),
+             ("kNN top-1 on val, mean-pooled tokenizer features", ("tokenizer_knn_top1",), ".2%"),
              *[(f"token change rate at {k} dB", ("stability_change_rate", "digit", k), ".4f") for k in SNRS],
              ("Inception FID, discriminative", ("fid", "digit"), ".2f"),
              ("FD / FID-proxy, discriminative", ("fd", "digit"), ".3f"),
