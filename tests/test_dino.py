@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from digit.errors import DigitError
 from digit.ssl.augment import N_PARAMS, MultiCropAugment, MultiCropConfig, view_rng
 from digit.ssl.dino import (
     DINOConfig,
@@ -150,9 +151,42 @@ def test_sinkhorn_knopp_matches_alternating_normalisation_and_balances_the_batch
     # a teacher that gives every image the same logits cannot yield one-prototype targets: they come out uniform
     same = sinkhorn_knopp(torch.randn(1, 10).expand(24, 10), temp=0.04, iters=3)
     torch.testing.assert_close(same, torch.full((24, 10), 0.1), rtol=1e-4, atol=1e-5)
-    # far sharper than cosine logits at DINO's temperatures: exp underflows for whole prototypes, targets stay finite
+    # the head's logits are cosines: at half DINO's sharpest temperature every row is still a distribution
+    cosines = F.normalize(torch.randn(24, 16), dim=-1) @ F.normalize(torch.randn(10, 16), dim=-1).T
+    torch.testing.assert_close(sinkhorn_knopp(cosines, temp=0.02).sum(1), torch.ones(24))
+    # far sharper than that, exp underflows for whole prototypes: zeros where it did, never NaN
     sharp = sinkhorn_knopp(logits * 50, temp=0.04)
     assert torch.isfinite(sharp).all() and (sharp >= 0).all() and (sharp.sum(1) <= 1 + 1e-5).all()
+
+
+def _sinkhorn_rank(rank: int, world: int, port: int, logits: torch.Tensor, split: int, out) -> None:
+    import torch.distributed as tdist
+
+    tdist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        part = logits[:split] if rank == 0 else logits[split:]
+        out[rank] = sinkhorn_knopp(part, temp=0.1, iters=5)
+    finally:
+        tdist.destroy_process_group()
+
+
+@pytest.mark.dist
+def test_sinkhorn_knopp_over_two_ranks_with_unequal_counts_equals_one_process():
+    """iBOT's masked patches differ in number between ranks: the balance is over the union, not per rank."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    torch.manual_seed(0)
+    logits = torch.nn.functional.normalize(torch.randn(30, 16), dim=-1) @ torch.randn(16, 8).clamp(-1, 1)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    manager = mp.Manager()
+    out = manager.dict()
+    mp.spawn(_sinkhorn_rank, args=(2, port, logits, 6, out), nprocs=2, join=True)
+    joined = torch.cat([out[0], out[1]])
+    torch.testing.assert_close(joined, sinkhorn_knopp(logits, temp=0.1, iters=5), rtol=1e-5, atol=1e-6)
 
 
 def test_dino_loss_with_sinkhorn_centering_and_its_config():
@@ -171,6 +205,8 @@ def test_dino_loss_with_sinkhorn_centering_and_its_config():
     d = DINOConfig(centering="sinkhorn").to_dict()
     assert d["centering"] == "sinkhorn" and DINOConfig.from_dict(d) == DINOConfig(centering="sinkhorn")
     assert DINOConfig.from_dict(DINOConfig().to_dict()).centering == "ema"
+    with pytest.raises(DigitError, match="centering must be"):
+        DINOConfig(centering="Sinkhorn")
 
 
 def test_ibot_loss_is_a_per_image_mean_over_masked_patches():

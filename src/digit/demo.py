@@ -316,7 +316,7 @@ def _html_lines(lines: list[str]) -> str:
             src = line[line.index("(") + 1 : -1]
             body.append(f'<p><img src="{html.escape(src)}" alt="{html.escape(src)}"></p>')
         elif line.startswith("- "):
-            body.append(f"<li>{html.escape(line[2:].strip('`'))}</li>")
+            body.append(f"<li>{html.escape(line[2:].replace('`', ''))}</li>")
         elif line:
             body.append(html.escape(line).replace("`", ""))
         else:

@@ -111,6 +111,8 @@ def _claims(summary: dict, run: dict, route: str) -> tuple[list[dict[str, str]],
     from digit.recipes.report import aggregate, claims_rows, route_verdicts
 
     summarised = (summary.get("routes") or {}).get(route)
+    if summarised and run["seed"] not in [r["seed"] for r in summarised["runs"]]:
+        summarised = None  # a summary that predates the shipped seed does not speak for it
     if summarised:
         runs, agg, verdicts = summarised["runs"], summarised["aggregate"], summarised["verdicts"]
     else:

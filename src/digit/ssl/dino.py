@@ -42,6 +42,10 @@ class DINOConfig:
     koleo_weight: float = 0.0  # DINOv2 uses 0.1
     centering: str = "ema"  # "ema" (DINO: subtract an EMA of the batch mean) or "sinkhorn" (DINOv2: Sinkhorn-Knopp)
 
+    def __post_init__(self) -> None:
+        if self.centering not in ("ema", "sinkhorn"):
+            raise DigitError(f"centering must be 'ema' or 'sinkhorn', got {self.centering!r}")
+
     def to_dict(self) -> dict:
         d = asdict(self)
         if d["centering"] == "ema":
@@ -166,12 +170,13 @@ def _all_reduce(x: torch.Tensor, op=None) -> torch.Tensor:
 @torch.no_grad()
 def sinkhorn_knopp(logits: torch.Tensor, temp: float, iters: int = 3) -> torch.Tensor:
     """[N, K] teacher logits -> [N, K] targets whose rows sum to 1 and whose columns each sum to N / K: the batch
-    (all ranks together) is spread evenly over the prototypes, so the targets can be neither one prototype nor
-    uniform per image (DINOv2's teacher centring, 3 alternating normalisations)."""
+    (all ranks together) is spread evenly over the prototypes, so it cannot collapse onto a few of them (DINOv2's
+    teacher centring, 3 alternating normalisations)."""
     x = logits.float()
     world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
     q = torch.exp((x - _all_reduce(x.max().clone(), dist.ReduceOp.MAX if world > 1 else None)) / temp).T  # [K, N]
-    k, n = q.shape[0], q.shape[1] * world
+    # ranks may hold different counts (iBOT's masked patches, dropped undecodable images): N is their sum
+    k, n = q.shape[0], _all_reduce(torch.tensor(float(q.shape[1]), device=q.device))
     tiny = torch.finfo(q.dtype).tiny  # a prototype or sample whose exp underflowed everywhere stays 0, not NaN
     q /= _all_reduce(q.sum())
     for _ in range(iters):
