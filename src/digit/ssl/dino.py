@@ -161,9 +161,10 @@ class DINOHead(nn.Module):
         return z @ F.normalize(w, dim=-1).t()  # [..., out_dim]
 
 
-def _all_reduce(x: torch.Tensor, op=None) -> torch.Tensor:
+def _all_reduce(x: torch.Tensor, op: str = "sum") -> torch.Tensor:
+    """In place over the ranks of a running process group; a no-op in a single process."""
     if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(x, op=op or dist.ReduceOp.SUM)
+        dist.all_reduce(x, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
     return x
 
 
@@ -173,8 +174,7 @@ def sinkhorn_knopp(logits: torch.Tensor, temp: float, iters: int = 3) -> torch.T
     (all ranks together) is spread evenly over the prototypes, so it cannot collapse onto a few of them (DINOv2's
     teacher centring, 3 alternating normalisations)."""
     x = logits.float()
-    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-    q = torch.exp((x - _all_reduce(x.max().clone(), dist.ReduceOp.MAX if world > 1 else None)) / temp).T  # [K, N]
+    q = torch.exp((x - _all_reduce(x.max(), "max")) / temp).T  # [K, N]
     # ranks may hold different counts (iBOT's masked patches, dropped undecodable images): N is their sum
     k, n = q.shape[0], _all_reduce(torch.tensor(float(q.shape[1]), device=q.device))
     tiny = torch.finfo(q.dtype).tiny  # a prototype or sample whose exp underflowed everywhere stays 0, not NaN
@@ -206,11 +206,8 @@ class _CenteredTargets(nn.Module):
         """center <- m * center + (1 - m) * mean(teacher_logits) over the global batch (unused by Sinkhorn-Knopp,
         kept up to date so a run's checkpoints look the same either way)."""
         flat = teacher_logits.float().reshape(-1, teacher_logits.shape[-1])
-        total = flat.sum(0, keepdim=True)
-        count = torch.tensor(float(flat.shape[0]), device=flat.device)
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(total)
-            dist.all_reduce(count)
+        total = _all_reduce(flat.sum(0, keepdim=True))
+        count = _all_reduce(torch.tensor(float(flat.shape[0]), device=flat.device))
         self.center.mul_(self.momentum).add_(total / count, alpha=1.0 - self.momentum)
 
 
