@@ -109,6 +109,21 @@ def test_seeds_get_distinct_runs_and_equal_gpt_budgets():
                     "dino/tokens-train", "dino/tokens-val", "dino/seed3/stage1", "dino/seed3/stage2"]  # fmt: skip
 
 
+def test_a_seed_trains_every_gpt_before_it_samples_and_seeds_do_not_interleave():
+    plan = RecipePlan("/d", size="cpu", routes=("dino", "effnet"), seeds=(0, 1))
+    names = [s.name for s in cifar10_steps(plan)]
+    for seed in (0, 1):
+        own = [n for n in names if n.startswith((f"seed{seed}/", f"dino/seed{seed}/", f"effnet/seed{seed}/"))]
+        trained = [f"seed{seed}/gpt-vq"] + [
+            f"{r}/seed{seed}/{st}" for r in ("dino", "effnet") for st in ("stage1", "stage2")
+        ]
+        assert own[:5] == trained  # the shippable models first, then the hour of sampling and scoring
+        assert {f"seed{seed}/samples-vq", f"dino/seed{seed}/samples", f"effnet/seed{seed}/probe.json"} <= set(own[5:])
+        span = [names.index(n) for n in own]
+        assert span == list(range(span[0], span[0] + len(own)))  # one seed's steps are contiguous
+    assert names.index("effnet/seed0/probe.json") < names.index("seed1/gpt-vq")
+
+
 def test_reference_subset_is_seeded_and_complete_when_asked(tmp_path):
     train = write_image_folder(tmp_path / "train", classes=("a", "b"), n_per_class=10, size=(32, 32))
     info = link_reference_subset(train, tmp_path / "r1", 7, seed=0)

@@ -231,16 +231,17 @@ def route_steps(plan: RecipePlan, route: str) -> list[Step]:
 
 
 def seed_steps(plan: RecipePlan, seed: int) -> list[Step]:
-    """One GPT seed: the VQ-token GPT (shared by the routes), then per route stage 1 and stage 2; samples and figures."""
+    """One GPT seed: every GPT first (the VQ-token GPT, shared by the routes, then each route's stage 1 and stage 2),
+    so a seed's shippable models exist before its hour of sampling and scoring; then samples, figures and probes."""
     from digit.recipes.fidsteps import score_steps
 
     s = plan.sizes
     gen = ["-n", str(s.samples), "--batch-size", "250", *SAMPLING, "--seed", str(seed)]
     probe = ["--train-limit", str(s.probe_train), "--epochs", str(s.probe_epochs), "--seed", str(seed)]
     v = f"seed{seed}"
-    steps = [
-        _gpt(s, f"{v}/gpt-vq", "vq-tokens", s.gpt_steps, ["--class-cond"], seed,
-             "the same class-conditional GPT on VQ tokens (the comparison)"),
+    train = [_gpt(s, f"{v}/gpt-vq", "vq-tokens", s.gpt_steps, ["--class-cond"], seed,
+                  "the same class-conditional GPT on VQ tokens (the comparison)")]  # fmt: skip
+    score = [
         Step(f"{v}/samples-vq", ["generate", "--stage1", f"{v}/gpt-vq", "--vq", "vq", *gen, "--out", f"{v}/samples-vq"],
              out=f"{v}/samples-vq", what=f"{s.samples} samples: GPT on VQ tokens -> VQ decoder"),
         *score_steps(plan, f"{v}/samples-vq", v, "vq"),
@@ -250,12 +251,14 @@ def seed_steps(plan: RecipePlan, seed: int) -> list[Step]:
     ]  # fmt: skip
     for r in plan.routes:
         rs = f"{r}/seed{seed}"
-        steps += [
+        train += [
             _gpt(s, f"{rs}/stage1", f"{r}/tokens", s.gpt_steps, ["--class-cond"], seed,
                  f"class-conditional GPT on {r} discriminative tokens"),
             _gpt(s, f"{rs}/stage2", "vq-tokens", s.decoder_steps,
                  ["--prefix-tokens", f"{r}/tokens-train", "--val-prefix-tokens", f"{r}/tokens-val"], seed,
                  f"stage-2 decoder: {r} discriminative tokens (prefix) -> VQ tokens"),
+        ]  # fmt: skip
+        score += [
             Step(f"{rs}/samples", ["generate", "--stage1", f"{rs}/stage1", "--decoder", f"{rs}/stage2", "--vq", "vq",
                                    *gen, "--out", f"{rs}/samples"], out=f"{rs}/samples",
                  what=f"{s.samples} samples: stage 1 -> stage 2 -> VQ decoder ({r})"),
@@ -264,7 +267,7 @@ def seed_steps(plan: RecipePlan, seed: int) -> list[Step]:
                                       "--val-tokens", f"{r}/tokens-val", *probe, "--out", f"{rs}/probe.json"],
                  out=f"{rs}/probe.json", what=f"linear probes on every layer, GPT on {r} tokens"),
         ]  # fmt: skip
-    return steps
+    return train + score
 
 
 def cifar10_steps(plan: RecipePlan) -> list[Step]:
