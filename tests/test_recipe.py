@@ -228,6 +228,7 @@ def test_ship_is_self_contained_and_the_demo_runs_on_it(tiny_recipe, tmp_path):
     assert work.shape[0] == 14 + n_images * 100 + 4 and work.shape[1] == 84 + 4 * 100 + 4
     report = (out / "report.md").read_text()
     assert "samples.png" in report and "tokenizer.png" in report and "shipped CIFAR-10 reference models" in report
+    assert manifest["figures"]["tokenizer_knn_top1"] == knn and f"tokenizer-feature kNN top-1 {knn:.2%}" in report
     # the claims table is shown beside the samples: in the report, on the terminal, side by side in the HTML
     row = claims[1]
     line = f"| {row['claim']} | {row['measure']} | {row['digit']} | {row['vq']} | {row['verdict']} |"

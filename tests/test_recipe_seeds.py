@@ -197,6 +197,31 @@ def test_shared_steps_run_once_and_the_reference_key_invalidates_only_the_scores
     assert _outs(log) == []
 
 
+def test_summary_only_reports_the_finished_seeds_and_runs_nothing(tmp_path, capsys):
+    from digit.cli import main
+
+    data = write_image_folder(tmp_path / "imgs", classes=("a", "b"), n_per_class=20, size=(32, 32))
+    py, log = _fake_python(tmp_path)
+    root = tmp_path / "run"
+    run_steps(cifar10_steps(RecipePlan(str(data), size="tiny", routes=("dino",), seeds=(0,))), root, python=str(py),
+              log=lambda m: None)  # fmt: skip
+    _outs(log)
+    _hand_built_recipe(root, {0: FIGS[0], 1: FIGS[1]})  # seed 1 has figures on disk but no finished steps
+    argv = ["recipe", "cifar10", "--data", str(data), "--out", str(root), "--size", "tiny", "--encoder", "dino"]
+    assert main([*argv, "--seeds", "0", "1", "--summary-only"]) == 0
+    assert _outs(log) == []  # nothing ran
+    assert "summarised seed(s) 0; not finished yet: 1" in capsys.readouterr().out
+    summary = json.loads((root / "summary.json").read_text())
+    runs = summary["routes"]["dino"]["runs"]
+    assert [r["seed"] for r in runs] == [0] and runs[0]["fid"]["digit"] == FIGS[0]["fid_d"]
+    assert summary["size"] == "tiny" and "seed0/gpt-vq" in [s["name"] for s in summary["steps"]]
+    # scores computed from another reference set do not count as finished: no seed is complete
+    assert main([*argv, "--seeds", "0", "--fid-ref", "12", "--summary-only"]) == 2
+    assert "no seed has finished every step" in capsys.readouterr().err
+    assert main([*argv[:5], str(tmp_path / "imgs"), *argv[6:], "--summary-only"]) == 2
+    assert "is not a digit recipe directory" in capsys.readouterr().err
+
+
 def test_runner_redoes_a_step_whose_key_changed_and_restarts_a_stale_trainer(tmp_path):
     py, log = _fake_python(tmp_path)
     root = tmp_path / "r"

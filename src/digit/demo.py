@@ -217,6 +217,8 @@ def format_figures(figs: dict[str, Any]) -> str:
     parts = []
     if figs.get("encoder_knn_top1") is not None:
         parts.append(f"encoder kNN top-1 {figs['encoder_knn_top1']:.2%}")
+    if figs.get("tokenizer_knn_top1") is not None:
+        parts.append(f"tokenizer-feature kNN top-1 {figs['tokenizer_knn_top1']:.2%}")
     if figs.get("vq_psnr") is not None:
         parts.append(f"VQ PSNR {figs['vq_psnr']:.2f} dB")
     fd_name = f"FD in {figs['fd_space']}" if figs.get("fd_space") else "FID-proxy"

@@ -22,6 +22,8 @@ KIND_TEXT = {
 # what the figures of `digit recipe cifar10` mean (digit.recipes.report); others are listed under their own key
 FIGURES = {
     "encoder_knn_top1": "SSL encoder: kNN top-1 accuracy on the held-out images",
+    "tokenizer_knn_top1": "discriminative tokenizer: weighted kNN top-1 (k 20) of its mean-pooled features (what "
+    "K-means quantises) on the held-out images",
     "vq_psnr": "VQ tokenizer: reconstruction PSNR (dB, training batch)",
     "fid.digit": "Inception FID of DiGIT samples against training-set statistics (lower is better)",
     "fid.vq": "Inception FID of the same GPT trained on VQ tokens (comparison run, not in this folder)",

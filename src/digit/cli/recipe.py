@@ -18,6 +18,7 @@ import argparse
 from pathlib import Path
 
 from digit.cli.common import add_output_args, existing_dir, existing_path, non_negative_int
+from digit.errors import DigitError
 from digit.recipes.cifar10 import ROUTE_HELP, ROUTES
 
 
@@ -78,6 +79,12 @@ def register(subparsers) -> None:
         help="an earlier run's summary.json shown as a column (e.g. results/cifar10-summary.json)",
     )
     c.add_argument("--dry-run", action="store_true", help="print the steps' commands and exit")
+    c.add_argument(
+        "--summary-only",
+        action="store_true",
+        help="run nothing: write summary.json / summary.md from the seeds whose every step has finished (safe while "
+        "the recipe is still running in --out; e.g. to ship a seed's models before the other seeds end)",
+    )
     c.set_defaults(func=run_cifar10)
     sc = sub.add_parser(
         "scenes",
@@ -123,12 +130,33 @@ def run_cifar10(args: argparse.Namespace) -> int:
         for i, step in enumerate(steps, 1):
             print(f"[{i}/{len(steps)}] {step.name}: {step.what}\n    $ {command_line(step)}")
         return 0
+    if args.summary_only:
+        return _summarise_finished(args, plan, routes, seeds)
     claim_dir(args.out, kind="recipe", inputs=(args.data,), is_legacy=lambda d: (d / DONE_DIR).is_dir())
     print(f"digit recipe cifar10 ({args.size}, routes {' '.join(routes)}, seeds {' '.join(map(str, seeds))}): "
           f"{len(steps)} steps in {args.out}", flush=True)  # fmt: skip
     results = run_steps(steps, args.out, log=lambda m: print(m, flush=True))
     md = write_summary(args.out, results, size=args.size, routes=routes, seeds=seeds, baseline=args.baseline)
     print(md)
+    return 0
+
+
+def _summarise_finished(args: argparse.Namespace, plan, routes: list[str], seeds: list[int]) -> int:
+    from digit.recipes.cifar10 import finished_seeds
+    from digit.recipes.report import write_summary
+    from digit.recipes.runner import DONE_DIR
+    from digit.utils.outputs import read_marker
+
+    root = Path(args.out)
+    if (read_marker(root) or {}).get("kind") != "recipe" and not (root / DONE_DIR).is_dir():
+        raise DigitError(f"--out {args.out} is not a digit recipe directory")
+    results, ready = finished_seeds(plan, root)
+    if not ready:
+        raise DigitError(f"no seed has finished every step in {args.out} yet; nothing to summarise")
+    print(write_summary(args.out, results, size=args.size, routes=routes, seeds=ready, baseline=args.baseline))
+    left = [n for n in seeds if n not in ready]
+    note = f"; not finished yet: {' '.join(map(str, left))}" if left else ""
+    print(f"summarised seed(s) {' '.join(map(str, ready))}{note}")
     return 0
 
 

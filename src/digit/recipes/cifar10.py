@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from digit.recipes.runner import Step
+from digit.recipes.runner import Step, StepResult, finished_steps
 
 
 @dataclass(frozen=True)
@@ -279,6 +279,16 @@ def cifar10_steps(plan: RecipePlan) -> list[Step]:
     for seed in plan.seeds:
         steps += seed_steps(plan, seed)
     return steps
+
+
+def finished_seeds(plan: RecipePlan, root: str | Path) -> tuple[list[StepResult], list[int]]:
+    """What has finished in ``root`` (`finished_steps`), and the seeds of ``plan`` complete in every step, the shared
+    side and each route's tokenizer included: a seed still running is left out, not reported half-measured."""
+    results = finished_steps(cifar10_steps(plan), root)
+    done = {r.name for r in results}
+    common = shared_steps(plan) + [s for r in plan.routes for s in route_steps(plan, r)]
+    ready = [n for n in plan.seeds if all(s.name in done for s in common + seed_steps(plan, n))]
+    return results, ready
 
 
 def training_steps(plan: RecipePlan) -> list[Step]:

@@ -57,6 +57,18 @@ def _marker(root: Path, step: Step) -> Path:
     return root / DONE_DIR / f"{step.name}.json"
 
 
+def finished_steps(steps: list[Step], root: str | Path) -> list[StepResult]:
+    """The steps of ``steps`` that have finished in ``root`` (a marker with the step's key), as `run_steps` reports
+    skipped ones. Runs, removes and writes nothing: safe beside a recipe that is still running there."""
+    out = []
+    for step in steps:
+        marker = _marker(Path(root), step)
+        rec = read_json(marker) if marker.is_file() else None
+        if rec is not None and rec.get("key") == step.key:
+            out.append(StepResult(step.name, rec["command"], float(rec["wall_s"]), True, rec.get("info", {})))
+    return out
+
+
 def run_steps(
     steps: list[Step],
     root: str | Path,

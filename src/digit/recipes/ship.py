@@ -17,6 +17,8 @@ from digit.utils.outputs import OutputDir, as_output
 
 MODEL_PARTS = ("tokenizer", "vq", "stage1", "stage2")
 MANIFEST = "models.json"
+# the recipe figures a shipped folder records (digit.recipes.report.collect_run names them)
+FIGURES = ("encoder_knn_top1", "tokenizer_knn_top1", "vq_psnr", "fid", "fd", "fd_space", "probe_best_top1")
 
 
 def ship_models(
@@ -89,9 +91,7 @@ def ship_models(
                 "recipe_size": summary.get("size"),
                 "route": route,
                 "seed": seed,
-                "figures": {
-                    k: run.get(k) for k in ("encoder_knn_top1", "vq_psnr", "fid", "fd", "fd_space", "probe_best_top1")
-                },  # fmt: skip
+                "figures": {k: run.get(k) for k in FIGURES},
                 "claims": claims,
                 "claims_seeds": claim_seeds,
                 "steps": summary.get("steps"),
