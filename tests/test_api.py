@@ -256,7 +256,8 @@ def test_shipped_cifar10_models_load_sample_and_round_trip(tmp_path) -> None:
     assert [(im.mode, im.size) for im in images] == [("RGB", (32, 32))] * 2
     saved = pipe.save_pretrained(tmp_path / "cifar10")
     assert (saved / "tokenizer" / "encoder.safetensors").is_file()  # the discriminative tokenizer travels
-    assert "FID-proxy of DiGIT samples" in (saved / "README.md").read_text()
+    card = (saved / "README.md").read_text()
+    assert "Inception FID of DiGIT samples" in card and "tokenizer: weighted kNN top-1" in card
     back = Pipeline.from_pretrained(saved)
     assert np.array_equal(_pixels(images), _pixels(back(classes=["cat", "ship"], seed=0, cfg_scale=2.0, top_k=100)))
 
