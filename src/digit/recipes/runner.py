@@ -57,15 +57,23 @@ def _marker(root: Path, step: Step) -> Path:
     return root / DONE_DIR / f"{step.name}.json"
 
 
+def _record(root: Path, step: Step) -> dict[str, Any] | None:
+    marker = _marker(root, step)
+    return read_json(marker) if marker.is_file() else None
+
+
+def _skipped(step: Step, rec: dict[str, Any]) -> StepResult:
+    return StepResult(step.name, rec["command"], float(rec["wall_s"]), True, rec.get("info", {}))
+
+
 def finished_steps(steps: list[Step], root: str | Path) -> list[StepResult]:
     """The steps of ``steps`` that have finished in ``root`` (a marker with the step's key), as `run_steps` reports
     skipped ones. Runs, removes and writes nothing: safe beside a recipe that is still running there."""
     out = []
     for step in steps:
-        marker = _marker(Path(root), step)
-        rec = read_json(marker) if marker.is_file() else None
+        rec = _record(Path(root), step)
         if rec is not None and rec.get("key") == step.key:
-            out.append(StepResult(step.name, rec["command"], float(rec["wall_s"]), True, rec.get("info", {})))
+            out.append(_skipped(step, rec))
     return out
 
 
@@ -84,12 +92,12 @@ def run_steps(
     for i, step in enumerate(steps, 1):
         marker = _marker(root, step)
         head = f"[{i}/{len(steps)}] {step.name}: {step.what}"
-        rec = read_json(marker) if marker.is_file() else None
+        rec = _record(root, step)
         stale = rec is not None and rec.get("key") != step.key
         if (rec is not None and not stale) or (only is not None and step.name not in only):
             rec = rec or {"command": command_line(step), "wall_s": 0.0}
             log(f"{head} (done, skipped)")
-            results.append(StepResult(step.name, rec["command"], float(rec["wall_s"]), True, rec.get("info", {})))
+            results.append(_skipped(step, rec))
             continue
         if stale:
             log(f"{head}: what it was computed from changed (key {rec.get('key')!r} -> {step.key!r}); redoing it")
