@@ -87,10 +87,14 @@ def test_mapped_network_equals_the_torchscript_module(reference, monkeypatch):
     monkeypatch.setattr(torch.jit, "load", no_jit)  # the product path never runs TorchScript
     ext = InceptionExtractor(packaged.resolve(ENTRY), "cpu", layer="2048", logits=False)
     with torch.inference_mode():
-        got = ext(images, logits=False)["pool"]
-    assert got.shape == expected.shape == (10, 2048)
+        got = ext(images, logits=False)["pool"]  # as evaluation runs it: channels_last
+        ext.model.to(memory_format=torch.contiguous_format)  # the TorchScript module's own layout
+        same_layout = ext(images, logits=False)["pool"]
+    assert got.shape == same_layout.shape == expected.shape == (10, 2048)
     assert expected.abs().max() > 1.0 and expected.std() > 0.1  # real features, not a constant
-    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+    torch.testing.assert_close(same_layout, expected, rtol=0, atol=1e-5)  # the mapping itself
+    # channels_last only reorders the float sums: differences of ~1e-5 relative (measured 1.1e-5 absolute)
+    torch.testing.assert_close(got, expected, rtol=0, atol=5e-5)
     assert ext.describe()["weights_sha256"] == ENTRY.sha256
     assert torch.isnan(ext.model.fc.weight).all()  # no classifier in the archive: logits could only be NaN
 
@@ -167,7 +171,7 @@ def test_eval_features_inception_offline_from_the_package(reference, empty_torch
     assert rc == 0, err
     s = load_stats(stats)
     expected = reference["feats"].numpy()
-    np.testing.assert_allclose(s.features, expected, rtol=0, atol=1e-5)  # same order: sorted file names
+    np.testing.assert_allclose(s.features, expected, rtol=0, atol=5e-5)  # same order: sorted file names
     assert s.meta["feature_extractor"]["weights_sha256"] == ENTRY.sha256
     # KID rather than FID keeps two 2048x2048 matrix square roots out of a CPU test; the features are the same
     argv = ["eval", "--gen", gen, "--ref", stats, "--features", "inception", "--metrics", "kid", "--min-images", "4"]
