@@ -1,7 +1,7 @@
 """Feature extraction for the CIFAR-10 recipe's generation scores on CPU: the FID Inception (torch-fidelity's network with
-the packaged weights) in the default memory layout (what ``InceptionExtractor`` runs) and in channels-last (not used:
-its features differ from the TorchScript reference by slightly more than the 1e-5 the tests require), and the
-EfficientNet-Lite1 FD encoder, side by side; 32x32 uint8 inputs as the recipe's samples.
+the packaged weights) in the default memory layout (the TorchScript reference's) and in channels-last (what
+``InceptionExtractor`` runs since 2 December 2026: its features differ from the default layout's by ~1e-5 relative,
+summation order only), and the EfficientNet-Lite1 FD encoder, side by side; 32x32 uint8 inputs as the recipe's samples.
 
     python benchmarks/inception_cpu.py                # 2 threads, 3 batches of 50 per variant
     python benchmarks/inception_cpu.py --threads 1 --batches 2
@@ -52,7 +52,7 @@ def main() -> None:
     inc.model.to(memory_format=torch.contiguous_format)
     rows.append(("inception pool3, default layout", *measure(lambda b: inc(b, logits=False)["pool"], x, args.batches)))
     inc.model.to(memory_format=torch.channels_last)
-    rows.append(("inception pool3, channels-last", *measure(lambda b: inc(b, logits=False)["pool"], x, args.batches)))
+    rows.append(("inception pool3, channels-last (used)", *measure(lambda b: inc(b, logits=False)["pool"], x, args.batches)))
     fd = build_extractor("tf_efficientnet_lite1", "cpu")
     rows.append(("efficientnet-lite1 FD, 128 px", *measure(lambda b: fd(b)["pool"], x, args.batches)))
     print(f"threads {args.threads}, batch {args.batch} x {args.batches}, load average {os.getloadavg()[0]:.2f}")
