@@ -383,3 +383,40 @@ def test_ship_an_effnet_route_stores_the_packaged_encoder(tmp_path, capsys):
     assert torch.equal(
         load_tokenizer(shipped / "tokenizer").encode(x), load_tokenizer(rec / "effnet" / "tokenizer").encode(x)
     )
+
+
+def test_an_interrupted_recipe_waits_for_its_step_to_write_its_checkpoint(tmp_path):
+    import os
+    import signal
+    import sys
+    import threading
+    import time
+
+    from digit.recipes.runner import _run_child
+
+    # a step that needs 1 s to save after Ctrl-C: subprocess.run would have killed it after 0.25 s
+    (tmp_path / "child.py").write_text(
+        "import os, signal, sys, time\n"
+        "def on_int(*a):\n"
+        "    time.sleep(1.0)\n"
+        "    open('saved', 'w').write('ok')\n"
+        "    sys.exit(130)\n"
+        "signal.signal(signal.SIGINT, on_int)\n"
+        "open('ready.tmp', 'w').write(str(os.getpid()))\n"
+        "os.replace('ready.tmp', 'ready')\n"
+        "time.sleep(60)\n"
+    )
+
+    def ctrl_c():  # what a terminal does: the signal reaches the runner and its child
+        while not (tmp_path / "ready").exists():
+            time.sleep(0.02)
+        os.kill(int((tmp_path / "ready").read_text()), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    logs: list[str] = []
+    threading.Thread(target=ctrl_c, daemon=True).start()
+    t0 = time.perf_counter()
+    with pytest.raises(KeyboardInterrupt):
+        _run_child([sys.executable, "child.py"], tmp_path, "gpt", logs.append)
+    assert (tmp_path / "saved").read_text() == "ok" and time.perf_counter() - t0 >= 1.0
+    assert logs == ["    interrupted: waiting for gpt to stop (interrupt again to kill it)"]

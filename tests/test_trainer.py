@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import signal
 
 import numpy as np
 import pytest
@@ -261,3 +263,65 @@ def test_refusals(tmp_path):
         run(ToyTask(n=4), tmp_path / "t", 2)
     assert compare_configs({"train": {"steps": 1, "lr": 1}}, {"train": {"steps": 9, "lr": 1}}) == []
     assert compare_configs({"model": {"dim": 8}}, {"model": {"dim": 16}}) == ["model.dim"]
+
+
+class SignalAtStep(ToyTask):
+    """Sends itself ``times`` SIGINTs while computing step ``at``'s loss: a Ctrl-C arriving mid-step."""
+
+    def __init__(self, at: int, times: int = 1) -> None:
+        super().__init__()
+        self.at, self.times = at, times
+
+    def compute_loss(self, batch, step, phase):
+        if step == self.at:
+            for _ in range(self.times):
+                os.kill(os.getpid(), signal.SIGINT)
+        return super().compute_loss(batch, step, phase)
+
+
+def test_a_signal_finishes_the_step_checkpoints_and_resume_is_exact(tmp_path):
+    from digit.training.interrupt import TrainingInterrupted
+
+    full = ToyTask()
+    run(full, tmp_path / "full", 12, ema=0.8)
+    handler = signal.getsignal(signal.SIGINT)
+    with pytest.raises(TrainingInterrupted, match=r"after step 4 of 12.*--resume"):
+        run(SignalAtStep(at=3), tmp_path / "part", 12, ema=0.8)
+    assert signal.getsignal(signal.SIGINT) is handler  # the trainer's handlers are gone after the run
+    state = torch.load(tmp_path / "part" / "train_state.pt", weights_only=True)
+    assert state["step"] == 4  # the step in flight (index 3) finished; nothing after it ran
+    rows = [json.loads(x) for x in (tmp_path / "part" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    resumed = ToyTask()
+    run(resumed, tmp_path / "part", 12, resume=True, ema=0.8)
+    a, b = load_file(tmp_path / "full" / "model.safetensors"), load_file(tmp_path / "part" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    for k, v in resumed.net.state_dict().items():
+        assert torch.equal(v, full.net.state_dict()[k])
+
+
+def test_a_third_signal_stops_at_once_without_a_checkpoint(tmp_path):
+    from digit.training.interrupt import TrainingInterrupted
+
+    with pytest.raises(KeyboardInterrupt) as e:
+        run(SignalAtStep(at=2, times=3), tmp_path / "r", 12, save_every=2)
+    assert not isinstance(e.value, TrainingInterrupted)
+    assert torch.load(tmp_path / "r" / "train_state.pt", weights_only=True)["step"] == 2  # the last regular one
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_ranks_agree_on_a_stop_only_at_synchronised_steps():
+    import torch.distributed as dist
+
+    from digit.training.interrupt import StopRequest
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        with StopRequest(distributed=True) as stop:
+            assert not stop.requested(sync=True)
+            os.kill(os.getpid(), signal.SIGINT)
+            assert stop.count == 1
+            assert not stop.requested(sync=False)  # between logging steps a rank never stops alone
+            assert stop.requested(sync=True)  # the max over ranks (all_reduce) carries the flag
+    finally:
+        dist.destroy_process_group()

@@ -76,8 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     except DigitError as e:
         print(f"digit {args.command}: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"digit {args.command}: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:  # a training run's TrainingInterrupted says where its checkpoint is
+        print(f"digit {args.command}: interrupted" + (f": {e}" if str(e) else ""), file=sys.stderr)
         return 130
     finally:
         _release_process_group()

@@ -118,10 +118,10 @@ def run_steps(
                     shutil.rmtree(target)
                 else:
                     target.unlink()
-            proc = subprocess.run([python, "-m", "digit", *argv], cwd=root)
-            if proc.returncode != 0:
+            returncode = _run_child([python, "-m", "digit", *argv], root, step.name, log)
+            if returncode != 0:
                 raise DigitError(
-                    f"step {step.name} failed (exit {proc.returncode}); fix the cause and run the recipe again: "
+                    f"step {step.name} failed (exit {returncode}); fix the cause and run the recipe again: "
                     "finished steps are kept"
                 )
         wall = time.perf_counter() - t0
@@ -130,3 +130,19 @@ def run_steps(
         log(f"    done in {wall / 60:.1f} min")
         results.append(StepResult(step.name, rec["command"], wall, False, info))
     return results
+
+
+def _run_child(argv: list[str], cwd: Path, name: str, log: Callable[[str], None]) -> int:
+    """Run one step; on Ctrl-C wait for it (subprocess.run would kill it within 0.25 s). The child shares our process
+    group, so it got the signal too: a trainer finishes its step and writes a checkpoint the next run resumes from."""
+    proc = subprocess.Popen(argv, cwd=cwd)
+    try:
+        return proc.wait()
+    except KeyboardInterrupt:
+        log(f"    interrupted: waiting for {name} to stop (interrupt again to kill it)")
+        try:
+            proc.wait()
+        except KeyboardInterrupt:
+            proc.kill()
+            proc.wait()
+        raise

@@ -23,6 +23,7 @@ from torch import nn
 from digit.errors import DigitError
 from digit.training import checkpoint as ckpt
 from digit.training.ema import EMA
+from digit.training.interrupt import StopRequest, TrainingInterrupted
 from digit.training.optim import build_adamw, clip_grad_norm, set_hyperparameters
 from digit.training.parallel import apply_parallel, compile_blocks
 from digit.training.steps import epoch_permutation, seed_for, steps_per_epoch, total_steps
@@ -321,6 +322,15 @@ class Trainer:
             desc=f"train {task.name}",
             dynamic_ncols=True,
         )
+        with StopRequest(self.dist.enabled, self.device) as stop:
+            last = self._loop(start, bar, stop)
+        bar.close()
+        if start >= self.total and state is not None:
+            self._checkpoint(start)  # nothing left to run: still (re)write the artefacts
+        return last
+
+    def _loop(self, start: int, bar: Any, stop: StopRequest) -> dict[str, float]:
+        cfg, task = self.cfg, self.task
         last: dict[str, float] = {}
         t0, units = time.perf_counter(), 0
         for step, micros in enumerate(self._micro_batches(start), start=start):
@@ -342,11 +352,17 @@ class Trainer:
             elif cfg.eval_every and done % cfg.eval_every == 0:
                 self._log({"step": done, **self._evaluate(done)})
             bar.update(1)
-            if (cfg.save_every and done % cfg.save_every == 0) or done == self.total:
+            saved = (cfg.save_every and done % cfg.save_every == 0) or done == self.total
+            if saved:
                 self._checkpoint(done)
-        bar.close()
-        if start >= self.total and state is not None:
-            self._checkpoint(start)  # nothing left to run: still (re)write the artefacts
+            if done < self.total and stop.requested(sync=done % cfg.log_every == 0):
+                if not saved:
+                    self._checkpoint(done)
+                bar.close()
+                raise TrainingInterrupted(
+                    f"stopped after step {done} of {self.total}; checkpoint saved in {self.out}: "
+                    "run the same command with --resume to continue"
+                )
         return last
 
     def train_step(self, step: int, micros: list) -> dict[str, float]:
