@@ -17,6 +17,7 @@ from digit.errors import DigitError
 from digit.ssl.augment import N_PARAMS, MultiCropAugment, MultiCropConfig, view_rng
 from digit.ssl.dino import (
     DINOConfig,
+    DINOCriterion,
     DINOHead,
     DINOLoss,
     DINOStudent,
@@ -544,3 +545,68 @@ def test_torchrun_ddp_matches_one_process(tmp_path):
     np.testing.assert_allclose(
         [r["loss"] for r in la if "loss" in r], [r["loss"] for r in lb if "loss" in r], rtol=1e-4
     )
+
+
+def _criterion_inputs(n_masked: int, K: int = 12, B: int = 3, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    student = {"logits": torch.randn(4 * B, K, generator=g), "patch_logits": torch.randn(n_masked, K, generator=g)}
+    teacher = {"logits": torch.randn(2 * B, K, generator=g), "patch_logits": torch.randn(n_masked, K, generator=g)}
+    mask = torch.zeros(2 * B, 9, dtype=torch.bool)
+    mask.view(-1)[:n_masked] = True  # the first n_masked patches (image 0, then image 1, ...)
+    return student, teacher, mask
+
+
+@pytest.mark.parametrize("centering", ["ema", "sinkhorn"])
+def test_a_step_without_masked_patches_gives_zero_ibot_and_leaves_its_centre(centering):
+    cfg = DINOConfig(out_dim=12, ibot_weight=1.0, koleo_weight=0.0, centering=centering)
+    crit = DINOCriterion(cfg).train()
+    crit.ibot.center.copy_(torch.randn(1, 12))
+    before = crit.ibot.center.clone()
+    student, teacher, mask = _criterion_inputs(0)
+    student = {k: v.requires_grad_() for k, v in student.items()}
+    out = crit(student, teacher, n_global=2, teacher_temp=0.04, mask=mask)
+    assert out["ibot"].item() == 0.0 and torch.isfinite(out["loss"]) and torch.equal(out["loss"], out["dino"])
+    assert torch.equal(crit.ibot.center, before)  # no batch mean to move it towards (0 / 0 would have made it NaN)
+    out["loss"].backward()
+    assert student["patch_logits"].grad.shape == (0, 12)  # still part of the graph: DDP sees every parameter used
+
+
+def _criterion_rank(rank: int, world: int, port: int, out) -> None:
+    import torch.distributed as tdist
+
+    tdist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        crit = DINOCriterion(DINOConfig(out_dim=12, ibot_weight=1.0, koleo_weight=0.0, centering="sinkhorn")).train()
+        student, teacher, mask = _criterion_inputs(0 if rank == 0 else 7, seed=rank)
+        res = crit(student, teacher, n_global=2, teacher_temp=0.04, mask=mask)
+        out[rank] = (res["ibot"], crit.ibot.center.clone())
+    finally:
+        tdist.destroy_process_group()
+
+
+@pytest.mark.dist
+def test_ranks_with_and_without_masked_patches_both_finish_the_step():
+    """A rank that drew no masked patch used to skip iBOT's all-reduces while the others waited in them forever."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    out = mp.Manager().dict()
+    ctx = mp.spawn(_criterion_rank, args=(2, port, out), nprocs=2, join=False)
+    for p in ctx.processes:
+        p.join(timeout=60)
+    alive = [p.is_alive() for p in ctx.processes]
+    for p in ctx.processes:
+        if p.is_alive():
+            p.kill()
+    assert alive == [False, False], "a rank hung in a collective"
+    assert all(p.exitcode == 0 for p in ctx.processes)
+    (ibot0, c0), (ibot1, c1) = out[0], out[1]
+    assert ibot0.item() == 0.0 and ibot1.item() > 0
+    # the centre moved by the mean of rank 1's 7 teacher patches alone, identically on both ranks
+    want = 0.1 * _criterion_inputs(7, seed=1)[1]["patch_logits"].mean(0, keepdim=True)
+    torch.testing.assert_close(c0, want)
+    torch.testing.assert_close(c1, want)

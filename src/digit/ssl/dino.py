@@ -174,7 +174,9 @@ def sinkhorn_knopp(logits: torch.Tensor, temp: float, iters: int = 3) -> torch.T
     (all ranks together) is spread evenly over the prototypes, so it cannot collapse onto a few of them (DINOv2's
     teacher centring, 3 alternating normalisations)."""
     x = logits.float()
-    q = torch.exp((x - _all_reduce(x.max(), "max")) / temp).T  # [K, N]
+    # a rank may hold no row (no masked patch this step) and must still join every reduction
+    top = x.max() if x.numel() else x.new_tensor(float("-inf"))
+    q = torch.exp((x - _all_reduce(top, "max")) / temp).T  # [K, N]
     # ranks may hold different counts (iBOT's masked patches, dropped undecodable images): N is their sum
     k, n = q.shape[0], _all_reduce(torch.tensor(float(q.shape[1]), device=q.device))
     tiny = torch.finfo(q.dtype).tiny  # a prototype or sample whose exp underflowed everywhere stays 0, not NaN
@@ -208,7 +210,8 @@ class _CenteredTargets(nn.Module):
         flat = teacher_logits.float().reshape(-1, teacher_logits.shape[-1])
         total = _all_reduce(flat.sum(0, keepdim=True))
         count = _all_reduce(torch.tensor(float(flat.shape[0]), device=flat.device))
-        self.center.mul_(self.momentum).add_(total / count, alpha=1.0 - self.momentum)
+        if count.item() > 0:  # the same on every rank (reduced): no rank skips a collective the others make
+            self.center.mul_(self.momentum).add_(total / count, alpha=1.0 - self.momentum)
 
 
 class DINOLoss(_CenteredTargets):
@@ -260,6 +263,8 @@ class iBOTPatchLoss(_CenteredTargets):  # noqa: N801 - the method's name
         per_image = torch.zeros(n_images, device=ce.device).index_add_(0, image_index, ce)
         counts = torch.zeros(n_images, device=ce.device).index_add_(0, image_index, torch.ones_like(ce))
         has = counts > 0
+        if not has.any():  # no masked patch on this rank: 0, still in the graph (DDP expects every parameter)
+            return student_logits.sum() * 0.0
         return (per_image[has] / counts[has]).mean()
 
 
@@ -353,7 +358,8 @@ class DINOCriterion(nn.Module):
         dino = self.dino(student["logits"].unflatten(0, (-1, B)), t_logits.unflatten(0, (n_global, B)), teacher_temp)
         zero = torch.zeros((), device=dino.device)
         ibot, koleo, loss = zero, zero, dino
-        if self.cfg.ibot_weight > 0 and mask is not None and "patch_logits" in student and mask.any():
+        # not conditioned on mask.any(): a rank without masked patches must still make iBOT's collectives
+        if self.cfg.ibot_weight > 0 and mask is not None and "patch_logits" in student:
             img_idx = mask.nonzero(as_tuple=True)[0]
             t_patch = teacher["patch_logits"].detach()
             ibot = self.ibot(student["patch_logits"], t_patch, img_idx, mask.shape[0], teacher_temp)
