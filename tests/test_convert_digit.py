@@ -11,7 +11,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from digit.convert.digit import convert_digit, digit_pos_embed, read_fairseq
+from digit.convert.digit import convert_digit, read_fairseq
+from digit.convert.dinov2 import digit_pos_embed
 from digit.convert.keys import to_fairseq
 from digit.errors import DigitError
 
@@ -335,7 +336,7 @@ def test_digit_pos_embed_differs_from_size_resize():
 
 def test_dinov2_heads_are_read_or_required_never_guessed(tmp_path, capsys):
     from digit.cli import main
-    from digit.convert.digit import dinov2_heads
+    from digit.convert.dinov2 import dinov2_heads
 
     # DINOv2's own sizes are known; DiGIT's config names its encoder (dino_vit_base / dino_vit_large)
     assert dinov2_heads(768, 12, "x") == 12 and dinov2_heads(1024, 24, "x", arch="dino_vit_large") == 16
