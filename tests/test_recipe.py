@@ -156,6 +156,7 @@ def test_tiny_recipe_runs_every_step_for_two_seeds_and_summarises(tiny_recipe, c
         "stability",
         "generation (FID)",
         "generation (FD, Lite1)",
+        "generation",
         "understanding",
     }
     md = (tiny_recipe / "summary.md").read_text()

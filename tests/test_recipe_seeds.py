@@ -14,7 +14,7 @@ import pytest
 from conftest import write_image_folder
 from digit.recipes.cifar10 import EFFNET, STUDENT, RecipePlan, cifar10_steps, training_steps
 from digit.recipes.fidsteps import REF_DIR, link_reference_subset
-from digit.recipes.report import aggregate, seeded_verdict, spread, summarise, write_summary
+from digit.recipes.report import aggregate, generation_verdict, seeded_verdict, spread, summarise, write_summary
 from digit.recipes.runner import Step, run_steps
 
 SHARED = {"split", "vq", "vq-tokens-train", "vq-tokens-val", "stability-vq.json", REF_DIR, "fid/ref-fid.npz",
@@ -298,13 +298,17 @@ def test_report_mean_and_spread_equal_a_direct_computation(tmp_path):
     assert agg["val_loss.stage2"] is None  # not measured: no run directory
     v = s["routes"]["dino"]["verdicts"]
     # FID ranges [40, 42.5] vs [47, 55.5] do not overlap and ours is lower; FD and probes overlap; stability fails
+    # FID alone would reproduce the generation claim; the FD does not agree, so rule 2 calls it disputed
     assert v == {"stability": "not reproduced", "generation (FID)": "reproduced",
                  "generation (FD, Lite1)": "inconclusive (seed ranges overlap)",
+                 "generation": "disputed between feature spaces (FID: reproduced; FD: inconclusive (seed ranges "
+                               "overlap))",
                  "understanding": "inconclusive (seed ranges overlap)"}  # fmt: skip
     md = write_summary(tmp_path, [], "tiny", ["dino"], [0, 1, 2])
     fid = agg["fid.digit"]
     assert f"| {fid['mean']:.2f} ± {fid['std']:.2f} [40.00, 42.50] |" in md
     assert "| FID (Inception), VQ | 50.00 | 47.00 | 55.50 |" in md
+    assert f"| generation | FID and FD together (disputed when they disagree) |  |  | {v['generation']} |" in md
     assert json.loads((tmp_path / "summary.json").read_text())["routes"]["dino"]["verdicts"] == v
 
 
@@ -316,6 +320,14 @@ def test_seeded_verdict_rules():
     assert seeded_verdict(a, spread([3.0, 7.0, 8.0]), True) == "inconclusive (seed ranges overlap)"  # touching: overlap
     assert seeded_verdict(spread([1.0]), spread([2.0]), True) == "reproduced (provisional: 1 seed(s))"
     assert seeded_verdict(a, None, True) == "not measured"
+    ok, one, mixed = "reproduced", "reproduced (provisional: 1 seed(s))", "inconclusive (seed ranges overlap)"
+    assert generation_verdict(ok, ok) == ok and generation_verdict(ok, "not measured") == ok
+    assert generation_verdict("not measured", "not reproduced") == "not reproduced"
+    assert generation_verdict(one, one) == one and generation_verdict(ok, one) == one  # fewest seeds decide
+    assert generation_verdict(ok, mixed) == f"disputed between feature spaces (FID: {ok}; FD: {mixed})"
+    assert generation_verdict(one, "not reproduced (provisional: 1 seed(s))") == (
+        "disputed between feature spaces (FID: reproduced; FD: not reproduced) (provisional: 1 seed(s))"
+    )
     assert spread([None, 2.0, 4.0]) == {
         "mean": 3.0,
         "std": statistics.stdev([2.0, 4.0]),

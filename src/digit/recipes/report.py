@@ -5,7 +5,8 @@ Per route and seed, :func:`collect_run` reads one complete comparison (the old s
 rules fixed before the multi-seed run (results/cifar10.md, "Decision rules for the multi-seed re-run"):
 - generation (Inception FID; the FD in EfficientNet-Lite1 is reported beside it by the same rule): reproduced if the
   discriminative pipeline's mean is lower and the two seed ranges [min, max] do not overlap; not reproduced if the VQ
-  pipeline's mean is lower and the ranges do not overlap; inconclusive when they overlap;
+  pipeline's mean is lower and the ranges do not overlap; inconclusive when they overlap; the generation claim as a
+  whole takes the two feature spaces' common verdict, and is disputed between feature spaces when they differ;
 - understanding (best-layer linear probe top-1): the same rule with higher = better;
 - stability (token change rate at 30 / 20 / 10 dB; the tokenizers have no GPT seed): reproduced if the discriminative
   tokens change less at every SNR, not reproduced otherwise;
@@ -150,6 +151,21 @@ def seeded_verdict(ours: dict | None, theirs: dict | None, lower_is_better: bool
     return verdict
 
 
+def generation_verdict(fid: str, fd: str) -> str:
+    """Rule 2's last clause: FID and FD must agree, else the claim is disputed (never reproduced on one space alone).
+    An FD that was not measured leaves the FID verdict as it is."""
+    if fd == "not measured" or fid == fd:
+        return fid
+    if fid == "not measured":
+        return fd
+    tag = " (provisional"
+    bare_fid, bare_fd = fid.split(tag)[0], fd.split(tag)[0]
+    if bare_fid == bare_fd:  # same verdict, different seed counts
+        return fid if tag in fid else fd
+    suffix = fid[len(bare_fid) :] or fd[len(bare_fd) :]
+    return f"disputed between feature spaces (FID: {bare_fid}; FD: {bare_fd}){suffix}"
+
+
 def stability_verdict(run: dict[str, Any]) -> str:
     st = run["stability_change_rate"]
     snrs = [k for k in st["digit"] if k in st["vq"]]
@@ -159,10 +175,13 @@ def stability_verdict(run: dict[str, Any]) -> str:
 
 
 def route_verdicts(agg: dict[str, Any], run: dict[str, Any]) -> dict[str, str]:
+    fid = seeded_verdict(agg["fid.digit"], agg["fid.vq"], lower_is_better=True)
+    fd = seeded_verdict(agg["fd.digit"], agg["fd.vq"], lower_is_better=True)
     return {
         "stability": stability_verdict(run),
-        "generation (FID)": seeded_verdict(agg["fid.digit"], agg["fid.vq"], lower_is_better=True),
-        "generation (FD, Lite1)": seeded_verdict(agg["fd.digit"], agg["fd.vq"], lower_is_better=True),
+        "generation (FID)": fid,
+        "generation (FD, Lite1)": fd,
+        "generation": generation_verdict(fid, fd),
         "understanding": seeded_verdict(agg["probe_best_top1.digit"], agg["probe_best_top1.vq"], False),
     }
 
@@ -202,6 +221,9 @@ def claims_rows(runs: list[dict[str, Any]], agg: dict[str, Any], verdicts: dict[
     ):
         rows.append(row(claim, what, fmt_spread(agg[f"{metric}.digit"], fmt), fmt_spread(agg[f"{metric}.vq"], fmt),
                         verdicts[claim]))  # fmt: skip
+        if metric == "fd":  # summaries written before rule 2's combined verdict was recorded lack the key
+            both = verdicts.get("generation") or generation_verdict(verdicts["generation (FID)"], verdicts[claim])
+            rows.append(row("generation", "FID and FD together (disputed when they disagree)", "", "", both))
     rows.append(row("(context)", "linear probe, embedding layer", fmt_spread(agg["probe_embedding_top1.digit"], ".2%"),
                     fmt_spread(agg["probe_embedding_top1.vq"], ".2%"), "-"))  # fmt: skip
     floor = run0["fid"]["floor"], run0["fd"]["floor"]
