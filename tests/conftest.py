@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import tarfile
 from pathlib import Path
 
@@ -67,6 +68,15 @@ def tar_folder(folder: Path, out: Path, top: str | None = "train") -> Path:
                 rel = p.relative_to(folder).as_posix()
                 tf.add(p, arcname=f"{top}/{rel}" if top else rel)
     return out
+
+
+@pytest.fixture
+def ctrl_c_handled():
+    """Ctrl-C as in a terminal (KeyboardInterrupt), even where the test process was started with SIGINT ignored (a
+    background job): the interrupt tests send themselves SIGINT."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
 
 
 @pytest.fixture

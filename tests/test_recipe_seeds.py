@@ -321,13 +321,16 @@ def test_seeded_verdict_rules():
     assert seeded_verdict(spread([1.0]), spread([2.0]), True) == "reproduced (provisional: 1 seed(s))"
     assert seeded_verdict(a, None, True) == "not measured"
     ok, one, mixed = "reproduced", "reproduced (provisional: 1 seed(s))", "inconclusive (seed ranges overlap)"
+    two = "reproduced (provisional: 2 seed(s))"
     assert generation_verdict(ok, ok) == ok and generation_verdict(ok, "not measured") == ok
-    assert generation_verdict("not measured", "not reproduced") == "not reproduced"
+    assert generation_verdict("not measured", ok) == "not measured"  # never reproduced on the FD alone
     assert generation_verdict(one, one) == one and generation_verdict(ok, one) == one  # fewest seeds decide
+    assert generation_verdict(two, one) == one and generation_verdict(one, two) == one
     assert generation_verdict(ok, mixed) == f"disputed between feature spaces (FID: {ok}; FD: {mixed})"
-    assert generation_verdict(one, "not reproduced (provisional: 1 seed(s))") == (
+    assert generation_verdict(two, "not reproduced (provisional: 1 seed(s))") == (
         "disputed between feature spaces (FID: reproduced; FD: not reproduced) (provisional: 1 seed(s))"
     )
+    assert generation_verdict(f"{mixed} (provisional: 2 seed(s))", mixed) == f"{mixed} (provisional: 2 seed(s))"
     assert spread([None, 2.0, 4.0]) == {
         "mean": 3.0,
         "std": statistics.stdev([2.0, 4.0]),
@@ -397,7 +400,7 @@ def test_ship_an_effnet_route_stores_the_packaged_encoder(tmp_path, capsys):
     )
 
 
-def test_an_interrupted_recipe_waits_for_its_step_to_write_its_checkpoint(tmp_path):
+def test_an_interrupted_recipe_waits_for_its_step_to_write_its_checkpoint(tmp_path, ctrl_c_handled):
     import os
     import signal
     import sys
@@ -431,4 +434,44 @@ def test_an_interrupted_recipe_waits_for_its_step_to_write_its_checkpoint(tmp_pa
     with pytest.raises(KeyboardInterrupt):
         _run_child([sys.executable, "child.py"], tmp_path, "gpt", logs.append)
     assert (tmp_path / "saved").read_text() == "ok" and time.perf_counter() - t0 >= 1.0
-    assert logs == ["    interrupted: waiting for gpt to stop (interrupt again to kill it)"]
+    assert logs == ["    interrupted: waiting for gpt to stop (interrupt three more times to kill it)"]
+
+
+def test_a_second_interrupt_still_waits_for_the_step(tmp_path, ctrl_c_handled):
+    """The trainer ignores a second Ctrl-C (it is finishing its step and checkpoint); the runner waits through it too."""
+    import os
+    import signal
+    import sys
+    import threading
+    import time
+
+    from digit.recipes.runner import _run_child
+
+    (tmp_path / "child.py").write_text(
+        "import os, signal, sys, time\n"
+        "hits = []\n"
+        "signal.signal(signal.SIGINT, lambda *a: hits.append(1))\n"
+        "open('ready.tmp', 'w').write(str(os.getpid()))\n"
+        "os.replace('ready.tmp', 'ready')\n"
+        "while not hits:\n"
+        "    time.sleep(0.01)\n"
+        "time.sleep(1.0)\n"
+        "open('saved', 'w').write(str(len(hits)))\n"
+        "sys.exit(130)\n"
+    )
+
+    def ctrl_c_twice():
+        while not (tmp_path / "ready").exists():
+            time.sleep(0.02)
+        child = int((tmp_path / "ready").read_text())
+        for _ in range(2):
+            os.kill(child, signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.2)
+
+    logs: list[str] = []
+    threading.Thread(target=ctrl_c_twice, daemon=True).start()
+    with pytest.raises(KeyboardInterrupt):
+        _run_child([sys.executable, "child.py"], tmp_path, "gpt", logs.append)
+    assert (tmp_path / "saved").read_text() == "2"  # not killed at the second interrupt: it saved after both
+    assert len(logs) == 1

@@ -16,6 +16,7 @@ rules fixed before the multi-seed run (results/cifar10.md, "Decision rules for t
 from __future__ import annotations
 
 import json
+import re
 import statistics
 from pathlib import Path
 from typing import Any
@@ -152,18 +153,23 @@ def seeded_verdict(ours: dict | None, theirs: dict | None, lower_is_better: bool
 
 
 def generation_verdict(fid: str, fd: str) -> str:
-    """Rule 2's last clause: FID and FD must agree, else the claim is disputed (never reproduced on one space alone).
-    An FD that was not measured leaves the FID verdict as it is."""
-    if fd == "not measured" or fid == fd:
+    """Rule 2's last clause: the Inception FID decides and the FD, where measured, must agree, else the claim is
+    disputed between feature spaces. Without an FID there is no verdict (never reproduced on the FD alone).
+    Provisional with the fewer seeds of the two."""
+    if fid == "not measured" or fd == "not measured":
         return fid
-    if fid == "not measured":
-        return fd
-    tag = " (provisional"
-    bare_fid, bare_fd = fid.split(tag)[0], fd.split(tag)[0]
-    if bare_fid == bare_fd:  # same verdict, different seed counts
-        return fid if tag in fid else fd
-    suffix = fid[len(bare_fid) :] or fd[len(bare_fd) :]
+    bare_fid, seeds_fid = _split_provisional(fid)
+    bare_fd, seeds_fd = _split_provisional(fd)
+    seeds = [n for n in (seeds_fid, seeds_fd) if n is not None]
+    suffix = f" (provisional: {min(seeds)} seed(s))" if seeds else ""
+    if bare_fid == bare_fd:
+        return bare_fid + suffix
     return f"disputed between feature spaces (FID: {bare_fid}; FD: {bare_fd}){suffix}"
+
+
+def _split_provisional(verdict: str) -> tuple[str, int | None]:
+    m = re.fullmatch(r"(.*) \(provisional: (\d+) seed\(s\)\)", verdict)
+    return (m[1], int(m[2])) if m else (verdict, None)
 
 
 def stability_verdict(run: dict[str, Any]) -> str:

@@ -134,15 +134,22 @@ def run_steps(
 
 def _run_child(argv: list[str], cwd: Path, name: str, log: Callable[[str], None]) -> int:
     """Run one step; on Ctrl-C wait for it (subprocess.run would kill it within 0.25 s). The child shares our process
-    group, so it got the signal too: a trainer finishes its step and writes a checkpoint the next run resumes from."""
+    group, so it got the signal too: a trainer finishes its step and writes a checkpoint the next run resumes from. The
+    trainer gives up on its checkpoint at its third signal; only a fourth makes us kill it."""
     proc = subprocess.Popen(argv, cwd=cwd)
-    try:
-        return proc.wait()
-    except KeyboardInterrupt:
-        log(f"    interrupted: waiting for {name} to stop (interrupt again to kill it)")
+    interrupts = 0
+    while True:
         try:
-            proc.wait()
+            code = proc.wait()
+            break
         except KeyboardInterrupt:
-            proc.kill()
-            proc.wait()
-        raise
+            interrupts += 1
+            if interrupts == 1:
+                log(f"    interrupted: waiting for {name} to stop (interrupt three more times to kill it)")
+            if interrupts >= 4:
+                proc.kill()
+                proc.wait()
+                raise
+    if interrupts:
+        raise KeyboardInterrupt
+    return code

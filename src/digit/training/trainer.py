@@ -355,7 +355,7 @@ class Trainer:
             saved = (cfg.save_every and done % cfg.save_every == 0) or done == self.total
             if saved:
                 self._checkpoint(done)
-            if done < self.total and stop.requested(sync=done % cfg.log_every == 0):
+            if done < self.total and stop.requested():
                 if not saved:
                     self._checkpoint(done)
                 bar.close()
