@@ -234,6 +234,29 @@ def test_missing_weights_one_line_error(image_sets, empty_torch_home, no_incepti
     assert not (tmp_path / "s.npz").exists()
 
 
+def test_statistics_prepared_otherwise_are_refused(inception_weights, image_sets, tmp_path, capsys):
+    """Stats record how their images were prepared; a comparison that would prepare them differently is refused."""
+    from digit.evaluation.images import preprocess_record
+    from digit.evaluation.stats import load_stats
+
+    w = ["--inception-weights", str(inception_weights), "--inception-layer", "64"]
+    stats = tmp_path / "big16.npz"
+    rc, _, err = _run(["eval", "stats", "--ref", str(image_sets["big"]), "--image-size", "16", "--out", str(stats), *w],
+                      capsys)  # fmt: skip
+    assert rc == 0, err
+    st = load_stats(stats)
+    assert st.meta["preprocess"] == preprocess_record(16) and "bilinear" in st.meta["preprocess"]
+    gen = ["--gen", str(image_sets["gen"]), "--min-images", "4"]
+    rc, _, err = _run(["eval", *gen, "--ref", str(stats), "--image-size", "16", *w], capsys)
+    assert rc == 0, err
+    rc, _, err = _run(["eval", *gen, "--ref", str(stats), "--image-size", "20", *w], capsys)
+    assert rc == 2 and "reference statistics are 16x16, not --image-size 20" in err
+    st.meta["preprocess"] = "decoded elsewhere, bicubic"
+    st.save(tmp_path / "other.npz")
+    rc, _, err = _run(["eval", *gen, "--ref", str(tmp_path / "other.npz"), "--image-size", "16", *w], capsys)
+    assert rc == 2 and "were prepared as 'decoded elsewhere, bicubic'" in err
+
+
 def test_refusals_and_force(inception_weights, image_sets, tmp_path, capsys):
     w = ["--inception-weights", str(inception_weights)]
     gen, ref = str(image_sets["gen"]), str(image_sets["ref"])

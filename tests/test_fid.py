@@ -235,3 +235,30 @@ def test_image_set_from_archive(tmp_path):
     assert s.labels.tolist() == [0, 0, 1]
     with pytest.raises(DigitError, match="--image-size"):
         open_image_set(arc)
+
+
+def test_archive_and_folder_give_the_same_reference_images(tmp_path):
+    """A reference set's statistics must not depend on its container: the same non-square PNGs, as a folder and as a
+    .tar.gz, decode to identical tensors, equal to torchvision's Resize(S) (bilinear) + CenterCrop(S) written out."""
+    import io
+    import tarfile
+
+    import torchvision.transforms.functional as TF
+    from PIL import Image
+
+    rng = np.random.default_rng(17)
+    arrays = [rng.integers(0, 256, size=(12 + 2 * i, 20, 3), dtype=np.uint8) for i in range(3)]
+    (tmp_path / "folder" / "a").mkdir(parents=True)
+    arc = tmp_path / "imgs.tar.gz"
+    with tarfile.open(arc, "w:gz") as tf:
+        for i, a in enumerate(arrays):
+            Image.fromarray(a).save(tmp_path / "folder" / "a" / f"{i}.png")
+            buf = io.BytesIO()
+            Image.fromarray(a).save(buf, format="PNG")
+            info = tarfile.TarInfo(f"train/a/{i}.png")
+            info.size = len(buf.getvalue())
+            tf.addfile(info, io.BytesIO(buf.getvalue()))
+    folder, archive = open_image_set(tmp_path / "folder", image_size=8), open_image_set(arc, image_size=8)
+    for i, a in enumerate(arrays):
+        want = TF.pil_to_tensor(TF.center_crop(TF.resize(Image.fromarray(a), 8), 8))
+        assert torch.equal(folder.dataset[i], want) and torch.equal(archive.dataset[i], want)

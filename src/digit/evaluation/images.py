@@ -109,8 +109,35 @@ class _ArrayDataset:
         return torch.from_numpy(np.ascontiguousarray(self.images[i].transpose(2, 0, 1)))
 
 
+def decode_for_eval(file: Any, image_size: int | None, name: str) -> Any:
+    """One image (a path or a binary file object) -> uint8 [3, H, W], the same for folders and archives so that a
+    reference set's statistics do not depend on its container: PIL's ``convert("RGB")`` as torch-fidelity reads
+    images, then optionally Resize(S) + CenterCrop(S) (torchvision's default bilinear, antialiased, as MAGE's
+    evaluation transforms do)."""
+    import torch
+    from PIL import Image
+
+    try:
+        with Image.open(file) as im:
+            im = im.convert("RGB")
+            if image_size is not None:
+                from torchvision.transforms import functional as TF
+
+                im = TF.center_crop(TF.resize(im, image_size), image_size)
+            arr = np.asarray(im, dtype=np.uint8)
+    except (OSError, SyntaxError, ValueError) as e:
+        raise DigitError(f"cannot decode image {name}: {e}") from e
+    return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
+
+
+def preprocess_record(image_size: int | None) -> str:
+    """What ``decode_for_eval`` did, as stored in reference statistics (a mismatch is refused)."""
+    base = "PIL convert('RGB')"
+    return base if image_size is None else f"{base}, Resize({image_size}, bilinear, antialias) + CenterCrop"
+
+
 class _FileDataset:
-    """Image files -> uint8 [3, H, W]; optional Resize(S) + CenterCrop(S) on the PIL image (torchvision, bilinear)."""
+    """Image files -> uint8 [3, H, W] (``decode_for_eval``)."""
 
     def __init__(self, files: list[Path], image_size: int | None) -> None:
         self.files = files
@@ -120,36 +147,27 @@ class _FileDataset:
         return len(self.files)
 
     def __getitem__(self, i: int):
-        import torch
-        from PIL import Image
-
-        try:
-            with Image.open(self.files[i]) as im:
-                im = im.convert("RGB")
-                if self.image_size is not None:
-                    from torchvision.transforms import functional as TF
-
-                    im = TF.center_crop(TF.resize(im, self.image_size), self.image_size)
-                arr = np.asarray(im, dtype=np.uint8)
-        except OSError as e:
-            raise DigitError(f"cannot decode image {self.files[i]}: {e}") from e
-        return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
+        return decode_for_eval(self.files[i], self.image_size, str(self.files[i]))
 
 
 class _SourceDataset:
-    """A data-layer source (e.g. a .tar.gz) read through ``digit.data.datasets.ImageDataset``: item -> image only."""
+    """A data-layer source (e.g. a .tar.gz): its bytes decoded like a folder's files (``decode_for_eval``)."""
 
-    def __init__(self, ds: Any) -> None:
-        self.ds = ds
+    def __init__(self, source: Any, image_size: int) -> None:
+        self.source, self.image_size = source, image_size
 
     def __len__(self) -> int:
-        return len(self.ds)
+        return len(self.source)
 
     def __getitem__(self, i: int):
-        image, _, _, error = self.ds[i]
-        if image is None:  # the data layer reports undecodable files instead of raising
-            raise DigitError(f"{self.ds.source.path}: image {i} cannot be decoded ({error})")
-        return image
+        import io
+
+        name = f"{self.source.path}: image {i}"
+        try:
+            data = self.source.read_bytes(i)
+        except OSError as e:
+            raise DigitError(f"cannot read {name} ({e})") from e
+        return decode_for_eval(io.BytesIO(data), self.image_size, name)
 
 
 def read_sampling_meta(path: Path) -> dict[str, Any] | None:
@@ -206,23 +224,11 @@ def _open_npz(path: Path, image_size: int | None) -> ImageSet:
 def _open_archive(path: Path, image_size: int | None) -> ImageSet:
     if image_size is None:
         raise DigitError(f"{path}: reading an archive needs --image-size (resize + center crop to a square)")
-    try:
-        from digit.data.datasets import ImageDataset
-        from digit.data.sources import open_image_source
-    except ImportError as e:
-        raise DigitError(f"{path}: archives need the data layer (digit.data.sources), which is not available") from e
+    from digit.data.sources import open_image_source
+
     src = open_image_source(path)
-    ds = ImageDataset(src, image_size=image_size, train=False, seed=0)
     labels = np.asarray(src.labels, dtype=np.int64) if getattr(src, "labels", None) is not None else None
-    return ImageSet(
-        path,
-        "archive",
-        _SourceDataset(ds),
-        (image_size, image_size),
-        labels,
-        None,
-        ["decoded by digit.data (Resize + CenterCrop)"],
-    )
+    return ImageSet(path, "archive", _SourceDataset(src, image_size), (image_size, image_size), labels, None)
 
 
 def open_image_set(path: str | Path, image_size: int | None = None) -> ImageSet:
