@@ -18,6 +18,13 @@ def register(sub) -> None:
     p.add_argument("--workers", type=non_negative_int, default=2)
     p.add_argument("--seed", type=int, default=0, help="noise seed")
     p.add_argument(
+        "--noise-space",
+        choices=["input", "pixel"],
+        default="input",
+        help="where the noise goes: input = the tokenizer's normalised input, power measured there (default); "
+        "pixel = the [0, 1] image before normalisation, so different tokenizers see the same noisy images",
+    )
+    p.add_argument(
         "--precision",
         choices=["auto", "fp32", "bf16"],
         default="auto",
@@ -59,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
             if len(b["indices"]):
                 yield b["images"]
 
-    result = token_stability(tok, batches(), args.snr, seed=args.seed, total=len(ds))
+    result = token_stability(tok, batches(), args.snr, seed=args.seed, total=len(ds), noise_space=args.noise_space)
     skipped.require_usable(result["n_images"])
     result["tokenizer"] = str(args.tokenizer)
     result["data"] = str(args.data)
