@@ -139,6 +139,11 @@ def test_engine_refusals():
     unguided = Engine(model, slots=2, guided=False)
     with pytest.raises(DigitError, match="cfg_scale must be 1"):
         unguided.submit(Request(cond=0, params=SamplingParams(cfg_scale=2.0)))
+    # a model whose null class was never trained runs unguided by default and cannot be made to guide
+    untrained_null = class_model(class_dropout=0.0)
+    assert not Engine(untrained_null, slots=2).guided and Engine(model, slots=2).guided
+    with pytest.raises(DigitError, match="trained with class dropout"):
+        Engine(untrained_null, slots=2, guided=True)
     engine = Engine(model, slots=2)
     with pytest.raises(DigitError, match="class id"):
         engine.submit(Request(cond=4))

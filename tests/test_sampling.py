@@ -171,6 +171,22 @@ def test_generate_refusals():
         generate(GPT(build_config("tiny")), n=2, cfg_scale=2.0)
     with pytest.raises(DigitError, match="n >= 1"):
         generate(GPT(build_config("tiny")))
+    # guidance against a null class that was never trained (DiGIT's converted stage 1), or for a MaskGIT-style model
+    # whose decoding never reads the scale, is refused rather than silently meaningless
+    with pytest.raises(DigitError, match="trained with class dropout"):
+        generate(class_model(class_dropout=0.0), labels, cfg_scale=2.0)
+    assert generate(class_model(class_dropout=0.0), labels, cfg_scale=1.0).shape == (1, 4, 4)
+    with pytest.raises(DigitError, match="autoregressive models, not MaskGIT"):
+        generate(class_model(causal=False), labels, cfg_scale=2.0)
+
+
+def test_official_sampling_at_temperature_zero_is_greedy_not_nan():
+    from digit.sampling.official import fairseq_log_probs
+
+    logits = torch.tensor([[0.1, 2.0, -1.0, 0.5, 9.0], [3.0, -2.0, 0.0, 4.0, 1.0]])
+    lp = fairseq_log_probs(logits, n_codes=4, temperature=0.0)
+    assert torch.isfinite(lp[:, :4]).any(-1).all() and not torch.isnan(lp).any()
+    assert lp[:, :4].argmax(-1).tolist() == [1, 3] and (lp[:, 4:] == NEG).all()
 
 
 # ---- the CLI

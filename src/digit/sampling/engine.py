@@ -92,9 +92,13 @@ class Engine:
         if slots < 1:
             raise DigitError(f"slots must be >= 1, got {slots}")
         self.model, self.slots = model, slots
-        self.guided = cfg.cond in ("class", "text") if guided is None else bool(guided)
-        if self.guided and cfg.cond not in ("class", "text"):
-            raise DigitError("classifier-free guidance needs a class- or text-conditional model")
+        # a model whose null condition was never trained (class_dropout 0) cannot be guided: no null rows by default
+        trained_null = cfg.cond in ("class", "text") and cfg.class_dropout > 0
+        self.guided = trained_null if guided is None else bool(guided)
+        if self.guided and not trained_null:
+            raise DigitError(
+                "classifier-free guidance needs a class- or text-conditional model trained with class dropout"
+            )
         self.device = next(model.parameters()).device
         self.rows = 2 * slots if self.guided else slots
         self._step_fn = step_function(compile, self.device)

@@ -129,8 +129,14 @@ def step_function(compile: bool, device: torch.device) -> Callable[..., torch.Te
 
 def check_params(model: CachedDecoder, params: SamplingParams) -> None:
     """What depends on the model (the values themselves were validated by SamplingParams)."""
-    if params.cfg_scale != 1.0 and model.config.cond not in ("class", "text"):
+    if params.cfg_scale == 1.0:
+        return
+    if model.config.cond not in ("class", "text"):
         raise DigitError("classifier-free guidance needs a class-conditional or text-conditional model")
+    if model.config.class_dropout == 0.0:  # e.g. DiGIT's converted stage 1: its null row was never trained
+        raise DigitError("classifier-free guidance needs a model trained with class dropout (this one has 0)")
+    if not model.config.causal:
+        raise DigitError("classifier-free guidance is implemented for autoregressive models, not MaskGIT-style ones")
 
 
 def batch_size(model: CachedDecoder, cond: torch.Tensor | None, n: int | None) -> int:

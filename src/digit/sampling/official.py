@@ -35,7 +35,8 @@ from digit.errors import DigitError
 def fairseq_log_probs(logits: torch.Tensor, n_codes: int, temperature: float = 1.0) -> torch.Tensor:
     """``logits`` [B, n_codes + S] (codebook rows first, then the S special rows) -> log-probabilities [B, n_codes + S]
     normalised over all rows, specials then banned (-inf); the code rows are NOT renormalised."""
-    lprobs = torch.log_softmax(logits.float() / temperature, dim=-1)
+    # temperature 0 means greedy elsewhere; dividing by it here would give NaN rows that always draw code 0
+    lprobs = torch.log_softmax(logits.float() / max(temperature, 1e-5), dim=-1)
     lprobs[..., n_codes:] = float("-inf")
     return lprobs
 

@@ -1,5 +1,6 @@
 """The numeric precision sampling runs at: ``fp32`` (the default, bit-reproducible), ``bf16`` (weights and KV cache in
-bfloat16; logits, guidance, filtering and the draw stay float32), or ``auto`` (bf16 where the hardware computes it
+bfloat16; the head's matmul too, as in LlamaGen, then its logits are cast to float32 for guidance, filtering and the
+draw), or ``auto`` (bf16 where the hardware computes it
 natively: a CUDA device that supports it, or a CPU with avx512_bf16 / AMX; fp32 elsewhere, where bf16 would be emulated
 and slower than fp32).
 

@@ -108,8 +108,10 @@ def parse_generation(data: dict[str, Any], pipe: Any, config: ServeConfig) -> Ge
     if not _int(seed) or not 0 <= seed <= MAX_SEED:
         raise DigitError(f"seed must be an integer in [0, 2**63 - 1], got {seed!r}")
     stage1 = _params({f: data[f] for f in STAGE1_FIELDS if f in data}, STAGE1_FIELDS, SamplingParams(), "sampling")
-    if stage1.guided and pipe.stage1.config.cond not in ("class", "text"):
-        raise DigitError("cfg_scale != 1 (classifier-free guidance) needs a class- or text-conditional model")
+    if stage1.guided:
+        from digit.sampling.generate import check_params
+
+        check_params(pipe.stage1, stage1)  # a class- or text-conditional model trained with class dropout
     decoder = None
     if pipe.decoder is not None:
         given = data.get("decoder") or {}
