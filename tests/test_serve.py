@@ -147,6 +147,22 @@ def test_validation_errors_are_400_json_with_the_message(server, body, message):
     assert err["type"] == "invalid_request" and message in err["message"], err
 
 
+def test_guidance_refused_for_a_model_whose_null_class_was_never_trained(model_dir):
+    """Like DiGIT's converted stage 1 (class_dropout 0): a cfg_scale is a 400 with the sampler's own message, and the
+    engine runs it unguided."""
+    from digit.pipeline import Pipeline
+    from digit.sampling.engine import Engine
+    from digit.serve.api import parse_generation
+    from digit.serve.service import ServeConfig
+
+    pipe = Pipeline.from_pretrained(model_dir)
+    pipe.stage1.config.class_dropout = 0.0
+    with pytest.raises(DigitError, match="trained with class dropout"):
+        parse_generation({"class": 0, "cfg_scale": 2.0}, pipe, ServeConfig())
+    assert parse_generation({"class": 0}, pipe, ServeConfig()).stage1.cfg_scale == 1.0
+    assert Engine(pipe.stage1, slots=1).guided is False
+
+
 def test_sampling_messages_are_samplingparams_own(server):
     """The server adds no rule of its own to the sampling values: its message is SamplingParams'."""
     with pytest.raises(DigitError) as e:
@@ -164,6 +180,7 @@ def test_routes_health_page_and_http_errors(server):
     info = json.loads(raw)
     assert [c["class_name"] for c in info["classes"]] == CLASSES and info["kind"] == "digit-ar"
     assert info["tokens_per_image"] == T and info["image_size"] == 16 and info["limits"]["max_images"] == 16
+    assert info["guidance"] is True  # trained with class dropout: the page offers a cfg scale
     assert server.get("/nope")[0] == 404
     assert server.get("/v1/images/generations")[0] == 405
     status, _, _ = server.request("POST", "/v1/images/generations", b'{"class": 0, "pad": "' + b"x" * 100_000 + b'"}')

@@ -157,6 +157,7 @@ def create_app(pipe: Any, config: ServeConfig | None = None, *, model_name: str 
                 "model": model_name,
                 "kind": pipe.kind,
                 "text": pipe.is_text,  # the page shows a prompt box instead of the class list
+                "guidance": service.engine.guided,  # false: no trained null condition, the page fixes cfg_scale at 1
                 "classes": [{"class": i, "class_name": class_name(pipe, i)} for i in range(k)],
                 "image_size": int(pipe.vq.image_size),
                 "tokens_per_image": service.tokens_per_image,
