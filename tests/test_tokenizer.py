@@ -375,3 +375,29 @@ def test_encoder_weights_changed_after_build_are_refused(tmp_path):
     save_file(sd, str(path))
     with pytest.raises(DigitError, match="changed since this tokenizer was built"):
         load_tokenizer(tmp_path / "tok")
+
+
+def test_an_encoder_directory_retrained_after_the_fit_is_refused(tmp_path):
+    """`digit encoder pretrain` rewrites its directory's weights at every checkpoint: a tokenizer fitted on that
+    directory records their sha256 and refuses other weights; one written before the hash was recorded still loads
+    and saves back unchanged."""
+    enc = tiny_encoder(depth=2, layer=1)
+    save_encoder_dir(enc, tmp_path / "enc", name=TINY_VIT, kwargs=dict(TINY_VIT_KWARGS), image_size=TINY_IMAGE_SIZE)
+    on_dir = build_encoder(str(tmp_path / "enc"), layer=1)
+    DiscriminativeTokenizer(on_dir, np.zeros((4, 64), np.float32)).save(tmp_path / "tok")
+    cfg = json.loads((tmp_path / "tok" / "tokenizer.json").read_text())
+    from digit.utils.io import file_sha256
+
+    assert cfg["encoder"]["weights"]["sha256"] == file_sha256(tmp_path / "enc" / "encoder.safetensors")
+    assert load_tokenizer(tmp_path / "tok").vocab_size == 4
+    retrained = tiny_encoder(depth=2, layer=1, seed=9)  # what a later checkpoint writes
+    save_encoder_dir(
+        retrained, tmp_path / "enc", name=TINY_VIT, kwargs=dict(TINY_VIT_KWARGS), image_size=TINY_IMAGE_SIZE
+    )
+    with pytest.raises(DigitError, match="changed since this tokenizer was fitted"):
+        load_tokenizer(tmp_path / "tok")
+    del cfg["encoder"]["weights"]["sha256"]  # a tokenizer.json from before the record
+    (tmp_path / "tok" / "tokenizer.json").write_text(json.dumps(cfg))
+    old = load_tokenizer(tmp_path / "tok")
+    old.save(tmp_path / "resaved")
+    assert json.loads((tmp_path / "resaved" / "tokenizer.json").read_text())["encoder"] == cfg["encoder"]

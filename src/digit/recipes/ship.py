@@ -60,6 +60,8 @@ def ship_models(
         enc_path = src_weights()
         if not enc_path.is_absolute():
             enc_path = recipe / enc_path
+        if weights.get("kind") == "dir" and weights.get("sha256") and file_sha256(enc_path) != weights["sha256"]:
+            raise DigitError(f"{enc_path} changed since the tokenizer was fitted (sha256 differs): refusing to ship it")
         (tmp / "tokenizer").mkdir(parents=True)
         shutil.copyfile(enc_path, tmp / "tokenizer" / ENCODER_WEIGHTS)
         if weights.get("kind") == "package":

@@ -212,9 +212,11 @@ def cnn_encoder_from_config(cfg: dict[str, Any], directory: Any = None) -> CNNEn
     w = cfg.get("weights", {})
     kind = w.get("kind")
     if kind == "dir":  # an encoder directory from `digit encoder pretrain`
-        from digit.tokenizers.encoder import load_encoder_dir
+        from digit.tokenizers.encoder import checked_dir_encoder, load_encoder_dir
 
-        return load_encoder_dir(w["path"], layer=cfg["layer"], image_size=int(cfg["image_size"]))
+        return checked_dir_encoder(
+            load_encoder_dir(w["path"], layer=cfg["layer"], image_size=int(cfg["image_size"])), w
+        )
     model = create_cnn(cfg["name"], cfg.get("kwargs", {}))
     if kind == "package":
         entry = packaged.encoder_entry(cfg["name"])
@@ -251,6 +253,7 @@ def load_cnn_encoder_dir(path: Any, cfg: dict[str, Any], *, layer: int | str, im
     from pathlib import Path
 
     from digit.tokenizers.encoder import ENCODER_WEIGHTS, read_state_dict
+    from digit.utils.io import file_sha256
 
     path = Path(path)
     model = create_cnn(cfg["name"], cfg.get("kwargs", {}))
@@ -259,6 +262,6 @@ def load_cnn_encoder_dir(path: Any, cfg: dict[str, Any], *, layer: int | str, im
     source = {
         "name": cfg["name"],
         "kwargs": cfg.get("kwargs", {}),
-        "weights": {"kind": "dir", "path": str(path.resolve())},
+        "weights": {"kind": "dir", "path": str(path.resolve()), "sha256": file_sha256(path / ENCODER_WEIGHTS)},
     }
     return CNNEncoder(model, layer=layer, image_size=image_size, source=source, mean=mean, std=std)

@@ -335,7 +335,7 @@ def encoder_from_config(cfg: dict[str, Any], directory: str | os.PathLike | None
     kind = w.get("kind")
     image_size, layer = int(cfg["image_size"]), int(cfg["layer"])
     if kind == "dir":
-        return load_encoder_dir(w["path"], layer=layer, image_size=image_size)
+        return checked_dir_encoder(load_encoder_dir(w["path"], layer=layer, image_size=image_size), w)
     # tokenizers written before the choice existed were resampled by timm's loader
     interpolation = w.get("pos_embed_interpolation", "timm")
     if kind == "hub":
@@ -358,6 +358,20 @@ def encoder_from_config(cfg: dict[str, Any], directory: str | os.PathLike | None
         raise DigitError(f"unknown encoder weights kind {kind!r}")
     source = {k: cfg[k] for k in ("name", "kwargs", "weights") if k in cfg}
     return Encoder(model, layer=layer, image_size=image_size, source=source)
+
+
+def checked_dir_encoder(encoder: Any, recorded: dict[str, Any]) -> Any:
+    """An encoder loaded from a directory, refused if its weights are not the ones the tokenizer was fitted on
+    (``digit encoder pretrain`` rewrites them at every checkpoint); tokenizers written before the hash was recorded
+    are taken as they are. Its source becomes the recorded one, so the tokenizer saves back unchanged."""
+    now = encoder.source["weights"].get("sha256")
+    if recorded.get("sha256") and now != recorded["sha256"]:
+        raise DigitError(
+            f"{recorded['path']}/{ENCODER_WEIGHTS} changed since this tokenizer was fitted (sha256 differs): its "
+            "tokens would differ; refit the tokenizer or restore those weights"
+        )
+    encoder.source = {**encoder.source, "weights": dict(recorded)}
+    return encoder
 
 
 def save_encoder_dir(
@@ -395,6 +409,6 @@ def load_encoder_dir(path: str | os.PathLike, *, layer: int = 3, image_size: int
     source = {
         "name": cfg["name"],
         "kwargs": cfg.get("kwargs", {}),
-        "weights": {"kind": "dir", "path": str(path.resolve())},
+        "weights": {"kind": "dir", "path": str(path.resolve()), "sha256": file_sha256(path / ENCODER_WEIGHTS)},
     }
     return Encoder(model, layer=layer, image_size=size, source=source)
