@@ -401,3 +401,16 @@ def test_an_encoder_directory_retrained_after_the_fit_is_refused(tmp_path):
     old = load_tokenizer(tmp_path / "tok")
     old.save(tmp_path / "resaved")
     assert json.loads((tmp_path / "resaved" / "tokenizer.json").read_text())["encoder"] == cfg["encoder"]
+
+
+def test_default_layer_is_the_one_an_encoder_directory_names(tmp_path):
+    from digit.cli.tokenizer import default_layer
+
+    enc = tiny_encoder(depth=2, layer=1)
+    kw = dict(TINY_VIT_KWARGS)
+    save_encoder_dir(enc, tmp_path / "plain", name=TINY_VIT, kwargs=kw, image_size=TINY_IMAGE_SIZE)
+    save_encoder_dir(
+        enc, tmp_path / "student", name=TINY_VIT, kwargs=kw, image_size=TINY_IMAGE_SIZE, extra={"layer": 1}
+    )
+    assert default_layer(str(tmp_path / "plain")) == 3 and default_layer(str(tmp_path / "student")) == 1
+    assert default_layer("tf_efficientnet_lite0") == "stride16" and default_layer(TINY_VIT) == 3

@@ -42,7 +42,8 @@ def add_encoder_args(p: argparse.ArgumentParser) -> None:
         "--layer",
         type=layer_arg,
         default=None,
-        help="ViT: features after block L-N, then the final norm (default 3); CNN: strideS picks the feature map of "
+        help="ViT: features after block L-N, then the final norm (default 3, or the layer an encoder directory "
+        "names: 1 for a distilled student); CNN: strideS picks the feature map of "
         "stride S (e.g. stride16), N the N-th map from the end (default stride16); the grid is image size / stride",
     )
     g.add_argument("--encoder-seed", type=int, default=0, help="seed for --random-init weights")
@@ -77,7 +78,8 @@ def layer_arg(value: str):
 
 
 def default_layer(encoder: str) -> int | str:
-    """3 (DiGIT's ViT default), stride16 for a timm CNN."""
+    """The layer an encoder directory names (a distilled student: its output, 1), else 3 (DiGIT's ViT default),
+    stride16 for a timm CNN."""
     from pathlib import Path
 
     from digit.tokenizers.cnn_encoder import is_cnn_name
@@ -87,7 +89,10 @@ def default_layer(encoder: str) -> int | str:
         if cfg.is_file():
             from digit.utils.artifacts import STR, read_json_object
 
-            return "stride16" if is_cnn_name(read_json_object(cfg, {"name": STR})["name"]) else 3
+            meta = read_json_object(cfg, {"name": STR})
+            if isinstance(meta.get("layer"), int) and not isinstance(meta["layer"], bool) and meta["layer"] >= 1:
+                return meta["layer"]
+            return "stride16" if is_cnn_name(meta["name"]) else 3
         return 3
     return "stride16" if is_cnn_name(encoder) else 3
 
