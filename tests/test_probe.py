@@ -144,6 +144,19 @@ def test_probe_cli_end_to_end(tmp_path, capsys):
     assert lim["provenance"]["tokens"]["n_train"] == 120 and lim["provenance"]["tokens"]["n_train_available"] == 400
     assert np.load(cache / "train_features.npy").shape == (3, 120, 32)
     assert lim["layers"][0]["top1"] > 0.9  # 120 rows over all 4 classes still find the planted signal
+    # a --flip val directory: each image is scored once, on its original view (the mirrored grids here carry the
+    # next class's tokens, so counting them would pull top-1 down)
+    from digit.data.tokens import write_token_dir
+
+    tokens, labels = _token_dir(tmp_path / "val_again", 200, 2)  # the val set above
+    mirrored = (labels[:, None, None] + 1) % 4 * 8 + np.random.default_rng(5).integers(0, 8, size=(200, 4, 4))
+    write_token_dir(tmp_path / "val_flip", np.concatenate([tokens, mirrored]), np.concatenate([labels, labels]),
+                    vocab_size=32, num_classes=4, views=["orig", "flip"])  # fmt: skip
+    i = argv.index("--val-tokens") + 1
+    flip_argv = [*argv[:i], str(tmp_path / "val_flip"), *argv[i + 1 : -2], "--out", str(tmp_path / "flip.json")]
+    assert main(flip_argv) == 0
+    fl = json.loads((tmp_path / "flip.json").read_text())
+    assert fl["provenance"]["tokens"]["n_val"] == 200 and fl["layers"] == res["layers"]
 
 
 def test_probe_cli_errors(tmp_path, capsys):

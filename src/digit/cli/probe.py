@@ -92,7 +92,9 @@ def run(args: argparse.Namespace) -> int:
         if not t.labeled:
             raise DigitError(f"{t.path}: probing needs every row labeled (labels.npy has -1 entries)")
     num_classes = max(train.num_classes, val.num_classes, int(train.labels.max()) + 1, int(val.labels.max()) + 1)
-    rows = {"train": np.arange(len(train)), "val": np.arange(len(val))}
+    # val is scored on each image once, its original view (a --flip directory also holds the mirrored grids)
+    val_rows = val.views.index("orig") * val.n_images + np.arange(val.n_images) if "orig" in val.views else None
+    rows = {"train": np.arange(len(train)), "val": np.arange(len(val)) if val_rows is None else val_rows}
     if args.train_limit is not None and args.train_limit < len(train):
         # token directories are sorted by class: a prefix would hold only the first classes
         pick = np.random.default_rng(args.seed).choice(len(train), args.train_limit, replace=False)
@@ -116,7 +118,7 @@ def run(args: argparse.Namespace) -> int:
         feats["train"],
         np.asarray(train.labels[rows["train"]]),
         feats["val"],
-        np.asarray(val.labels),
+        np.asarray(val.labels[rows["val"]]),
         num_classes,
         epochs=args.epochs,
         lr=args.lr,
@@ -135,7 +137,7 @@ def run(args: argparse.Namespace) -> int:
             "val": str(args.val_tokens),
             "n_train": len(rows["train"]),
             "n_train_available": len(train),
-            "n_val": len(val),
+            "n_val": len(rows["val"]),
             "train_tokenizer": train.meta.get("tokenizer"),
             "val_tokenizer": val.meta.get("tokenizer"),
         },
