@@ -145,6 +145,38 @@ def test_recipes_and_label_smoothing_loss(tmp_path):
     nll = -logp.gather(-1, batch["tokens"][..., None])[..., 0]
     want = (0.9 * nll - 0.1 * logp.mean(-1)).mean()  # smoothing over the whole vocabulary, mean over tokens
     torch.testing.assert_close(loss, want, rtol=1e-5, atol=1e-6)
+    # the validation loss is the plain NLL, whatever the training smoothing: comparable across recipes
+    task = GPTTask(cfg, data, val=data, optim=OPTIM, label_smoothing=0.1, total_steps=10)
+    for p in task.model.parameters():
+        p.data.normal_(0, 0.1)
+    task.model.eval()
+    with torch.no_grad():
+        all_rows = task.collate([task.val[i] for i in range(len(task.val))])
+        logp = F.log_softmax(task.model(all_rows["tokens"]), -1)
+        nll = -logp.gather(-1, all_rows["tokens"][..., None])[..., 0].mean()
+    assert task.evaluate(0)["val_loss"] == pytest.approx(float(nll), rel=1e-5)
+
+
+def test_validation_labels_follow_the_training_classes_by_name(tmp_path):
+    """A held-out split lacking a class numbers the rest differently (ids are positions among the classes present):
+    its labels are mapped to the training ids by name; an unknown class, or another codebook, is refused."""
+    train_dir = read_token_dir(token_dir(tmp_path / "train", n=8, classes=4))  # c0..c3
+    tokens = np.random.default_rng(1).integers(0, 32, (4, 4, 4))
+    val_dir = write_token_dir(tmp_path / "val", tokens, np.array([0, 1, 2, 0]), vocab_size=32,
+                              class_names=["c1", "c2", "c3"])  # fmt: skip
+    cfg = build_config("tiny", vocab_size=32, grid=(4, 4), cond="class", num_classes=4)
+    task = GPTTask(cfg, train_dir, val=read_token_dir(val_dir), optim=OPTIM, total_steps=1)
+    assert [int(task.val[i]["label"]) for i in range(4)] == [1, 2, 3, 1]
+    assert [int(task.dataset[i]["label"]) for i in range(4)] == [0, 1, 2, 3]  # training ids as stored
+    other = write_token_dir(tmp_path / "val2", tokens, np.array([0, 1, 2, 0]), vocab_size=32,
+                            class_names=["c1", "zebra", "c3"])  # fmt: skip
+    with pytest.raises(DigitError, match="zebra are not among"):
+        GPTTask(cfg, train_dir, val=read_token_dir(other), optim=OPTIM, total_steps=1)
+    tok_a = {"type": "discriminative", "codebook_fingerprint": "aaa"}
+    a = read_token_dir(token_dir(tmp_path / "a", n=8, classes=4, tokenizer=tok_a))
+    b = read_token_dir(token_dir(tmp_path / "b", n=8, classes=4, tokenizer={**tok_a, "codebook_fingerprint": "bbb"}))
+    with pytest.raises(DigitError, match="another tokenizer"):
+        GPTTask(cfg, a, val=b, optim=OPTIM, total_steps=1)
 
 
 def test_nar_masking_and_loss(tmp_path):

@@ -72,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
     import numpy as np
 
     from digit.cli.common import resolve_device
-    from digit.data.tokens import check_provenance, read_token_dir
+    from digit.data.tokens import check_provenance, class_label_map, read_token_dir
     from digit.evaluation.probe import cached_gpt_features, feature_cache_key, summarize, train_linear_probes
     from digit.models import load_gpt_run
     from digit.utils.io import atomic_write_json, file_sha256
@@ -91,10 +91,13 @@ def run(args: argparse.Namespace) -> int:
             raise DigitError(f"{t.path}: vocabulary {t.vocab_size} exceeds the model's {cfg.vocab_size}")
         if not t.labeled:
             raise DigitError(f"{t.path}: probing needs every row labeled (labels.npy has -1 entries)")
-    num_classes = max(train.num_classes, val.num_classes, int(train.labels.max()) + 1, int(val.labels.max()) + 1)
+    label_map = class_label_map(train, val)  # val's class ids as train's, by name
+    val_labels_all = val.labels if label_map is None else label_map[val.labels]
+    num_classes = max(train.num_classes, val.num_classes, int(train.labels.max()) + 1, int(val_labels_all.max()) + 1)
     # val is scored on each image once, its original view (a --flip directory also holds the mirrored grids)
     val_rows = val.views.index("orig") * val.n_images + np.arange(val.n_images) if "orig" in val.views else None
     rows = {"train": np.arange(len(train)), "val": np.arange(len(val)) if val_rows is None else val_rows}
+    val_labels = np.asarray(val_labels_all[rows["val"]])
     if args.train_limit is not None and args.train_limit < len(train):
         # token directories are sorted by class: a prefix would hold only the first classes
         pick = np.random.default_rng(args.seed).choice(len(train), args.train_limit, replace=False)
@@ -118,7 +121,7 @@ def run(args: argparse.Namespace) -> int:
         feats["train"],
         np.asarray(train.labels[rows["train"]]),
         feats["val"],
-        np.asarray(val.labels[rows["val"]]),
+        val_labels,
         num_classes,
         epochs=args.epochs,
         lr=args.lr,

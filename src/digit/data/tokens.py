@@ -200,3 +200,17 @@ def check_provenance(tokens: TokenDirectory, trained_meta: dict[str, Any] | None
         fp = given.get("codebook_fingerprint"), trained.get("codebook_fingerprint")
         detail = f" (codebook {fp[0]} vs {fp[1]})" if all(fp) else ""
         raise DigitError(f"{tokens.path}: made by another tokenizer than the {what} the run was trained on{detail}")
+
+
+def class_label_map(train: TokenDirectory, other: TokenDirectory) -> np.ndarray | None:
+    """Labels of ``other`` as ``train``'s class ids, by class name: a folder's class ids are positions among the
+    classes it holds, so a held-out split that lacks one class numbers the rest differently. None when the two
+    name the same classes in the same order (or either names none); a class ``train`` lacks is refused."""
+    a, b = train.class_names, other.class_names
+    if not a or not b or a == b:
+        return None
+    index = {name: i for i, name in enumerate(a)}
+    missing = [name for name in b if name not in index]
+    if missing:
+        raise DigitError(f"{other.path}: class(es) {', '.join(missing[:5])} are not among {train.path}'s classes")
+    return np.asarray([index[name] for name in b], dtype=np.int64)

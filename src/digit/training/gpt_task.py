@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from digit.data.tokens import TokenDirectory
+from digit.data.tokens import TokenDirectory, check_provenance, class_label_map
 from digit.errors import DigitError
 from digit.models.conditions import Caption, left_pad_captions
 from digit.training.finetune import RECORD_KEY, FineTune
@@ -53,8 +53,15 @@ class TokenDataset:
     with caption features (text models) also ``caption_features`` [L, D] float32 and ``caption_mask`` [L] bool, left
     padded as LlamaGen's t2i dataset stores them (the valid positions at the end)."""
 
-    def __init__(self, tokens: TokenDirectory, prefix: TokenDirectory | None = None, captions: Any = None) -> None:
+    def __init__(
+        self,
+        tokens: TokenDirectory,
+        prefix: TokenDirectory | None = None,
+        captions: Any = None,
+        label_map: np.ndarray | None = None,
+    ) -> None:
         self.tokens, self.prefix, self.captions = tokens, prefix, captions
+        self.label_map = label_map  # this directory's class ids -> the training directory's (`class_label_map`)
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -62,7 +69,7 @@ class TokenDataset:
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         item = {
             "tokens": torch.from_numpy(np.asarray(self.tokens.tokens[i], dtype=np.int64).reshape(-1)),
-            "label": torch.tensor(int(self.tokens.labels[i])),
+            "label": torch.tensor(self._label(int(self.tokens.labels[i]))),
             "index": torch.tensor(int(i)),
         }
         if self.prefix is not None:
@@ -72,6 +79,9 @@ class TokenDataset:
             cap = left_pad_captions(f, torch.from_numpy(np.asarray(self.captions.mask[i], dtype=bool))[None])
             item["caption_features"], item["caption_mask"] = cap.features[0], cap.mask[0]
         return item
+
+    def _label(self, label: int) -> int:
+        return label if self.label_map is None or label < 0 else int(self.label_map[label])
 
 
 def read_captions(
@@ -185,8 +195,14 @@ class GPTTask(TaskBase):
             if val is not None:
                 init.check_tokens(model_cfg, val, val_prefix, what="validation tokens")
         validate_tokens(model_cfg, tokens, prefix)
+        val_labels = None
         if val is not None:
             validate_tokens(model_cfg, val, val_prefix, what="validation tokens")
+            check_provenance(
+                val, tokens.meta, "tokenizer"
+            )  # the training tokens' codebook, not only the same K and grid
+            if model_cfg.cond == "class":
+                val_labels = class_label_map(tokens, val)
         if not isinstance(optim, OptimizerConfig):
             optim = OptimizerConfig.from_dict(optim)
         if label_smoothing is not None:
@@ -201,7 +217,7 @@ class GPTTask(TaskBase):
         else:
             val_captions = None
         self.dataset = TokenDataset(tokens, prefix, captions)
-        self.val = TokenDataset(val, val_prefix, val_captions) if val is not None else None
+        self.val = TokenDataset(val, val_prefix, val_captions, val_labels) if val is not None else None
         self._data_cfg = {
             "tokens": str(Path(tokens.path).resolve()),
             "prefix_tokens": str(Path(prefix.path).resolve()) if prefix is not None else None,
@@ -258,19 +274,21 @@ class GPTTask(TaskBase):
     def compute_loss(self, batch: dict[str, torch.Tensor], step: int, phase: str = "main"):
         return self.loss(batch, step)
 
-    def loss(self, batch: dict[str, torch.Tensor], step: int) -> tuple[torch.Tensor, dict[str, Any]]:
+    def loss(
+        self, batch: dict[str, torch.Tensor], step: int, smoothing: float | None = None
+    ) -> tuple[torch.Tensor, dict[str, Any]]:
+        """``smoothing``: the label smoothing (default: training's; evaluation passes 0, the plain NLL)."""
         x = batch["tokens"]  # [B, T]
+        ls = self.label_smoothing if smoothing is None else smoothing
         if self.cfg.causal:
             logits = self.model(x, self._cond(batch))  # [B, T, V] fp32
-            loss = F.cross_entropy(logits.flatten(0, 1), x.flatten(), label_smoothing=self.label_smoothing)
+            loss = F.cross_entropy(logits.flatten(0, 1), x.flatten(), label_smoothing=ls)
             return loss, {}
         B, T = x.shape
         mask = torch.stack([nar_mask(T, self.seed, step, int(i)) for i in batch["index"].tolist()]).to(x.device)
         inp = x.masked_fill(mask, self.model.mask_token_id)
         logits = self.model(inp, self._cond(batch))  # [B, T, V]
-        ce = F.cross_entropy(
-            logits.flatten(0, 1), x.flatten(), label_smoothing=self.label_smoothing, reduction="none"
-        ).view(B, T)
+        ce = F.cross_entropy(logits.flatten(0, 1), x.flatten(), label_smoothing=ls, reduction="none").view(B, T)
         loss = (ce * mask).sum() / (B * self._mask_norm)
         return loss, {"masked_frac": mask.float().mean()}
 
@@ -279,7 +297,8 @@ class GPTTask(TaskBase):
 
     @torch.no_grad()
     def evaluate(self, step: int) -> dict[str, float]:
-        """Validation loss over the whole held-out split (every rank computes it; NAR masks fixed by ``step=-1``)."""
+        """Validation loss (the NLL, without label smoothing) over the whole held-out split (every rank computes it;
+        NAR masks fixed by ``step=-1``)."""
         if self.val is None:
             return {}
         device = next(self.model.parameters()).device
@@ -287,7 +306,7 @@ class GPTTask(TaskBase):
         for s in range(0, len(self.val), self.eval_batch_size):
             items = [self.val[i] for i in range(s, min(len(self.val), s + self.eval_batch_size))]
             batch = {k: v.to(device) for k, v in self.collate(items).items()}
-            loss, _ = self.loss(batch, -1)
+            loss, _ = self.loss(batch, -1, smoothing=0.0)  # the NLL, comparable across label smoothings
             total += float(loss) * len(items)
             n += len(items)
         return {"val_loss": total / n}
