@@ -189,6 +189,32 @@ def test_resume_n_plus_n_equals_2n(tmp_path):
     assert load_train_state(tmp_path / "full" / "train_state.pt")["step"] == 12
 
 
+class EvalToy(ToyTask):
+    def evaluate(self, step):
+        x = torch.stack([d["x"] for d in self.dataset[:16]])
+        y = torch.stack([d["y"] for d in self.dataset[:16]])
+        return {"val": float(((self.net(x) - y) ** 2).mean())}
+
+
+def test_with_an_ema_the_saved_weights_are_evaluated_too(tmp_path):
+    """model.safetensors holds the EMA: its figures are logged as ``val_ema`` beside the live weights' ``val``, and
+    swapping the EMA in and out for that leaves training bit for bit unchanged."""
+    task = EvalToy()
+    run(task, tmp_path / "eval", 12, ema=0.8, eval_every=4)
+    quiet = ToyTask()
+    run(quiet, tmp_path / "quiet", 12, ema=0.8)
+    for k, v in task.net.state_dict().items():
+        assert torch.equal(v, quiet.net.state_dict()[k])
+    last = [json.loads(x) for x in (tmp_path / "eval" / "metrics.jsonl").read_text().splitlines()][-1]
+    assert last["step"] == 12 and {"val", "val_ema"} <= set(last)
+    task.net.eval()  # dropout off, as in the trainer's evaluation
+    assert last["val"] == pytest.approx(task.evaluate(12)["val"], rel=1e-6)
+    net = EvalToy()
+    net.net.eval()
+    net.net.load_state_dict(load_file(tmp_path / "eval" / "model.safetensors"))
+    assert last["val_ema"] == pytest.approx(net.evaluate(12)["val"], rel=1e-6) and last["val_ema"] != last["val"]
+
+
 def test_metrics_lr_and_wd_schedules(tmp_path):
     task = ToyTask(wd_schedule=lambda s: 0.01 * s)
     run(task, tmp_path / "r", 6)
@@ -357,3 +383,13 @@ def test_ranks_agree_on_a_stop_after_every_step(ctrl_c_handled):
             assert stop.requested()  # the max over ranks (all_reduce) carries the flag
     finally:
         dist.destroy_process_group()
+
+
+def test_changing_the_length_on_resume_is_noted(tmp_path, capsys):
+    run(ToyTask(), tmp_path / "r", 4)
+    capsys.readouterr()
+    run(ToyTask(), tmp_path / "r", 4, resume=True)
+    assert "length changed" not in capsys.readouterr().err
+    run(ToyTask(), tmp_path / "r", 8, resume=True)  # extending is allowed: the cosine horizon moves, and it says so
+    err = capsys.readouterr().err
+    assert "the run's length changed ({'steps': 4, 'epochs': None} -> {'steps': 8, 'epochs': None})" in err

@@ -7,6 +7,9 @@ not averaged. The same ``ema_update_`` serves DINO's teacher (``decay`` = the sc
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 from torch import nn
 
@@ -49,6 +52,23 @@ class EMA:
         )
         for k in self.buffer_names:
             self.shadow[k].copy_(cur[k])
+
+    @contextlib.contextmanager
+    def applied(self) -> Iterator[None]:
+        """The module holds the averaged weights inside the block (to evaluate what gets saved), its own after it,
+        bit for bit (copies, so training resumes exactly)."""
+        cur = _tensors(self.module)
+        names = self.param_names + self.buffer_names
+        with torch.no_grad():
+            own = {k: cur[k].detach().clone() for k in names}
+            for k in names:
+                cur[k].copy_(self.shadow[k])
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for k in names:
+                    cur[k].copy_(own[k])
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """Full (gathered, CPU) tensors, keyed like ``module.state_dict()``. Collective under FSDP2: call on all ranks."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import sys
 import time
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
@@ -144,9 +145,20 @@ class Trainer:
             raise DigitError(f"{self.out} already holds a run; pass --resume to continue it or choose another --out")
         state = None
         if self.resume and cfg_path.exists():
-            diffs = compare_configs(read_json_object(cfg_path), self.config)
+            stored = read_json_object(cfg_path)
+            diffs = compare_configs(stored, self.config)
             if diffs:
                 raise DigitError(f"{cfg_path}: cannot resume this run, its config differs ({', '.join(diffs[:5])})")
+            before = {k: (stored.get("train") or {}).get(k) for k in ("steps", "epochs")}
+            now = {k: self.config["train"].get(k) for k in ("steps", "epochs")}
+            if (
+                before != now and self.dist.is_main
+            ):  # allowed (extending a run), but not the run an uninterrupted one is
+                print(
+                    f"note: the run's length changed ({before} -> {now}): schedules over the run's length (cosine "
+                    "lr, DINO's momentum and temperatures) follow the new length from here on",
+                    file=sys.stderr,
+                )
             if state_path.exists():
                 state = ckpt.load_train_state(state_path)
         barrier()  # every rank has checked the directory before rank 0 writes into it
@@ -406,11 +418,19 @@ class Trainer:
         return logs
 
     def _evaluate(self, step: int) -> dict[str, float]:
+        """The task's figures on the trained weights; with an EMA (what model.safetensors holds) also on the averaged
+        weights, as ``<name>_ema``."""
         for m in self.modules.values():
             m.eval()
         try:
             with torch.no_grad(), self.autocast:
-                return {k: float(v) for k, v in self.task.evaluate(step).items()}
+                out = {k: float(v) for k, v in self.task.evaluate(step).items()}
+                if self.emas and out:
+                    with contextlib.ExitStack() as stack:
+                        for e in self.emas.values():
+                            stack.enter_context(e.applied())
+                        out.update({f"{k}_ema": float(v) for k, v in self.task.evaluate(step).items()})
+                return out
         finally:
             for m in self.modules.values():
                 m.train()
