@@ -264,6 +264,11 @@ def test_entropy_loss_formula() -> None:
     torch.testing.assert_close(entropy_loss(aff), ref)
     q = VQModel.from_preset("tiny", entropy_loss_ratio=0.5).quantize
     assert float(q(torch.randn(2, 8, 2, 2)).entropy_loss.detach()) != 0.0
+    z = torch.randn(2, 8, 2, 2)
+    train_ids = q(z).ids
+    q.eval()  # encoding needs no loss: the [N, K] softmaxes are skipped, the ids are the same
+    out = q(z)
+    assert float(out.entropy_loss) == 0.0 and torch.equal(out.ids, train_ids)
 
 
 def test_codebook_stats_and_image_metrics() -> None:

@@ -139,7 +139,7 @@ class QuantizeOutput(NamedTuple):
     ids: torch.Tensor  # [B, h, w] long
     codebook_loss: torch.Tensor  # ||sg[z] - e||^2 (moves the codes)
     commit_loss: torch.Tensor  # beta * ||z - sg[e]||^2 (moves the encoder)
-    entropy_loss: torch.Tensor  # entropy_loss_ratio * (sample entropy - batch entropy), 0 when off
+    entropy_loss: torch.Tensor  # entropy_loss_ratio * (sample entropy - batch entropy), 0 when off or not training
 
 
 def entropy_loss(affinity: torch.Tensor, temperature: float = 0.01) -> torch.Tensor:
@@ -196,7 +196,7 @@ class VectorQuantizer(nn.Module):
                 self.codebook_used.copy_(torch.cat([self.codebook_used[n:], ids[-n:].to(self.codebook_used.dtype)]))
         codebook_loss = torch.mean((z_q - z.detach()) ** 2)
         commit_loss = self.beta * torch.mean((z_q.detach() - z) ** 2)
-        if self.entropy_ratio > 0:
+        if self.entropy_ratio > 0 and self.training:  # eval / encode: skip its [N, K] softmaxes (GiBs at K = 16384)
             ent = self.entropy_ratio * entropy_loss(-dist)
         else:
             ent = z.new_zeros(())
