@@ -429,6 +429,37 @@ def test_teacher_is_an_ema_of_the_student(tmp_path):
             torch.testing.assert_close(t1, m * t0 + (1 - m) * s)
 
 
+def test_frozen_prototypes_get_no_gradient_so_adamw_neither_decays_nor_counts_them(tmp_path):
+    """DINO's cancel_gradients_last_layer: during the freeze the prototypes' grad is None at the optimizer step, so
+    AdamW skips them (no weight decay, no moment step); after it they train from a fresh Adam state."""
+    cfg = _task_cfg(make_images(tmp_path / "imgs"), epochs=2, freeze_last_layer_epochs=1)
+    task, _ = _fit(cfg, tmp_path / "run")
+    state = torch.load(tmp_path / "run" / "train_state.pt", weights_only=True)
+    frozen_steps, total = task.steps_per_epoch, task.total_steps
+    steps = {tuple(v["exp_avg"].shape): int(v["step"]) for v in state["optimizers"]["main"]["state"].values()}
+    assert tuple(task.student.head.prototypes.shape) == (128, 16)  # the only [128, 16] tensor of this student
+    assert steps.pop((128, 16)) == total - frozen_steps  # not counted while frozen
+    assert set(steps.values()) == {total}
+
+
+def test_a_cnn_teacher_keeps_its_own_batchnorm_statistics(tmp_path):
+    """As in DINO, a CNN teacher normalises with batch statistics and updates its running ones (which the exported
+    encoder uses), instead of keeping the statistics it started with."""
+    from digit.ssl.task import DINOTask
+
+    cfg = _task_cfg(make_images(tmp_path / "imgs", size=32), encoder="tf_efficientnet_lite0", encoder_kwargs={},
+                    image_size=32, local_size=16, epochs=1,
+                    dino=DINOConfig(out_dim=32, hidden_dim=16, bottleneck_dim=16))  # fmt: skip
+    task = DINOTask(cfg, quiet=True)
+    bn = [m for m in task.teacher.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    start = bn[0].running_var.clone()
+    task.before_step(0)
+    assert all(m.training for m in bn) and not task.teacher.backbone.training
+    batch = task.collate([task.dataset[i] for i in range(4)])
+    task.compute_loss(batch, 0, "main")
+    assert not torch.equal(bn[0].running_var, start)
+
+
 def test_resume_is_exact(tmp_path):
     data = make_images(tmp_path / "imgs", n_per_class=9)
     dino = DINOConfig(out_dim=64, hidden_dim=32, bottleneck_dim=16, ibot_weight=1.0, koleo_weight=0.1)

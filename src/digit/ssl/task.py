@@ -243,7 +243,14 @@ class DINOTask(TaskBase):
     def before_step(self, step: int) -> None:
         self._step = step
         self.teacher.eval()  # the trainer puts every module in train mode; the teacher never drops anything
+        for m in self.teacher.modules():  # ...but, as in DINO, a CNN teacher's BatchNorm normalises with the batch's
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):  # statistics and keeps its own running ones (exported)
+                m.train()
         self.student.freeze_prototypes = step < int(round(self.cfg.freeze_last_layer_epochs * self.steps_per_epoch))
+
+    def before_optimizer_step(self, step: int, phase: str) -> None:
+        if self.student.freeze_prototypes:  # no gradient at all, as DINO's cancel_gradients_last_layer: AdamW then
+            self.student.head.prototypes.grad = None  # neither decays them nor counts a step in their moments
 
     def compute_loss(self, batch: dict, step: int, phase: str) -> tuple[torch.Tensor, dict[str, Any]]:
         if "images" in batch:  # GPU path: render the views on the device

@@ -189,6 +189,9 @@ class TaskBase:
     def before_step(self, step: int) -> None:
         pass
 
+    def before_optimizer_step(self, step: int, phase: str) -> None:
+        """After backward and the gradient reduction, before clipping and the update (e.g. drop a frozen grad)."""
+
     def after_optimizer_step(self, step: int, phase: str) -> None:
         pass
 

@@ -399,6 +399,7 @@ class Trainer:
                 total += loss.detach().float()
                 for k, v in metrics.items():
                     sums[k] = sums.get(k, 0.0) + torch.as_tensor(v, dtype=torch.float32, device=self.device)
+            task.before_optimizer_step(step, spec.name)
             params = [p for g in opt.param_groups for p in g["params"]]
             gnorm = clip_grad_norm(params, spec.clip)
             opt.step()
