@@ -346,6 +346,7 @@ def test_fine_tuning_run_resumes_exactly_with_resume_alone(tmp_path, capsys):
     assert train(*first, *common, "--steps", 3, "--out", run) == 0
     assert train(*common, "--steps", 6, "--resume", "--out", run) == 0  # no --init-from, no --model
     assert same(weights(run), weights(ref))
+    assert "the run's length changed" in capsys.readouterr().err  # 3 -> 6 steps: extending is said, not refused
     assert json.loads((run / "config.json").read_text()) == json.loads((ref / "config.json").read_text())
     # killed before its first checkpoint: the resume starts again from the init weights (same sha256)
     for f in ("train_state.pt", "model.safetensors", "metrics.jsonl"):
