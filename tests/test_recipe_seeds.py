@@ -375,6 +375,9 @@ def test_ship_an_effnet_route_stores_the_packaged_encoder(tmp_path, capsys):
         (rec / part).mkdir(parents=True)
         for f in files:
             (rec / part / f).write_text(f"{part}/{f}")  # copied byte for byte, never parsed by ship
+    for step in ("effnet/tokenizer", "vq", "effnet/seed1/stage1", "effnet/seed1/stage2"):  # the runner's markers
+        (rec / ".recipe" / f"{step}.json").parent.mkdir(parents=True, exist_ok=True)
+        (rec / ".recipe" / f"{step}.json").write_text("{}")
     assert (
         main(
             ["recipe", "ship", "--recipe", str(rec), "--route", "effnet", "--seed", "0", "--out", str(tmp_path / "m0")]
@@ -475,3 +478,26 @@ def test_a_second_interrupt_still_waits_for_the_step(tmp_path, ctrl_c_handled):
         _run_child([sys.executable, "child.py"], tmp_path, "gpt", logs.append)
     assert (tmp_path / "saved").read_text() == "2"  # not killed at the second interrupt: it saved after both
     assert len(logs) == 1
+
+
+def test_ship_refuses_a_step_that_has_not_finished(tmp_path):
+    """A stage still training already has config.json and a checkpoint's model.safetensors: only the runner's marker
+    says it finished."""
+    from digit.errors import DigitError
+    from digit.recipes.ship import ship_models
+
+    where = {"distill/tokenizer": ("tokenizer.json", "centroids.npy"), "vq": ("tokenizer.json", "model.safetensors"),
+             "distill/seed2/stage1": ("config.json", "model.safetensors"),
+             "distill/seed2/stage2": ("config.json", "model.safetensors")}  # fmt: skip
+    for d, files in where.items():
+        (tmp_path / d).mkdir(parents=True)
+        for f in files:
+            (tmp_path / d / f).write_text("{}")
+    (tmp_path / "data" / "val").mkdir(parents=True)
+    for name in ("distill/tokenizer", "vq", "distill/seed2/stage1"):  # stage 2 is still training
+        marker = tmp_path / ".recipe" / f"{name}.json"
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.write_text("{}")
+    with pytest.raises(DigitError, match="distill/seed2/stage2 not finished"):
+        ship_models(tmp_path, tmp_path / "shipped", route="distill", seed=2)
+    assert not (tmp_path / "shipped").exists()

@@ -45,6 +45,16 @@ def ship_models(
         raise DigitError(
             f"{recipe} is not a finished recipe directory for route {route}, seed {seed} (missing {', '.join(missing)})"
         )
+    from digit.recipes.runner import DONE_DIR
+
+    # a training step writes model.safetensors at each checkpoint: the files exist long before the step is done
+    steps = (f"{route}/tokenizer", "vq", f"{route}/seed{seed}/stage1", f"{route}/seed{seed}/stage2")
+    unfinished = [n for n in steps if not (recipe / DONE_DIR / f"{n}.json").is_file()]
+    if unfinished:
+        raise DigitError(
+            f"{recipe}: {', '.join(unfinished)} not finished (a run in progress writes its weights at every "
+            "checkpoint); finish them with the same `digit recipe cifar10` command first"
+        )
     tmp = target.begin()
     try:
         tok_cfg = read_json(where["tokenizer"] / "tokenizer.json")
