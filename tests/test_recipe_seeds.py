@@ -312,6 +312,16 @@ def test_report_mean_and_spread_equal_a_direct_computation(tmp_path):
     assert json.loads((tmp_path / "summary.json").read_text())["routes"]["dino"]["verdicts"] == v
 
 
+def test_a_figure_measured_on_fewer_seeds_says_so(tmp_path):
+    _hand_built_recipe(tmp_path, FIGS)
+    (tmp_path / "dino" / "seed2" / "fid-digit.json").unlink()  # that seed's FID never ran
+    md = write_summary(tmp_path, [], "tiny", ["dino"], [0, 1, 2])
+    fid = np.array([FIGS[s]["fid_d"] for s in (0, 1)])
+    cell = f"{fid.mean():.2f} ± {fid.std(ddof=1):.2f} [{fid.min():.2f}, {fid.max():.2f}] (n = 2 of 3)"
+    assert f"| {cell} |" in md  # in the claims table and in the per-seed table
+    assert md.count("(n = 2 of 3)") == 2 and "(provisional: 2 seed(s))" in md
+
+
 def test_seeded_verdict_rules():
     a, b = spread([1.0, 2.0, 3.0]), spread([4.0, 5.0, 6.0])
     assert seeded_verdict(a, b, lower_is_better=True) == "reproduced"

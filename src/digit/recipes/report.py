@@ -192,18 +192,19 @@ def route_verdicts(agg: dict[str, Any], run: dict[str, Any]) -> dict[str, str]:
     }
 
 
-def fmt_spread(sp: dict[str, Any] | None, fmt: str) -> str:
+def fmt_spread(sp: dict[str, Any] | None, fmt: str, of: int | None = None) -> str:
+    """mean ± std [min, max]; ``of``: the seeds in the table, so a figure measured on fewer says over how many."""
     if sp is None:
         return "-"
-    if sp["n"] == 1:
-        return format(sp["mean"], fmt)
-    return f"{sp['mean']:{fmt}} ± {sp['std']:{fmt}} [{sp['min']:{fmt}}, {sp['max']:{fmt}}]"
+    out = format(sp["mean"], fmt) if sp["n"] == 1 else (
+        f"{sp['mean']:{fmt}} ± {sp['std']:{fmt}} [{sp['min']:{fmt}}, {sp['max']:{fmt}}]")  # fmt: skip
+    return out if of is None or sp["n"] >= of else f"{out} (n = {sp['n']} of {of})"
 
 
 def claims_rows(runs: list[dict[str, Any]], agg: dict[str, Any], verdicts: dict[str, str]) -> list[dict[str, str]]:
     """The claims table of one route, as rows of formatted cells (``claim``, ``measure``, ``digit``, ``vq``,
     ``verdict``): what ``summary.md`` prints, ``digit recipe ship`` records and ``digit demo`` shows."""
-    run0 = runs[0]
+    run0, n = runs[0], len(runs)
     st, use = run0["stability_change_rate"], run0["val_token_usage"]
 
     def row(claim: str, measure: str, digit: str, vq: str, verdict: str) -> dict[str, str]:
@@ -225,13 +226,13 @@ def claims_rows(runs: list[dict[str, Any]], agg: dict[str, Any], verdicts: dict[
         ("generation (FD, Lite1)", "fd", ".3f", "FD in EfficientNet-Lite1 (lower is better)"),
         ("understanding", "probe_best_top1", ".2%", "linear-probe top-1 on val, best layer"),
     ):
-        rows.append(row(claim, what, fmt_spread(agg[f"{metric}.digit"], fmt), fmt_spread(agg[f"{metric}.vq"], fmt),
+        rows.append(row(claim, what, fmt_spread(agg[f"{metric}.digit"], fmt, n), fmt_spread(agg[f"{metric}.vq"], fmt, n),
                         verdicts[claim]))  # fmt: skip
         if metric == "fd":  # summaries written before rule 2's combined verdict was recorded lack the key
             both = verdicts.get("generation") or generation_verdict(verdicts["generation (FID)"], verdicts[claim])
             rows.append(row("generation", "FID and FD together (disputed when they disagree)", "", "", both))
-    rows.append(row("(context)", "linear probe, embedding layer", fmt_spread(agg["probe_embedding_top1.digit"], ".2%"),
-                    fmt_spread(agg["probe_embedding_top1.vq"], ".2%"), "-"))  # fmt: skip
+    rows.append(row("(context)", "linear probe, embedding layer", fmt_spread(agg["probe_embedding_top1.digit"], ".2%", n),
+                    fmt_spread(agg["probe_embedding_top1.vq"], ".2%", n), "-"))  # fmt: skip
     floor = run0["fid"]["floor"], run0["fd"]["floor"]
     if floor[0] is not None or floor[1] is not None:
         f0 = "-" if floor[0] is None else f"{floor[0]:.2f}"
@@ -253,7 +254,7 @@ def route_table(route: str, runs: list[dict[str, Any]], agg: dict[str, Any], ver
              "|---|" + "---|" * (len(runs) + 1)]  # fmt: skip
     for label, (a, b), fmt in SEEDED:
         vals = ["-" if r[a][b] is None else format(r[a][b], fmt) for r in runs]
-        rows.append(f"| {label} | " + " | ".join(vals) + f" | {fmt_spread(agg[f'{a}.{b}'], fmt)} |")
+        rows.append(f"| {label} | " + " | ".join(vals) + f" | {fmt_spread(agg[f'{a}.{b}'], fmt, len(runs))} |")
     return "\n".join(rows)
 
 
