@@ -255,6 +255,13 @@ def test_statistics_prepared_otherwise_are_refused(inception_weights, image_sets
     st.save(tmp_path / "other.npz")
     rc, _, err = _run(["eval", *gen, "--ref", str(tmp_path / "other.npz"), "--image-size", "16", *w], capsys)
     assert rc == 2 and "were prepared as 'decoded elsewhere, bicubic'" in err
+    # an .npz array is used as stored: its statistics say so and are not refused for a size they already have
+    npz_stats = tmp_path / "npz16.npz"
+    rc, _, err = _run(["eval", "stats", "--ref", str(image_sets["gen"]), "--out", str(npz_stats), *w], capsys)
+    assert rc == 0, err
+    assert load_stats(npz_stats).meta["preprocess"] == "npz array, as stored"
+    rc, _, err = _run(["eval", *gen, "--ref", str(npz_stats), "--image-size", "16", *w], capsys)
+    assert rc == 0, err
 
 
 def test_refusals_and_force(inception_weights, image_sets, tmp_path, capsys):

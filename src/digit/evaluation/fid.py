@@ -194,7 +194,7 @@ def reference_stats(
 ):
     """Features of a reference image set -> ReferenceStats (features kept in memory; saved only on request)."""
     from digit.evaluation.features import extract_features
-    from digit.evaluation.images import open_image_set, preprocess_record
+    from digit.evaluation.images import NPZ_AS_STORED, open_image_set, preprocess_record
     from digit.evaluation.stats import ReferenceStats, library_versions
 
     image_set = open_image_set(ref, image_size=image_size)
@@ -203,7 +203,7 @@ def reference_stats(
     meta = {
         "source": image_set.describe(),
         "protocol": protocol,
-        "preprocess": preprocess_record(image_size),
+        "preprocess": NPZ_AS_STORED if image_set.kind == "npz" else preprocess_record(image_size),
         "resolution": info["resolution"],
         "images_sha256": info["images_sha256"],
         "feature_extractor": extractor.describe(),
@@ -238,7 +238,7 @@ def evaluate(
     from pathlib import Path
 
     from digit.evaluation.features import extract_features
-    from digit.evaluation.images import get_protocol, npz_kind, open_image_set, preprocess_record
+    from digit.evaluation.images import NPZ_AS_STORED, get_protocol, npz_kind, open_image_set, preprocess_record
     from digit.evaluation.stats import check_comparable, library_versions, load_stats, stats_hash
 
     proto = get_protocol(protocol)
@@ -274,7 +274,7 @@ def evaluate(
             mismatch.append(f"reference statistics follow protocol {stats.meta.get('protocol')!r}, not {proto.name!r}")
         # statistics older than the record say nothing, so only a recorded, different preparation is refused
         stored = stats.meta.get("preprocess")
-        if ref_size is not None and stored is not None and stored != preprocess_record(ref_size):
+        if ref_size is not None and stored not in (None, NPZ_AS_STORED, preprocess_record(ref_size)):
             mismatch.append(f"reference statistics were prepared as {stored!r}, not {preprocess_record(ref_size)!r}")
         res = stats.meta.get("resolution")
         if image_size is not None and res is not None and list(res) != [image_size, image_size]:

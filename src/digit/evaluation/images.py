@@ -130,6 +130,9 @@ def decode_for_eval(file: Any, image_size: int | None, name: str) -> Any:
     return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
 
 
+NPZ_AS_STORED = "npz array, as stored"
+
+
 def preprocess_record(image_size: int | None) -> str:
     """What ``decode_for_eval`` did, as stored in reference statistics (a mismatch is refused)."""
     base = "PIL convert('RGB')"

@@ -58,7 +58,7 @@ def token_stability(
             x = tokenizer.normalize(u)
             ids0 = tokenizer.encode_normalized(x)
             e0 = tokenizer.embed(ids0)
-            z = torch.randn(x.shape, generator=gen, dtype=torch.float32)
+            z = torch.randn(x.shape, generator=gen, dtype=torch.float32).to(u.device)
             for j, snr in enumerate(snr_db):
                 if noise_space == "pixel":
                     noisy = tokenizer.normalize(u + noise_sigma(u, snr) * z)

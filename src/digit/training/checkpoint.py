@@ -97,7 +97,14 @@ def load_optimizer_state(container: nn.Module, opt: torch.optim.Optimizer, saved
     if is_sharded(container):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-        set_optimizer_state_dict(container, opt, saved, options=StateDictOptions(full_state_dict=True))
+        # a parameter may have no state (it never had a gradient: DINO's prototypes while frozen); loading it strictly
+        # fails, and the loader initialises every state first, so drop what the checkpoint did not have
+        set_optimizer_state_dict(container, opt, saved, options=StateDictOptions(full_state_dict=True, strict=False))
+        names = {id(p): n for n, p in container.named_parameters()}
+        for g in opt.param_groups:
+            for p in g["params"]:
+                if names.get(id(p)) not in saved["state"]:
+                    opt.state.pop(p, None)
         return
     names = {id(p): n for n, p in container.named_parameters()}
     flat = [names[id(p)] for g in opt.param_groups for p in g["params"]]

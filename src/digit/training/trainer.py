@@ -26,7 +26,7 @@ from digit.training import checkpoint as ckpt
 from digit.training.ema import EMA
 from digit.training.interrupt import StopRequest, TrainingInterrupted
 from digit.training.optim import build_adamw, clip_grad_norm, set_hyperparameters
-from digit.training.parallel import apply_parallel, compile_blocks
+from digit.training.parallel import apply_parallel, compile_blocks, is_sharded
 from digit.training.steps import epoch_permutation, seed_for, steps_per_epoch, total_steps
 from digit.training.task import OptimizerSpec, TaskBase
 from digit.utils.artifacts import read_json_object
@@ -420,13 +420,14 @@ class Trainer:
 
     def _evaluate(self, step: int) -> dict[str, float]:
         """The task's figures on the trained weights; with an EMA (what model.safetensors holds) also on the averaged
-        weights, as ``<name>_ema``."""
+        weights, as ``<name>_ema`` (not under FSDP)."""
         for m in self.modules.values():
             m.eval()
         try:
             with torch.no_grad(), self.autocast:
                 out = {k: float(v) for k, v in self.task.evaluate(step).items()}
-                if self.emas and out:
+                # FSDP leaves the root unsharded after a forward, so swapping shards in would mix layouts: not there
+                if self.emas and out and not any(is_sharded(m) for m in self.modules.values()):
                     with contextlib.ExitStack() as stack:
                         for e in self.emas.values():
                             stack.enter_context(e.applied())
