@@ -57,11 +57,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _release_process_group() -> None:
+def _release_process_group(together: bool = False) -> None:
     """Destroy a torchrun process group the command left alive (any command, on success or error): a rank that exits
-    with its gloo group alive can abort in teardown ("terminate called without an active exception")."""
+    with its gloo group alive can abort in teardown ("terminate called without an active exception"). ``together``
+    (the command succeeded): first wait for the other ranks, so that no rank tears its group down while rank 0 still
+    writes the last checkpoint; bounded, so a rank that failed cannot hang the others."""
     dist = sys.modules.get("torch.distributed")  # never imports torch for a command that did not
     if dist is not None and dist.is_available() and dist.is_initialized():
+        if together and dist.get_world_size() > 1:
+            from datetime import timedelta
+
+            try:
+                if dist.get_backend() == "gloo":
+                    dist.monitored_barrier(timeout=timedelta(seconds=120))
+                else:
+                    dist.barrier()
+            except Exception:  # a rank that failed: tear down regardless
+                pass
         dist.destroy_process_group()
 
 
@@ -71,8 +83,10 @@ def main(argv: list[str] | None = None) -> int:
     saved_env = os.environ.get(VERIFY_ENV)
     if args.no_verify_weights:
         os.environ[VERIFY_ENV] = "0"
+    succeeded = False
     try:
         result = args.func(args)
+        succeeded = True
     except DigitError as e:
         print(f"digit {args.command}: error: {e}", file=sys.stderr)
         return 2
@@ -80,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"digit {args.command}: interrupted" + (f": {e}" if str(e) else ""), file=sys.stderr)
         return 130
     finally:
-        _release_process_group()
+        _release_process_group(together=succeeded)
         if saved_env is None:
             os.environ.pop(VERIFY_ENV, None)
         else:
