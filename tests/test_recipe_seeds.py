@@ -15,7 +15,7 @@ from conftest import write_image_folder
 from digit.recipes.cifar10 import EFFNET, STUDENT, RecipePlan, cifar10_steps, training_steps
 from digit.recipes.fidsteps import REF_DIR, link_reference_subset
 from digit.recipes.report import aggregate, generation_verdict, seeded_verdict, spread, summarise, write_summary
-from digit.recipes.runner import Step, run_steps
+from digit.recipes.runner import Step, finished_steps, run_steps
 
 SHARED = {"split", "vq", "vq-tokens-train", "vq-tokens-val", "stability-vq.json", REF_DIR, "fid/ref-fid.npz",
           "fid/ref-fd.npz", "fid/fid-floor.json", "fid/fd-floor.json"}  # fmt: skip
@@ -239,6 +239,47 @@ def test_runner_redoes_a_step_whose_key_changed_and_restarts_a_stale_trainer(tmp
     # computed from something else: never resumed, its old output removed first
     assert log.read_text().splitlines() == ["-m digit train --out run"] and not (root / "run").exists()
     assert json.loads((root / ".recipe" / "fit.json").read_text())["key"] == "b"
+
+
+def test_runner_redoes_what_depends_on_a_changed_or_redone_step_and_nothing_else(tmp_path):
+    py, log = _fake_python(tmp_path)
+    root = tmp_path / "r"
+
+    def steps(lr="1e-3", n="8"):
+        return [
+            Step("fit", ["train", "--lr", lr, "--out", "run"], out="run", resumable=True),
+            Step("gen", ["generate", "--stage1", "run", "--n", n, "--out", "samples"], out="samples"),
+            Step("score", ["eval", "--gen", "samples/png", "--out", "fid.json"], out="fid.json"),
+            Step("other", ["eval", "--gen", "runner/png", "--out", "other.json"], out="other.json"),  # "run" a prefix only
+            Step("ref", [], call=lambda r: {}, inputs=("run/config.json",), what="reads run in process"),
+        ]
+
+    run = lambda s: run_steps(s, root, python=str(py), log=lambda m: None)  # noqa: E731
+    run(steps())
+    assert _outs(log) == ["run", "samples", "fid.json", "other.json"]
+    run(steps())
+    assert _outs(log) == []  # unchanged: all skipped
+    finished = lambda s: [r.name for r in finished_steps(s, root)]  # noqa: E731
+    # a changed command redoes the step and what reads its output, transitively
+    assert finished(steps(n="16")) == ["fit", "other", "ref"]
+    run(steps(n="16"))
+    assert _outs(log) == ["samples", "fid.json"]
+    # a step redone with the same command (its marker removed) redoes its dependants too, the in-process one included
+    (root / ".recipe" / "fit.json").unlink()
+    messages = []
+    run_steps(steps(n="16"), root, python=str(py), log=messages.append)
+    assert _outs(log) == ["run", "samples", "fid.json"]
+    assert any("ref: reads run in process: its command, or a step it depends on, changed" in m for m in messages)
+    run(steps(n="16"))
+    assert _outs(log) == []
+    # markers written before fingerprints existed are judged by their key alone: an old run is not redone
+    for m in (root / ".recipe").glob("*.json"):
+        rec = json.loads(m.read_text())
+        del rec["inputs"]
+        m.write_text(json.dumps(rec))
+    run(steps(lr="3e-4"))
+    assert _outs(log) == []
+    assert len(finished(steps(lr="3e-4"))) == 5
 
 
 # ------------------------------------------------------------------------------------------------ report

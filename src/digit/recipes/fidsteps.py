@@ -94,7 +94,8 @@ def fid_reference_steps(plan: RecipePlan) -> list[Step]:
         return link_reference_subset(root / D / "train", root / REF_DIR, n, plan.seed)
 
     what = f"a seeded subset of {n} training images" if n else "every training image"
-    steps = [Step(REF_DIR, [], out=REF_DIR, call=subset, key=key, what=f"FID reference set: {what}")]
+    steps = [Step(REF_DIR, [], out=REF_DIR, call=subset, key=key, inputs=(f"{D}/train",),
+                  what=f"FID reference set: {what}")]  # fmt: skip
     for space, features in FEATURE_SPACES.items():
         out = stats_file(space)
         steps.append(

@@ -3,13 +3,20 @@
 A step is one `digit` command line run in its own process (so every step is exactly what a user would type, and the
 recipe prints them). A step that finished leaves ``.recipe/<name>.json`` (its command and wall time); running the
 recipe again skips it. A training step interrupted after a checkpoint continues with ``--resume``; any other
-unfinished step is started again from scratch. A step with a ``key`` (a string naming everything its output depends
-on, e.g. the reference set of FID statistics) is also redone when the key recorded in its marker differs: that is how
-a cached result is reused across seeds and routes and invalidated when what it was computed from changes.
+unfinished step is started again from scratch.
+
+A finished step is redone when what it was computed from changed, as make would: its command line, its ``key`` (a
+string naming anything else its output depends on, e.g. the reference set of FID statistics) or a step it depends on
+(an earlier step whose output path appears among its arguments or ``inputs``) that finished again since. The marker
+records a fingerprint of all three; a downstream step compares the marker of each step it depends on, byte for byte,
+so redoing a step redoes everything computed from it, and nothing else. Markers written before fingerprints existed
+are compared on their key alone.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import shlex
 import shutil
 import subprocess
@@ -35,7 +42,8 @@ class Step:
     resumable: bool = False  # a trainer run: continue from its checkpoint with --resume
     what: str = ""  # one line for the log and the report
     call: Callable[[Path], dict[str, Any]] | None = None  # an in-process step (no command), e.g. the data split
-    key: str | None = None  # what the output was computed from; a marker with another key means: redo the step
+    key: str | None = None  # what else the output was computed from; a marker with another key means: redo the step
+    inputs: tuple[str, ...] = ()  # paths it reads that are not in argv (an in-process step's inputs)
 
 
 @dataclass
@@ -62,6 +70,35 @@ def _record(root: Path, step: Step) -> dict[str, Any] | None:
     return read_json(marker) if marker.is_file() else None
 
 
+def _reads(step: Step, earlier: Step) -> bool:
+    if earlier.out is None:
+        return False
+    out = earlier.out.rstrip("/")
+    return any(a == out or a.startswith(out + "/") for a in (*step.argv, *step.inputs))
+
+
+def _dependencies(steps: list[Step]) -> list[list[Step]]:
+    return [[e for e in steps[:i] if _reads(step, e)] for i, step in enumerate(steps)]
+
+
+def _fingerprint(root: Path, step: Step, needs: list[Step]) -> str:
+    """The step's command, its key and the current markers of the steps it depends on (final at the step's turn)."""
+    parts = [command_line(step), step.key]
+    for d in needs:
+        m = _marker(root, d)
+        parts.append([d.name, hashlib.sha256(m.read_bytes()).hexdigest() if m.is_file() else None])
+    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()
+
+
+def _stale(step: Step, rec: dict[str, Any], fingerprint: str) -> str | None:
+    """Why a finished step's marker no longer holds (None: it holds)."""
+    if rec.get("key") != step.key:
+        return f"what it was computed from changed (key {rec.get('key')!r} -> {step.key!r})"
+    if "inputs" in rec and rec["inputs"] != fingerprint:
+        return "its command, or a step it depends on, changed since it finished"
+    return None
+
+
 def _skipped(step: Step, rec: dict[str, Any]) -> StepResult:
     return StepResult(step.name, rec["command"], float(rec["wall_s"]), True, rec.get("info", {}))
 
@@ -69,11 +106,16 @@ def _skipped(step: Step, rec: dict[str, Any]) -> StepResult:
 def finished_steps(steps: list[Step], root: str | Path) -> list[StepResult]:
     """The steps of ``steps`` that have finished in ``root`` (a marker with the step's key), as `run_steps` reports
     skipped ones. Runs, removes and writes nothing: safe beside a recipe that is still running there."""
-    out = []
-    for step in steps:
-        rec = _record(Path(root), step)
-        if rec is not None and rec.get("key") == step.key:
+    root, out, done = Path(root), [], set()
+    for step, needs in zip(steps, _dependencies(steps), strict=True):
+        rec = _record(root, step)
+        if (
+            rec is not None
+            and all(d.name in done for d in needs)  # a step that will be redone redoes what depends on it
+            and _stale(step, rec, _fingerprint(root, step, needs)) is None
+        ):
             out.append(_skipped(step, rec))
+            done.add(step.name)
     return out
 
 
@@ -89,18 +131,21 @@ def run_steps(
     root = Path(root)
     mark_dir(root, "recipe")  # the caller checked it with claim_dir: a recipe directory of ours, or new
     results = []
+    dependencies = _dependencies(steps)
     for i, step in enumerate(steps, 1):
         marker = _marker(root, step)
         head = f"[{i}/{len(steps)}] {step.name}: {step.what}"
         rec = _record(root, step)
-        stale = rec is not None and rec.get("key") != step.key
+        fingerprint = _fingerprint(root, step, dependencies[i - 1])
+        why = None if rec is None else _stale(step, rec, fingerprint)
+        stale = why is not None
         if (rec is not None and not stale) or (only is not None and step.name not in only):
             rec = rec or {"command": command_line(step), "wall_s": 0.0}
             log(f"{head} (done, skipped)")
             results.append(_skipped(step, rec))
             continue
         if stale:
-            log(f"{head}: what it was computed from changed (key {rec.get('key')!r} -> {step.key!r}); redoing it")
+            log(f"{head}: {why}; redoing it")
             marker.unlink()
         log(f"{head}\n    $ {command_line(step)}")
         t0 = time.perf_counter()
@@ -125,7 +170,8 @@ def run_steps(
                     "finished steps are kept"
                 )
         wall = time.perf_counter() - t0
-        rec = {"command": command_line(step), "wall_s": round(wall, 1), "info": info, "key": step.key}
+        rec = {"command": command_line(step), "wall_s": round(wall, 1), "info": info, "key": step.key,
+               "inputs": fingerprint, "finished": time.time()}  # fmt: skip
         atomic_write_json(marker, rec)
         log(f"    done in {wall / 60:.1f} min")
         results.append(StepResult(step.name, rec["command"], wall, False, info))
