@@ -26,8 +26,8 @@ from digit.training.optim import (
     set_hyperparameters,
     warmup_cosine,
 )
+from digit.training.run_files import compare_configs
 from digit.training.steps import epoch_permutation
-from digit.training.trainer import compare_configs
 
 
 class ToyTask(TaskBase):

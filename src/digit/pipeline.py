@@ -140,7 +140,7 @@ class Pipeline:
         license: str | None = None,
     ) -> Any:
         """``save_pretrained`` into a temporary folder, then ``HfApi.create_repo`` + ``upload_folder``. -> CommitInfo."""
-        from digit.hub import push_to_hub
+        from digit.hub_remote import push_to_hub
 
         return push_to_hub(
             self,

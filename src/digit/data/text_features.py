@@ -182,7 +182,7 @@ def resolve_text_encoder(
     ``google/flan-t5-xl``, LlamaGen's) -> its snapshot in the local hub cache (`T5_HUB_FILES` only), downloaded only
     when ``download`` (otherwise a miss is a one-line error saying how to get it). ``flag`` and ``download_flag``: how
     the caller spells the value and the download switch in messages."""
-    from digit.hub import first_line, hub_offline, looks_like_repo_id
+    from digit.hub_remote import first_line, hub_offline, looks_like_repo_id
 
     if not isinstance(value, (str, os.PathLike)):
         raise DigitError(f"{flag} must be a directory or a Hugging Face repository id, got {type(value).__name__}")

@@ -1,7 +1,7 @@
 """Registered model sizes: build a GPTConfig by name plus overrides (timm's ``create_model(name, **kw)`` pattern).
 
 A preset may name a layout (``"arch": "llama" | "fairseq"``): shorthand for that layout's behaviour switches
-(`digit.models.gpt.ARCHS`); switches given explicitly win.
+(`digit.models.gpt_config.ARCHS`); switches given explicitly win.
 
 LlamaGen sizes (c2i, ../shared/reference/llamagen-official.md section 1) and DiGIT sizes (digit-official.md section 2).
 digit-large's head count is not in the released configs: 24 heads keeps base's head_dim 64 (it does not change the

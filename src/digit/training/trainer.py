@@ -27,6 +27,7 @@ from digit.training.ema import EMA
 from digit.training.interrupt import StopRequest, TrainingInterrupted
 from digit.training.optim import build_adamw, clip_grad_norm, set_hyperparameters
 from digit.training.parallel import apply_parallel, compile_blocks, is_sharded
+from digit.training.run_files import compare_configs, truncate_metrics
 from digit.training.steps import epoch_permutation, seed_for, steps_per_epoch, total_steps
 from digit.training.task import OptimizerSpec, TaskBase
 from digit.utils.artifacts import read_json_object
@@ -36,21 +37,6 @@ from digit.utils.locking import lock_on_main_rank
 from digit.utils.outputs import claim_dir, mark_dir
 
 STATE_FILE = "train_state.pt"
-# Keys of the "train" config that may change between a run and its resume. ``parallel``: checkpoints hold full
-# (gathered) state dicts and each rank's RNG state, so a run may resume under another layout (and runs of
-# `encoder pretrain` from before its default became "none", like the others', still resume).
-MUTABLE_KEYS = {
-    "parallel",
-    "steps",
-    "epochs",
-    "save_every",
-    "eval_every",
-    "log_every",
-    "num_workers",
-    "compile",
-    "progress",
-    "resume",
-}
 
 
 @dataclass(kw_only=True)
@@ -84,23 +70,6 @@ def to_device(batch: Any, device: torch.device) -> Any:
     if isinstance(batch, (list, tuple)):
         return type(batch)(to_device(v, device) for v in batch)
     return batch
-
-
-def compare_configs(stored: dict, new: dict) -> list[str]:
-    """Keys (dotted) whose values differ, ignoring the mutable train keys."""
-    diffs = []
-
-    def walk(a: Any, b: Any, path: str) -> None:
-        if isinstance(a, dict) and isinstance(b, dict):
-            for k in sorted(set(a) | set(b)):
-                if path == "train" and k in MUTABLE_KEYS:
-                    continue
-                walk(a.get(k), b.get(k), f"{path}.{k}" if path else k)
-        elif a != b:
-            diffs.append(path)
-
-    walk(json.loads(json.dumps(stored)), json.loads(json.dumps(new)), "")
-    return diffs
 
 
 class Trainer:
@@ -165,27 +134,9 @@ class Trainer:
         if self.dist.is_main:
             mark_dir(self.out, "run")
             atomic_write_json(cfg_path, self.config)
-            self._truncate_metrics(state["step"] if state else 0)
+            truncate_metrics(self.out / "metrics.jsonl", state["step"] if state else 0)
         barrier()
         return state
-
-    def _truncate_metrics(self, step: int) -> None:
-        """Drop log lines written after the checkpoint we resume from (they will be written again)."""
-        path = self.out / "metrics.jsonl"
-        if not path.exists():
-            return
-        from digit.utils.io import atomic_write_bytes
-
-        keep = []
-        for ln in path.read_text().splitlines():
-            try:
-                rec = json.loads(ln)
-            except json.JSONDecodeError:  # a line cut short by a kill
-                continue
-            if rec.get("step", 0) <= step:
-                keep.append(ln)
-
-        atomic_write_bytes(path, "".join(ln + "\n" for ln in keep).encode())
 
     def setup(self) -> None:
         task, cfg = self.task, self.cfg
