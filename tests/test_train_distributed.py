@@ -88,3 +88,24 @@ def test_fsdp_matches_single_process_and_resumes(setup):
     assert_same_run(tmp / "single", tmp / "fsdp")
     state = torch.load(tmp / "fsdp" / "train_state.pt", weights_only=True)
     assert state["step"] == STEPS and len(state["rng"]) == 2
+
+
+def test_with_an_ema_fsdp_logs_the_live_weights_figures_only(setup):
+    """Evaluating the EMA swaps its weights in; under FSDP that would mix sharded and unsharded layouts, so FSDP logs
+    the live weights' validation loss alone, the same figure DDP logs beside its ``_ema``."""
+    tmp, common = setup
+    data = common[common.index("--tokens") + 1]
+    extra = ["--ema", "0.5", "--val-tokens", data, "--eval-every", 2, "--steps", 2]
+    torchrun(*common, *extra, "--parallel", "ddp", "--out", tmp / "ema-ddp")
+    torchrun(*common, *extra, "--parallel", "fsdp", "--out", tmp / "ema-fsdp")
+
+    def evals(run: Path) -> dict:
+        recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+        (rec,) = [r for r in recs if any(k.startswith("val") for k in r)]
+        return {k: v for k, v in rec.items() if k.startswith("val")}
+
+    ddp, fsdp = evals(tmp / "ema-ddp"), evals(tmp / "ema-fsdp")
+    assert "val_loss" in ddp and "val_loss_ema" in ddp and ddp["val_loss_ema"] != ddp["val_loss"]
+    assert set(fsdp) == set(ddp) - {k for k in ddp if k.endswith("_ema")}
+    for k in fsdp:
+        assert fsdp[k] == pytest.approx(ddp[k], rel=1e-5)
