@@ -250,7 +250,8 @@ def test_runner_redoes_what_depends_on_a_changed_or_redone_step_and_nothing_else
             Step("fit", ["train", "--lr", lr, "--out", "run"], out="run", resumable=True),
             Step("gen", ["generate", "--stage1", "run", "--n", n, "--out", "samples"], out="samples"),
             Step("score", ["eval", "--gen", "samples/png", "--out", "fid.json"], out="fid.json"),
-            Step("other", ["eval", "--gen", "runner/png", "--out", "other.json"], out="other.json"),  # "run" a prefix only
+            # "runner/png" starts with "run" but is not inside it: no dependency
+            Step("other", ["eval", "--gen", "runner/png", "--out", "other.json"], out="other.json"),
             Step("ref", [], call=lambda r: {}, inputs=("run/config.json",), what="reads run in process"),
         ]
 

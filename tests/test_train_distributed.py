@@ -109,3 +109,45 @@ def test_with_an_ema_fsdp_logs_the_live_weights_figures_only(setup):
     assert set(fsdp) == set(ddp) - {k for k in ddp if k.endswith("_ema")}
     for k in fsdp:
         assert fsdp[k] == pytest.approx(ddp[k], rel=1e-5)
+
+
+def test_teardown_waits_for_every_rank_only_after_success_and_never_hangs(monkeypatch):
+    """After a command succeeds, a rank waits (bounded) for the others before destroying its process group, so none
+    tears gloo down while rank 0 still writes the last checkpoint; after a failure, or when the wait fails, it tears
+    down at once."""
+    import types
+
+    from digit.cli import _release_process_group
+
+    calls = []
+
+    def fake(backend="gloo", fail=False):
+        def monitored_barrier(timeout):
+            calls.append(("monitored_barrier", timeout.total_seconds()))
+            if fail:
+                raise RuntimeError("rank 1 did not reach the barrier")
+
+        return types.SimpleNamespace(
+            is_available=lambda: True,
+            is_initialized=lambda: True,
+            get_world_size=lambda: 2,
+            get_backend=lambda: backend,
+            monitored_barrier=monitored_barrier,
+            barrier=lambda: calls.append(("barrier",)),
+            destroy_process_group=lambda: calls.append(("destroy",)),
+        )
+
+    monkeypatch.setitem(sys.modules, "torch.distributed", fake())
+    _release_process_group(together=True)
+    assert calls == [("monitored_barrier", 120.0), ("destroy",)]
+    calls.clear()
+    _release_process_group(together=False)
+    assert calls == [("destroy",)]
+    calls.clear()
+    monkeypatch.setitem(sys.modules, "torch.distributed", fake(fail=True))
+    _release_process_group(together=True)
+    assert calls == [("monitored_barrier", 120.0), ("destroy",)]
+    calls.clear()
+    monkeypatch.setitem(sys.modules, "torch.distributed", fake(backend="nccl"))
+    _release_process_group(together=True)
+    assert calls == [("barrier",), ("destroy",)]

@@ -305,14 +305,18 @@ class SignalAtStep(ToyTask):
         return super().compute_loss(batch, step, phase)
 
 
-def test_a_signal_finishes_the_step_checkpoints_and_resume_is_exact(tmp_path, ctrl_c_handled):
+def test_a_signal_finishes_the_step_checkpoints_and_resume_is_exact(tmp_path, ctrl_c_handled, capfd):
     from digit.training.interrupt import TrainingInterrupted
 
     full = ToyTask()
     run(full, tmp_path / "full", 12, ema=0.8)
     handler = signal.getsignal(signal.SIGINT)
+    capfd.readouterr()
     with pytest.raises(TrainingInterrupted, match=r"after step 4 of 12.*--resume"):
         run(SignalAtStep(at=3), tmp_path / "part", 12, ema=0.8)
+    # written by the handler straight to fd 2 (not print, which a signal inside a write would re-enter)
+    err = capfd.readouterr().err
+    assert err.count("SIGINT: stopping after this step with a checkpoint (twice more to stop without)") == 1
     assert signal.getsignal(signal.SIGINT) is handler  # the trainer's handlers are gone after the run
     state = torch.load(tmp_path / "part" / "train_state.pt", weights_only=True)
     assert state["step"] == 4  # the step in flight (index 3) finished; nothing after it ran
