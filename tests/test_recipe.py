@@ -105,6 +105,30 @@ def test_runner_skips_finished_steps_resumes_training_and_keeps_work_on_failure(
     assert results[0].info == {"n": 1}
 
 
+def test_a_resumed_trainer_records_its_wall_time_over_every_run(tmp_path):
+    root = tmp_path / "r"
+    steps = [Step("fit", ["train", "--out", "run"], out="run", resumable=True, what="a trainer")]
+    with pytest.raises(DigitError, match="step fit failed"):
+        run_steps(steps, root, python=str(_fake_python(tmp_path, "train")), log=lambda m: None)
+    partial = root / ".recipe" / "fit.partial.json"
+    first = json.loads(partial.read_text())["wall_s"]
+    assert first >= 0 and not (root / ".recipe" / "fit.json").exists()
+    partial.write_text(json.dumps({"wall_s": 600.0}))  # as if the first run had trained for 10 minutes
+    (root / "run").mkdir()
+    (root / "run" / "train_state.pt").write_bytes(b"")
+    messages = []
+    (res,) = run_steps(steps, root, python=str(_fake_python(tmp_path, "--never")), log=messages.append)
+    rec = json.loads((root / ".recipe" / "fit.json").read_text())
+    assert 600.0 <= rec["wall_s"] < 660.0 and res.wall_s == pytest.approx(rec["wall_s"], abs=0.1)
+    assert not partial.exists() and any("10.0 of them in earlier runs" in m for m in messages)
+    # restarted from scratch (no checkpoint): an earlier run's time does not count
+    (root / ".recipe" / "fit.json").unlink()
+    partial.write_text(json.dumps({"wall_s": 600.0}))
+    (root / "run" / "train_state.pt").unlink()
+    run_steps(steps, root, python=str(_fake_python(tmp_path, "--never")), log=lambda m: None)
+    assert json.loads((root / ".recipe" / "fit.json").read_text())["wall_s"] < 60.0 and not partial.exists()
+
+
 # ------------------------------------------------------------------------------------------------ end to end
 
 

@@ -2,8 +2,8 @@
 
 A step is one `digit` command line run in its own process (so every step is exactly what a user would type, and the
 recipe prints them). A step that finished leaves ``.recipe/<name>.json`` (its command and wall time); running the
-recipe again skips it. A training step interrupted after a checkpoint continues with ``--resume``; any other
-unfinished step is started again from scratch.
+recipe again skips it. A training step interrupted after a checkpoint continues with ``--resume`` (its recorded wall
+time is the sum over its runs); any other unfinished step is started again from scratch.
 
 A finished step is redone when what it was computed from changed, as make would: its command line, its ``key`` (a
 string naming anything else its output depends on, e.g. the reference set of FID statistics) or a step it depends on
@@ -150,6 +150,8 @@ def run_steps(
         log(f"{head}\n    $ {command_line(step)}")
         t0 = time.perf_counter()
         info: dict[str, Any] = {}
+        partial = root / DONE_DIR / f"{step.name}.partial.json"
+        earlier = 0.0  # wall time of the earlier runs a resumed trainer continues
         if step.call is not None:
             info = step.call(root) or {}
         else:
@@ -158,22 +160,31 @@ def run_steps(
             if target is not None and target.exists():
                 if step.resumable and not stale and (target / "train_state.pt").is_file():
                     argv.append("--resume")
+                    earlier = float(read_json(partial).get("wall_s", 0.0)) if partial.is_file() else 0.0
                     log("    (continuing from its last checkpoint)")
                 elif target.is_dir():
                     shutil.rmtree(target)
                 else:
                     target.unlink()
-            returncode = _run_child([python, "-m", "digit", *argv], root, step.name, log)
+            try:
+                returncode = _run_child([python, "-m", "digit", *argv], root, step.name, log)
+            except BaseException:  # interrupted: a trainer's next run continues, and its wall time adds to this one
+                if step.resumable:
+                    atomic_write_json(partial, {"wall_s": round(earlier + time.perf_counter() - t0, 1)})
+                raise
             if returncode != 0:
+                if step.resumable:
+                    atomic_write_json(partial, {"wall_s": round(earlier + time.perf_counter() - t0, 1)})
                 raise DigitError(
                     f"step {step.name} failed (exit {returncode}); fix the cause and run the recipe again: "
                     "finished steps are kept"
                 )
-        wall = time.perf_counter() - t0
+        wall = earlier + time.perf_counter() - t0
         rec = {"command": command_line(step), "wall_s": round(wall, 1), "info": info, "key": step.key,
                "inputs": fingerprint, "finished": time.time()}  # fmt: skip
         atomic_write_json(marker, rec)
-        log(f"    done in {wall / 60:.1f} min")
+        partial.unlink(missing_ok=True)
+        log(f"    done in {wall / 60:.1f} min" + (f" ({earlier / 60:.1f} of them in earlier runs)" if earlier else ""))
         results.append(StepResult(step.name, rec["command"], wall, False, info))
     return results
 
