@@ -13,7 +13,7 @@ from PIL import Image
 
 from conftest import tar_folder, write_image_folder
 from digit.data import decode as decode_mod
-from digit.data.datasets import ImageDataset, SkipReport, StreamingImageDataset, image_loader
+from digit.data.datasets import ImageDataset, SkipReport, StreamingImageDataset, image_loader, spread_indices
 from digit.data.decode import BadImage, decode_image
 from digit.data.sources import open_image_source
 from digit.data.transforms import item_rng, preprocess
@@ -178,6 +178,26 @@ def test_streaming_covers_each_index_once_with_workers(tmp_path):
     direct = ImageDataset(open_image_source(root), 24)[4][0]
     streamed = next(x for x in StreamingImageDataset(src, 24) if x[2] == 4)[0]
     assert torch.equal(direct, streamed)
+
+
+def test_a_limit_takes_images_spread_over_the_source_with_every_class(tmp_path):
+    assert (
+        spread_indices(10, 4) == [0, 2, 5, 7]
+        and spread_indices(3, 5) == [0, 1, 2]
+        and spread_indices(4, None) == [0, 1, 2, 3]
+    )
+    assert spread_indices(45000, 1000)[:3] == [0, 45, 90] and len(set(spread_indices(7, 6))) == 6
+    root = write_image_folder(tmp_path / "d", classes=("a", "b", "c"), n_per_class=4)  # listed class by class
+    arc = tar_folder(root, tmp_path / "d.tar.gz")
+    for src in (open_image_source(root), open_image_source(arc)):
+        ds = StreamingImageDataset(src, 24, limit=5)
+        assert len(ds) == 5
+        for workers in (0, 2):
+            got = {}
+            for b in image_loader(ds, batch_size=2, workers=workers):
+                got.update(zip(b["indices"].tolist(), b["labels"].tolist(), strict=True))
+            assert sorted(got) == [0, 2, 4, 7, 9]  # k * 12 // 5
+            assert sorted(set(got.values())) == [0, 1, 2]  # the first 5 would have missed class c
 
 
 def test_dataset_survives_missing_file(tmp_path):

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from digit.cli import main
-from digit.data.datasets import ImageDataset
+from digit.data.datasets import ImageDataset, spread_indices
 from digit.data.sources import open_image_source
 from digit.errors import DigitError
 from digit.tokenizers.reconstruct import reconstruct
@@ -65,14 +65,18 @@ def test_metrics_equal_direct_formulas(tmp_path):
 
 
 def test_psnr_of_a_black_decoder_and_the_limit(tmp_path):
-    """A decoder that outputs black scores 10 log10(1 / mean(x^2)) per image; ``limit`` cuts the count."""
+    """A decoder that outputs black scores 10 log10(1 / mean(x^2)) per image; ``limit`` takes that many images spread
+    over the source."""
     src = open_image_source(_folder(tmp_path / "imgs", broken=0))
     vq = _vq()
     vq.decode_latents = lambda z: vq.normalize(torch.zeros(len(z), 3, 16, 16, dtype=torch.uint8))
     black = ImageDataset(src, 16, train=False)
     res = reconstruct(vq, src, limit=3, keep=2, progress=False)
     assert res.metrics["n_images"] == 3 and len(res.originals) == 2
-    direct = [10 * np.log10(1 / max(float((black[i][0].double() / 255).pow(2).mean()), 1e-10)) for i in range(3)]
+    direct = [
+        10 * np.log10(1 / max(float((black[i][0].double() / 255).pow(2).mean()), 1e-10))
+        for i in spread_indices(len(black), 3)
+    ]
     assert res.metrics["psnr"] == pytest.approx(float(np.mean(direct)), rel=1e-5)
 
 

@@ -13,7 +13,11 @@ def register(sub) -> None:
     p.add_argument("--data", required=True, help="image folder or .tar/.tar.gz")
     p.add_argument("--layout", choices=["auto", "imagefolder", "flat"], default="auto")
     p.add_argument("--snr", type=float, nargs="+", default=[30, 25, 20, 15, 10, 5], help="SNRs in dB (default 30..5)")
-    p.add_argument("--limit", type=positive_int, help="only the first N images")
+    p.add_argument(
+        "--limit",
+        type=positive_int,
+        help="N images spread evenly over the source (every (count/N)-th: each class of a class-sorted folder keeps its share)",
+    )
     p.add_argument("--batch-size", type=positive_int, default=64)
     p.add_argument("--workers", type=non_negative_int, default=2)
     p.add_argument("--seed", type=int, default=0, help="noise seed")
@@ -39,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
     from torch.utils.data import Subset
 
     from digit.cli.common import resolve_device
-    from digit.data.datasets import ImageDataset, SkipReport, image_loader
+    from digit.data.datasets import ImageDataset, SkipReport, image_loader, spread_indices
     from digit.data.sources import open_image_source
     from digit.errors import DigitError
     from digit.evaluation.stability import format_table, token_stability
@@ -57,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
         raise DigitError("--precision applies to discriminative tokenizers")
     ds = ImageDataset(source, tok.image_size)
     if args.limit:
-        ds = Subset(ds, range(min(args.limit, len(ds))))
+        ds = Subset(ds, spread_indices(len(ds), args.limit))
     skipped = SkipReport(source)
 
     def batches():

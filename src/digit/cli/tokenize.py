@@ -27,7 +27,11 @@ def register(sub) -> None:
     p.add_argument("--flip", action="store_true", help="add the tokens of horizontally flipped images as a second view")
     p.add_argument("--batch-size", type=positive_int, default=64)
     p.add_argument("--workers", type=non_negative_int, default=2, help="DataLoader decoding workers (default 2)")
-    p.add_argument("--limit", type=positive_int, help="only the first N images")
+    p.add_argument(
+        "--limit",
+        type=positive_int,
+        help="N images spread evenly over the source (every (count/N)-th: each class of a class-sorted folder keeps its share)",
+    )
     p.add_argument("--strict", action="store_true", help="stop at the first undecodable file")
     p.add_argument(
         "--precision",

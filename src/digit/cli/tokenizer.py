@@ -156,7 +156,11 @@ def register(sub) -> None:
     f.add_argument("--max-points", type=positive_int, help="feature reservoir size (default K*256, faiss's cap)")
     f.add_argument("--niter", type=positive_int, default=20, help="K-means iterations (default 20)")
     f.add_argument("--no-augment", action="store_true", help="center crops instead of random crop + flip")
-    f.add_argument("--limit", type=positive_int, help="use only the first N images")
+    f.add_argument(
+        "--limit",
+        type=positive_int,
+        help="N images spread evenly over the source (every (count/N)-th: each class of a class-sorted folder keeps its share)",
+    )
     f.add_argument("--batch-size", type=positive_int, default=64)
     f.add_argument("--seed", type=int, default=0)
     f.add_argument(
@@ -188,7 +192,9 @@ def register(sub) -> None:
     k.add_argument("--bank-data", type=existing_path, required=True, help="labelled training images (the bank)")
     k.add_argument("--data", type=existing_path, required=True, help="labelled query images (e.g. the val split)")
     k.add_argument("--bank", type=non_negative_int, default=0, help="a seeded random N of the bank images (0: all)")
-    k.add_argument("--limit", type=positive_int, help="only the first N query images")
+    k.add_argument(
+        "--limit", type=positive_int, help="N query images spread evenly over --data (each class keeps its share)"
+    )
     k.add_argument("--k", type=positive_int, default=20, help="neighbours (default 20)")
     k.add_argument("--temperature", type=positive_float, default=0.07, help="vote weight exp(sim / T) (default 0.07)")
     k.add_argument("--seed", type=int, default=0, help="seed of the bank subset")
@@ -265,7 +271,7 @@ def run_knn(args: argparse.Namespace) -> int:
     import torch
     from torch.utils.data import Subset
 
-    from digit.data.datasets import ImageDataset, SkipReport, image_loader
+    from digit.data.datasets import ImageDataset, SkipReport, image_loader, spread_indices
     from digit.data.sources import open_image_source
     from digit.errors import DigitError
     from digit.evaluation.tokenizer_knn import tokenizer_knn
@@ -289,7 +295,7 @@ def run_knn(args: argparse.Namespace) -> int:
         keep = np.sort(np.random.default_rng(args.seed).choice(len(bank_ds), args.bank, replace=False))
         bank_ds = Subset(bank_ds, keep.tolist())
     if args.limit:
-        query_ds = Subset(query_ds, range(min(args.limit, len(query_ds))))
+        query_ds = Subset(query_ds, spread_indices(len(query_ds), args.limit))
     skipped = {"bank": SkipReport(bank_src), "queries": SkipReport(query_src)}
 
     def batches(ds, report, label_map=None):

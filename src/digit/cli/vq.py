@@ -54,7 +54,11 @@ def register(sub) -> None:
     r.add_argument("--vq", type=existing_dir, required=True, help="VQ tokenizer directory")
     r.add_argument("--data", required=True, help="image folder or .tar/.tar.gz")
     r.add_argument("--layout", choices=["auto", "imagefolder", "flat"], default="auto")
-    r.add_argument("--limit", type=positive_int, help="only the first N images")
+    r.add_argument(
+        "--limit",
+        type=positive_int,
+        help="N images spread evenly over the source (every (count/N)-th: each class of a class-sorted folder keeps its share)",
+    )
     r.add_argument("--batch-size", type=positive_int, default=32)
     r.add_argument("--grid", type=positive_int, default=16, help="image pairs shown in grid.png")
     add_device_arg(r)

@@ -50,6 +50,14 @@ class ImageDataset(Dataset):
         return load_item(self.source, index, data, self.image_size, self.train, self.seed, self.epoch)
 
 
+def spread_indices(total: int, n: int | None) -> list[int]:
+    """``n`` of ``total`` indices spread evenly (``k * total // n``): what ``--limit N`` takes. A source listed class
+    by class keeps every class in proportion (the first N would be one class), and the same N gives the same images."""
+    if n is None or n >= total:
+        return list(range(total))
+    return [k * total // n for k in range(n)]
+
+
 class StreamingImageDataset(IterableDataset):
     """Reads the source in storage order (one pass over a .tar.gz), each worker of each rank taking its own share.
 
@@ -67,7 +75,10 @@ class StreamingImageDataset(IterableDataset):
         shard_by_rank: bool = True,
     ):
         self.source, self.image_size, self.train, self.seed, self.epoch = source, image_size, train, seed, 0
-        self.limit = len(source) if limit is None else min(limit, len(source))
+        # ``limit``: that many images spread over the source (`spread_indices`), by position among the picked ones
+        picked = spread_indices(len(source), limit)
+        self.limit = len(picked)
+        self.position = None if self.limit == len(source) else {i: k for k, i in enumerate(picked)}
         # read the rank here, in the launching process: spawned/forkserver DataLoader workers have no process group
         d = get_dist_info()
         self.rank, self.world = (d.rank, d.world_size) if shard_by_rank else (0, 1)
@@ -79,10 +90,11 @@ class StreamingImageDataset(IterableDataset):
         info = get_worker_info()
         wid, nw = (info.id, info.num_workers) if info else (0, 1)
         shard, total = self.rank * nw + wid, self.world * nw
-        limit = self.limit
+        position = self.position
 
         def select(i: int) -> bool:
-            return i < limit and i % total == shard
+            k = i if position is None else position.get(i)
+            return k is not None and k % total == shard
 
         for i, data in self.source.iter_bytes(select):
             if isinstance(data, OSError):
@@ -123,8 +135,8 @@ def require_usable_image(source: ImageSource, limit: int | None = None) -> None:
 
     For trainers, which must refuse before writing a run: normally costs one decode; all of them only when all fail."""
     report = SkipReport(source)
-    n = len(source) if limit is None else min(limit, len(source))
-    for i, data in source.iter_bytes(lambda i: i < n):
+    picked = set(spread_indices(len(source), limit))
+    for i, data in source.iter_bytes(picked.__contains__):
         if isinstance(data, OSError):
             report.add([(i, f"unreadable ({data})")])
             continue

@@ -42,13 +42,13 @@ def reconstruct(
     ``skipped`` (undecodable files)."""
     from tqdm import tqdm
 
-    from digit.data.datasets import ImageDataset, SkipReport, image_loader
+    from digit.data.datasets import ImageDataset, SkipReport, image_loader, spread_indices
     from digit.tokenizers.vq_train import codebook_stats, psnr, ssim
     from digit.utils.images import to_uint8
 
     ds = ImageDataset(source, vq.image_size, train=False)
     if limit is not None and limit < len(ds):
-        ds = torch.utils.data.Subset(ds, range(limit))
+        ds = torch.utils.data.Subset(ds, spread_indices(len(ds), limit))
     psnrs, ssims, ids, pairs = [], [], [], []
     skipped = SkipReport(source)
     for batch in tqdm(image_loader(ds, batch_size), desc="reconstruct", unit="batch", disable=not progress):
