@@ -438,7 +438,7 @@ def test_damaged_probe_feature_cache_is_a_miss(tmp_path, damage):
     torch.manual_seed(0)
     model = GPT(build_config("tiny", vocab_size=32, grid=(4, 4), n_layers=2, dim=32, n_heads=4)).eval()
     tokens, layers = np.random.default_rng(0).integers(0, 32, size=(6, 4, 4)), [0, 2]
-    key = feature_cache_key("0" * 64, "/t", 6, np.arange(6), layers)
+    key = feature_cache_key("0" * 64, tokens, layers)
     cached_gpt_features(model, tokens, layers, cache_dir=tmp_path, name="train", key=key, batch_size=4)
     truncate(tmp_path / ("train_features.npy" if damage == "features" else "train_features.json"))
     got = cached_gpt_features(model, tokens, layers, cache_dir=tmp_path, name="train", key=key, batch_size=4)

@@ -24,17 +24,22 @@ def _tokens(n=9, seed=0):
 
 
 def test_key_names_what_the_features_depend_on():
-    rows = np.arange(5)
-    key = feature_cache_key("ab" * 32, "/t", 7, rows, [0, 2])
-    assert key["rows"] == 7 and key["layers"] == [0, 2] and key["tokens"] == "/t" and key["weights_sha256"] == "ab" * 32
-    assert len(key["subset_sha256"]) == 64 and json.loads(json.dumps(key)) == key
-    assert feature_cache_key("ab" * 32, "/t", 7, np.arange(1, 6), [0, 2])["subset_sha256"] != key["subset_sha256"]
-    assert feature_cache_key("ab" * 32, "/t", 7, rows, [0, 2]) == key  # a pure function
+    tokens = _tokens()
+    key = feature_cache_key("ab" * 32, tokens, [0, 2])
+    assert key["layers"] == [0, 2] and key["weights_sha256"] == "ab" * 32 and key["features_version"] == 1
+    assert key["tokens_shape"] == [9, 4, 4] and key["tokens_dtype"] == str(tokens.dtype)
+    assert len(key["tokens_sha256"]) == 64 and json.loads(json.dumps(key)) == key
+    assert feature_cache_key("ab" * 32, tokens.copy(), [0, 2]) == key  # a pure function of the values
+    changed = tokens.copy()
+    changed[4, 1, 1] = (changed[4, 1, 1] + 1) % 32  # a token directory rewritten in place, same size
+    assert feature_cache_key("ab" * 32, changed, [0, 2])["tokens_sha256"] != key["tokens_sha256"]
+    assert feature_cache_key("ab" * 32, tokens[1:], [0, 2])["tokens_sha256"] != key["tokens_sha256"]  # another subset
+    assert feature_cache_key("ab" * 32, tokens, [0, 1]) != key and feature_cache_key("cd" * 32, tokens, [0, 2]) != key
 
 
 def test_cache_is_written_reused_and_rebuilt(tmp_path, monkeypatch):
     model, tokens, layers = _model(), _tokens(), [0, 2]
-    key = feature_cache_key("0" * 64, "/t", 9, np.arange(9), layers)
+    key = feature_cache_key("0" * 64, tokens, layers)
     direct = extract_gpt_features(model, tokens, layers, batch_size=4)
     a = cached_gpt_features(model, tokens, layers, cache_dir=tmp_path, name="train", key=key, batch_size=4)
     np.testing.assert_array_equal(np.asarray(a), direct)
@@ -75,7 +80,7 @@ def test_without_a_cache_dir_nothing_is_written(tmp_path, monkeypatch):
 
 def test_shape_mismatch_rebuilds(tmp_path):
     model, layers = _model(), [0]
-    key = feature_cache_key("0" * 64, "/t", 9, np.arange(9), layers)
+    key = feature_cache_key("0" * 64, _tokens(9), layers)  # reused on purpose for other grids
     cached_gpt_features(model, _tokens(9), layers, cache_dir=tmp_path, name="train", key=key)
     got = cached_gpt_features(model, _tokens(6), layers, cache_dir=tmp_path, name="train", key=key)
     assert got.shape == (1, 6, 32)

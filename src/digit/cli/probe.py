@@ -106,14 +106,14 @@ def run(args: argparse.Namespace) -> int:
     weights_sha = file_sha256(Path(args.run) / "model.safetensors")
     feats = {}
     for name, t in (("train", train), ("val", val)):
-        idx = rows[name]
+        grids = np.asarray(t.tokens[rows[name]])
         feats[name] = cached_gpt_features(
             model,
-            np.asarray(t.tokens[idx]),
+            grids,
             layers,
             cache_dir=args.cache_dir,
             name=name,
-            key=feature_cache_key(weights_sha, str(Path(t.path).resolve()), len(t), idx, layers),
+            key=feature_cache_key(weights_sha, grids, layers) if args.cache_dir else {},
             batch_size=args.feature_batch_size,
             device=device,
         )

@@ -66,16 +66,23 @@ def extract_gpt_features(
     return out
 
 
-def feature_cache_key(weights_sha256: str, tokens_path: str, n_rows: int, rows: np.ndarray, layers: list[int]) -> dict:
-    """What cached features depend on: the weights, the token directory and its size, the rows used, the layers."""
+# what the cached features are (mean over positions of each layer's hidden states, fp32): bump it when that changes
+FEATURES_VERSION = 1
+
+
+def feature_cache_key(weights_sha256: str, tokens: np.ndarray, layers: list[int]) -> dict:
+    """What cached features depend on: the weights, the very token grids (their bytes, shape and dtype: a token
+    directory rewritten in place, or another subset of it, is a miss), the layers, and how features are computed."""
     import hashlib
 
+    grids = np.ascontiguousarray(tokens)
     return {
         "weights_sha256": weights_sha256,
-        "tokens": tokens_path,
-        "rows": int(n_rows),
-        "subset_sha256": hashlib.sha256(np.asarray(rows).tobytes()).hexdigest(),
+        "tokens_sha256": hashlib.sha256(grids.tobytes()).hexdigest(),
+        "tokens_shape": list(grids.shape),
+        "tokens_dtype": str(grids.dtype),
         "layers": list(layers),
+        "features_version": FEATURES_VERSION,
     }
 
 
