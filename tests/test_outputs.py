@@ -66,7 +66,9 @@ def test_own_output_is_replaced_but_not_once_a_user_file_is_in_it(tokenizer_dir,
     marker = json.loads((out / MARKER).read_text())
     assert marker["kind"] == "tokenize" and marker["files"] == ["labels.npy", "meta.json", "tokens.npy"]
     assert tokenize(tokenizer_dir, data, out, "--limit", "3") == 0  # this command's own output: replaced
-    assert len(read_token_dir(out)) == 3
+    limited = read_token_dir(out)
+    assert len(limited) == 3 and sorted(set(np.asarray(limited.labels).tolist())) == [0, 1]  # spread: both classes
+    assert limited.meta["source"]["limit"] == {"n": 3, "rule": "spread"}  # so prefix alignment can tell
     (out / "notes.txt").write_text("mine")
     assert tokenize(tokenizer_dir, data, out) == 2
     assert "not an earlier `digit tokenize` output" in one_line_error(capsys)

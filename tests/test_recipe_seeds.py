@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from conftest import write_image_folder
+from digit.errors import DigitError
 from digit.recipes.cifar10 import EFFNET, STUDENT, RecipePlan, cifar10_steps, training_steps
 from digit.recipes.fidsteps import REF_DIR, link_reference_subset
 from digit.recipes.report import aggregate, generation_verdict, seeded_verdict, spread, summarise, write_summary
@@ -281,6 +282,48 @@ def test_runner_redoes_what_depends_on_a_changed_or_redone_step_and_nothing_else
     run(steps(lr="3e-4"))
     assert _outs(log) == []
     assert len(finished(steps(lr="3e-4"))) == 5
+    # ... but what reads a step redone now is redone too
+    (root / ".recipe" / "fit.json").unlink()
+    messages.clear()
+    run_steps(steps(lr="3e-4"), root, python=str(py), log=messages.append)
+    assert _outs(log) == ["run", "samples", "fid.json"]
+    assert any("gen: " in m and "fit, which it reads, was just redone" in m for m in messages)
+
+
+def test_fingerprints_ignore_how_a_step_runs_and_a_checkpoint_of_other_inputs_is_not_resumed(tmp_path):
+    py, log = _fake_python(tmp_path)
+    root = tmp_path / "r"
+
+    def steps(workers="2", what="hold out images", lr="1e-3"):
+        return [
+            Step("split", [], out="data", call=lambda r: {}, key="k", what=what),
+            Step("fit", ["train", "--data", "data/train", "--workers", workers, "--lr", lr, "--out", "run"], out="run",
+                 resumable=True),
+        ]  # fmt: skip
+
+    run = lambda s: run_steps(s, root, python=str(py), log=lambda m: None)  # noqa: E731
+    run(steps())
+    assert _outs(log) == ["run"]
+    run(steps(workers="16", what="hold out the validation images"))  # another machine, a reworded log line
+    assert _outs(log) == [] and len(finished_steps(steps(workers="16"), root)) == 2
+    # an interrupted trainer whose inputs changed since its checkpoint starts over instead of resuming
+    (root / ".recipe" / "fit.json").unlink()
+    (root / "run").mkdir()
+    (root / "run" / "train_state.pt").write_bytes(b"")
+    partial = root / ".recipe" / "fit.partial.json"
+    messages = []
+    failing = tmp_path / "failpy"
+    failing.write_text("#!/bin/sh\nexit 3\n")
+    failing.chmod(failing.stat().st_mode | stat.S_IEXEC)
+    with pytest.raises(DigitError, match="step fit failed"):
+        run_steps(steps(), root, python=str(failing), log=messages.append)
+    assert "(continuing from its last checkpoint)" in "".join(messages)
+    assert len(json.loads(partial.read_text())["inputs"]) == 64
+    (root / "run").mkdir(exist_ok=True)
+    (root / "run" / "train_state.pt").write_bytes(b"")
+    run(steps(lr="3e-4"))
+    assert log.read_text().splitlines() == ["-m digit train --data data/train --workers 2 --lr 3e-4 --out run"]
+    assert not partial.exists()
 
 
 # ------------------------------------------------------------------------------------------------ report

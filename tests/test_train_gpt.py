@@ -280,3 +280,21 @@ def test_resume_with_fewer_steps_than_done_is_refused_and_keeps_the_checkpoint(t
     assert "already at step 4" in capsys.readouterr().err
     assert (tmp_path / "run" / "train_state.pt").read_bytes() == before
     assert train(*args, "--steps", 4, "--resume") == 0  # nothing left to run is fine
+
+
+def test_prefix_tokens_taken_by_another_limit_rule_are_refused():
+    """Token directories made with `--limit N` before it spread its picks (the first N) hold other images than ones made
+    after, under the same source path and count: the recorded rule tells them apart."""
+    from types import SimpleNamespace
+
+    from digit.errors import DigitError
+    from digit.training.gpt_task import check_alignment
+
+    source = {"path": "/data/train", "n_files": 4, "n_skipped": 0}
+    meta = {"n_rows": 4, "n_images": 4, "views": ["orig"], "source": source}
+    spread = SimpleNamespace(path="new", meta={**meta, "source": {**source, "limit": {"n": 4, "rule": "spread"}}})
+    first_n = SimpleNamespace(path="old", meta=meta)
+    check_alignment(spread, spread)
+    check_alignment(first_n, first_n)
+    with pytest.raises(DigitError, match="another source than new: source limit None"):
+        check_alignment(spread, first_n)

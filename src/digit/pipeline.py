@@ -13,7 +13,7 @@ mismatches (with a one-line reason) before any weights are loaded or any samplin
 The Python API (``from digit import Pipeline``) is the same object: ``Pipeline.from_pretrained(folder or hub id)``,
 ``pipe(classes=[...], num_images=..., seed=..., **sampling)`` -> PIL images (``pipe(prompts=[...])`` for a
 text-conditional stage 1, with its text encoder: `digit.prompts`), ``save_pretrained`` / ``push_to_hub`` (`digit.hub`:
-folder layout, model card, Hugging Face Hub). Running it over many images is `digit.generation`.
+folder layout, model card; `digit.hub_remote`: the Hugging Face Hub). Running it over many images is `digit.generation`.
 """
 
 from __future__ import annotations

@@ -81,9 +81,29 @@ def _dependencies(steps: list[Step]) -> list[list[Step]]:
     return [[e for e in steps[:i] if _reads(step, e)] for i, step in enumerate(steps)]
 
 
+# flags that change how a step runs, not what it computes (the data loaders' item RNG is per image): a run moved to a
+# machine with another core count is not redone
+NOT_FINGERPRINTED = frozenset({"--workers"})
+
+
+def _result_args(step: Step) -> list[str] | None:
+    if step.call is not None:
+        return None  # an in-process step: its key says what it computes (its log line may be reworded freely)
+    args, skip = [], False
+    for a in step.argv:
+        if skip:
+            skip = False
+        elif a in NOT_FINGERPRINTED:
+            skip = True
+        else:
+            args.append(a)
+    return args
+
+
 def _fingerprint(root: Path, step: Step, needs: list[Step]) -> str:
-    """The step's command, its key and the current markers of the steps it depends on (final at the step's turn)."""
-    parts = [command_line(step), step.key]
+    """The step's command (less `NOT_FINGERPRINTED`), its key and the current markers of the steps it depends on
+    (final at the step's turn)."""
+    parts = [_result_args(step), step.key]
     for d in needs:
         m = _marker(root, d)
         parts.append([d.name, hashlib.sha256(m.read_bytes()).hexdigest() if m.is_file() else None])
@@ -125,68 +145,91 @@ def run_steps(
     *,
     python: str = sys.executable,
     log: Callable[[str], None] = print,
-    only: set[str] | None = None,
 ) -> list[StepResult]:
     """Run ``steps`` in order inside ``root``. Returns one result per step (skipped ones carry their recorded time)."""
     root = Path(root)
     mark_dir(root, "recipe")  # the caller checked it with claim_dir: a recipe directory of ours, or new
-    results = []
+    results, ran = [], set()
     dependencies = _dependencies(steps)
     for i, step in enumerate(steps, 1):
         marker = _marker(root, step)
         head = f"[{i}/{len(steps)}] {step.name}: {step.what}"
         rec = _record(root, step)
-        fingerprint = _fingerprint(root, step, dependencies[i - 1])
+        needs = dependencies[i - 1]
+        fingerprint = _fingerprint(root, step, needs)
+        redone = [d.name for d in needs if d.name in ran]
         why = None if rec is None else _stale(step, rec, fingerprint)
+        if rec is not None and why is None and redone:  # a marker from before fingerprints: judged by what ran now
+            why = f"{redone[0]}, which it reads, was just redone"
         stale = why is not None
-        if (rec is not None and not stale) or (only is not None and step.name not in only):
-            rec = rec or {"command": command_line(step), "wall_s": 0.0}
+        if rec is not None and not stale:
             log(f"{head} (done, skipped)")
             results.append(_skipped(step, rec))
             continue
+        ran.add(step.name)
         if stale:
             log(f"{head}: {why}; redoing it")
             marker.unlink()
         log(f"{head}\n    $ {command_line(step)}")
         t0 = time.perf_counter()
         info: dict[str, Any] = {}
-        partial = root / DONE_DIR / f"{step.name}.partial.json"
-        earlier = 0.0  # wall time of the earlier runs a resumed trainer continues
+        earlier = 0.0  # a resumed trainer's wall time in its earlier runs
         if step.call is not None:
             info = step.call(root) or {}
         else:
-            argv = list(step.argv)
-            target = root / step.out if step.out else None
-            if target is not None and target.exists():
-                if step.resumable and not stale and (target / "train_state.pt").is_file():
-                    argv.append("--resume")
-                    earlier = float(read_json(partial).get("wall_s", 0.0)) if partial.is_file() else 0.0
-                    log("    (continuing from its last checkpoint)")
-                elif target.is_dir():
-                    shutil.rmtree(target)
-                else:
-                    target.unlink()
-            try:
-                returncode = _run_child([python, "-m", "digit", *argv], root, step.name, log)
-            except BaseException:  # interrupted: a trainer's next run continues, and its wall time adds to this one
-                if step.resumable:
-                    atomic_write_json(partial, {"wall_s": round(earlier + time.perf_counter() - t0, 1)})
-                raise
-            if returncode != 0:
-                if step.resumable:
-                    atomic_write_json(partial, {"wall_s": round(earlier + time.perf_counter() - t0, 1)})
-                raise DigitError(
-                    f"step {step.name} failed (exit {returncode}); fix the cause and run the recipe again: "
-                    "finished steps are kept"
-                )
+            earlier = _run_command(step, root, fingerprint, stale, python, log)
         wall = earlier + time.perf_counter() - t0
         rec = {"command": command_line(step), "wall_s": round(wall, 1), "info": info, "key": step.key,
                "inputs": fingerprint, "finished": time.time()}  # fmt: skip
         atomic_write_json(marker, rec)
-        partial.unlink(missing_ok=True)
+        _partial(root, step).unlink(missing_ok=True)
         log(f"    done in {wall / 60:.1f} min" + (f" ({earlier / 60:.1f} of them in earlier runs)" if earlier else ""))
         results.append(StepResult(step.name, rec["command"], wall, False, info))
     return results
+
+
+def _partial(root: Path, step: Step) -> Path:
+    """A trainer's unfinished run: the inputs its checkpoint was made from, and the wall time spent on it so far."""
+    return root / DONE_DIR / f"{step.name}.partial.json"
+
+
+def _run_command(
+    step: Step, root: Path, fingerprint: str, stale: bool, python: str, log: Callable[[str], None]
+) -> float:
+    """Run a command step: continue a trainer's checkpoint made from the same inputs, else start clean. Returns the
+    wall time of the earlier runs it continued."""
+    argv, earlier, t0 = list(step.argv), 0.0, time.perf_counter()
+    partial = _partial(root, step)
+    target = root / step.out if step.out else None
+    if target is not None and target.exists():
+        began = read_json(partial) if partial.is_file() else {}
+        same_inputs = began.get("inputs", fingerprint) == fingerprint  # no record (an older run): as before
+        if step.resumable and not stale and same_inputs and (target / "train_state.pt").is_file():
+            argv.append("--resume")
+            earlier = float(began.get("wall_s", 0.0))
+            log("    (continuing from its last checkpoint)")
+        elif target.is_dir():
+            shutil.rmtree(target)
+        else:
+            target.unlink()
+
+    def note_partial() -> None:
+        if step.resumable:
+            spent = round(earlier + time.perf_counter() - t0, 1)
+            atomic_write_json(partial, {"inputs": fingerprint, "wall_s": spent})
+
+    note_partial()  # before the child starts: a run killed outright still records its inputs
+    try:
+        returncode = _run_child([python, "-m", "digit", *argv], root, step.name, log)
+    except BaseException:  # interrupted: a trainer's next run continues, and its wall time adds to this one
+        note_partial()
+        raise
+    if returncode != 0:
+        note_partial()
+        raise DigitError(
+            f"step {step.name} failed (exit {returncode}); fix the cause and run the recipe again: finished steps are kept"
+        )
+    return earlier
 
 
 def _run_child(argv: list[str], cwd: Path, name: str, log: Callable[[str], None]) -> int:

@@ -154,6 +154,8 @@ def tokenize_to_dir(
         "source": {
             "path": str(Path(source.path).resolve()),
             "n_files": len(source) if limit is None else min(limit, len(source)),
+            # which images a --limit took (`spread_indices`); a directory made with the first N records none
+            **({"limit": {"n": limit, "rule": "spread"}} if limit is not None and limit < len(source) else {}),
             **report.to_json(),
         },
         **(extra_meta or {}),

@@ -121,7 +121,7 @@ def check_alignment(target: TokenDirectory, prefix: TokenDirectory) -> None:
                 f"prefix tokens {prefix.path} are not aligned with {target.path}: {key} {p.get(key)} != {t.get(key)}"
             )
     ts, ps = t.get("source") or {}, p.get("source") or {}
-    for key in ("path", "n_files", "n_skipped"):
+    for key in ("path", "n_files", "n_skipped", "limit"):
         if ts.get(key) != ps.get(key):
             raise DigitError(
                 f"prefix tokens {prefix.path} come from another source than {target.path}: "
