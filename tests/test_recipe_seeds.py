@@ -207,7 +207,9 @@ def test_summary_only_reports_the_finished_seeds_and_runs_nothing(tmp_path, caps
     run_steps(cifar10_steps(RecipePlan(str(data), size="tiny", routes=("dino",), seeds=(0,))), root, python=str(py),
               log=lambda m: None)  # fmt: skip
     _outs(log)
-    _hand_built_recipe(root, {0: FIGS[0], 1: FIGS[1]})  # seed 1 has figures on disk but no finished steps
+    _hand_built_recipe(root, {0: FIGS[0], 1: FIGS[1]})  # seed 1 has figures on disk but only one finished step
+    (root / ".recipe" / "seed1").mkdir(parents=True, exist_ok=True)
+    (root / ".recipe" / "seed1" / "gpt-vq.json").write_text(json.dumps({"command": "digit train", "wall_s": 5.0}))
     argv = ["recipe", "cifar10", "--data", str(data), "--out", str(root), "--size", "tiny", "--encoder", "dino"]
     assert main([*argv, "--seeds", "0", "1", "--summary-only"]) == 0
     assert _outs(log) == []  # nothing ran
@@ -215,7 +217,9 @@ def test_summary_only_reports_the_finished_seeds_and_runs_nothing(tmp_path, caps
     summary = json.loads((root / "summary.json").read_text())
     runs = summary["routes"]["dino"]["runs"]
     assert [r["seed"] for r in runs] == [0] and runs[0]["fid"]["digit"] == FIGS[0]["fid_d"]
-    assert summary["size"] == "tiny" and "seed0/gpt-vq" in [s["name"] for s in summary["steps"]]
+    names = [s["name"] for s in summary["steps"]]
+    assert summary["size"] == "tiny" and "seed0/gpt-vq" in names and "vq" in names
+    assert not [n for n in names if n.startswith(("seed1/", "dino/seed1/"))]  # an unfinished seed's steps are left out
     # scores computed from another reference set do not count as finished: no seed is complete
     assert main([*argv, "--seeds", "0", "--fid-ref", "12", "--summary-only"]) == 2
     assert "no seed has finished every step" in capsys.readouterr().err

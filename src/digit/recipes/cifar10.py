@@ -282,13 +282,14 @@ def cifar10_steps(plan: RecipePlan) -> list[Step]:
 
 
 def finished_seeds(plan: RecipePlan, root: str | Path) -> tuple[list[StepResult], list[int]]:
-    """What has finished in ``root`` (`finished_steps`), and the seeds of ``plan`` complete in every step, the shared
-    side and each route's tokenizer included: a seed still running is left out, not reported half-measured."""
+    """The finished steps of the seeds of ``plan`` complete in every step, the shared side and each route's tokenizer
+    included, and those seeds: a seed still running is left out (its steps too), not reported half-measured."""
     results = finished_steps(cifar10_steps(plan), root)
     done = {r.name for r in results}
     common = shared_steps(plan) + [s for r in plan.routes for s in route_steps(plan, r)]
     ready = [n for n in plan.seeds if all(s.name in done for s in common + seed_steps(plan, n))]
-    return results, ready
+    keep = {s.name for s in common} | {s.name for n in ready for s in seed_steps(plan, n)}
+    return [r for r in results if r.name in keep], ready
 
 
 def training_steps(plan: RecipePlan) -> list[Step]:
