@@ -124,8 +124,8 @@ def _skipped(step: Step, rec: dict[str, Any]) -> StepResult:
 
 
 def finished_steps(steps: list[Step], root: str | Path) -> list[StepResult]:
-    """The steps of ``steps`` that have finished in ``root`` (a marker with the step's key), as `run_steps` reports
-    skipped ones. Runs, removes and writes nothing: safe beside a recipe that is still running there."""
+    """The steps of ``steps`` that have finished in ``root`` and would be skipped (their marker still holds, and so do
+    those of the steps they read), as `run_steps` reports skipped ones. Runs, removes and writes nothing: safe beside a recipe that is still running there."""
     root, out, done = Path(root), [], set()
     for step, needs in zip(steps, _dependencies(steps), strict=True):
         rec = _record(root, step)
